@@ -1,0 +1,29 @@
+# Two entry points (README): `make demo` runs the main job on the embedded default, `make test` the test suite.
+# Each creates .venv if it is missing. TORCH can be overridden, e.g. TORCH="torch==2.13.0 --index-url ...".
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+TORCH  ?= torch==2.13.0
+
+.PHONY: demo test venv test-media clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q $(TORCH)
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+demo: venv
+	$(VENV)/bin/stella prep synthetic
+	$(VENV)/bin/stella train recipes/synthetic.yaml
+
+test-media: venv
+	bash scripts/get_test_media.sh $(VENV)
+
+test: venv test-media
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) data/synthetic runs .pytest_cache

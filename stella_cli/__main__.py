@@ -1,0 +1,3 @@
+from stella_cli.cli import main
+
+main()
