@@ -1,0 +1,164 @@
+"""Zero-shot audio<->video retrieval, the accuracy matrix, average accuracy and forgetting (stella_spec §6.1-6.2).
+
+After task l the retrieval clips of *all* tasks form one gallery; clip i's audio and video are a true pair.
+a(l, k) = R@K of task k's queries against the whole gallery after training task l (x100).
+    A               = mean_k a(T, k)
+    F_conventional  = 1/(T-1) * sum_{k<T} max_{k<=l<T} (a(l,k) - a(T,k))
+    F_as_coded      = 1/(T-1) * sum_{k<=T} max_{l<T} (a(l,k) - a(T,k))      (the authors' script, spec §9.3 B15)
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+DIRECTIONS = ("a2v", "v2a")  # audio queries -> video candidates, and the reverse
+
+
+@torch.no_grad()
+def embed_gallery(model: torch.nn.Module, loader, device: torch.device,
+                  amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
+    """Retrieval embeddings of every clip in `loader`: z_a, z_v (N, D) L2-normalised, task (N,) long.
+
+    Runs on one process over the whole gallery (no distributed sampler), so no clip is dropped (spec §9.3 B16).
+    """
+    was_training = model.training
+    model.eval()
+    z_a, z_v, tasks = [], [], []
+    for batch in loader:
+        with torch.autocast(device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
+            a, v = model.retrieval_embed(batch["audio"].to(device), batch["video"].to(device))
+        z_a.append(a.float().cpu())
+        z_v.append(v.float().cpu())
+        tasks.append(batch["task"])
+    model.train(was_training)
+    return torch.cat(z_a), torch.cat(z_v), torch.cat(tasks)
+
+
+def true_pair_ranks(sim: Tensor) -> Tensor:
+    """0-based rank of the true candidate (the diagonal) in each row of sim (queries, candidates).
+
+    Ties count against the query: without ties this is the authors' sorted position (retrieval.py
+    compute_metrics); with ties (a collapsed model) it cannot inflate R@1.
+    """
+    diag = sim.diagonal().unsqueeze(1)  # (N, 1)
+    return (sim >= diag).sum(dim=1) - 1  # (N,)
+
+
+def recall_at(ranks: Tensor, ks: list[int]) -> dict[str, float]:
+    """R@K in percent and the median rank (1-based) of a set of queries."""
+    out = {f"R@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}
+    out["MedR"] = ranks.float().median().item() + 1
+    return out
+
+
+def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[str],
+                     ks: list[int]) -> dict[str, dict[str, dict[str, float]]]:
+    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}: one similarity matmul for both."""
+    sim_av = z_a @ z_v.T  # (N, N) cosine: audio queries x video candidates
+    ranks = {"a2v": true_pair_ranks(sim_av), "v2a": true_pair_ranks(sim_av.T)}
+    scores: dict[str, dict[str, dict[str, float]]] = {}
+    for direction, r in ranks.items():
+        scores[direction] = {"all": recall_at(r, ks)}
+        for k, name in enumerate(task_names):
+            rows = task == k
+            if rows.any():
+                scores[direction][name] = recall_at(r[rows], ks)
+    return scores
+
+
+# ----------------------------------------------------------------------------------------------------------
+# accuracy matrix and summary
+
+
+def accuracy_matrix(history: list[dict[str, Any]], tasks: list[str], direction: str, metric: str) -> list[list]:
+    """a[l][k] from the per-task rows of results/retrieval.json (None where a task has no queries)."""
+    return [[row["scores"][direction].get(t, {}).get(metric) for t in tasks] for row in history]
+
+
+def average_accuracy(a: list[list]) -> float:
+    """A = mean over tasks of the final row."""
+    final = [x for x in a[-1] if x is not None]
+    return sum(final) / len(final)
+
+
+def forgetting_conventional(a: list[list]) -> float | None:
+    """F = 1/(T-1) sum_{k<T} max_{k<=l<T} (a[l][k] - a[T][k]); None for a single task."""
+    T = len(a)
+    if T < 2:
+        return None
+    drops = [max(a[l][k] - a[T - 1][k] for l in range(k, T - 1)) for k in range(T - 1)]
+    return sum(drops) / (T - 1)
+
+
+def forgetting_as_coded(a: list[list]) -> float | None:
+    """The authors' F (spec §6.2, B15): every task k <= T, every checkpoint l < T, divided by T-1."""
+    T = len(a)
+    if T < 2:
+        return None
+    drops = [max(a[l][k] - a[T - 1][k] for l in range(T - 1)) for k in range(T)]
+    return sum(drops) / (T - 1)
+
+
+def summarize(history: list[dict[str, Any]], tasks: list[str], ks: list[int]) -> dict[str, Any]:
+    """A and both F per direction and R@K, plus 'avg' = the mean over K (the paper's tables)."""
+    summary: dict[str, Any] = {"tasks": tasks, "trained": [row["after_task"] for row in history]}
+    square = len(history) == len(tasks)  # a continual run; a multitask run has one row
+    for direction in DIRECTIONS:
+        per_k = {}
+        for k in ks:
+            a = accuracy_matrix(history, tasks, direction, f"R@{k}")
+            per_k[f"R@{k}"] = {
+                "A": average_accuracy(a),
+                "F": forgetting_conventional(a) if square else None,
+                "F_as_coded": forgetting_as_coded(a) if square else None,
+            }
+        per_k["avg"] = {name: _mean_or_none([per_k[f"R@{k}"][name] for k in ks]) for name in ("A", "F", "F_as_coded")}
+        summary[direction] = per_k
+    return summary
+
+
+def _mean_or_none(values: list[float | None]) -> float | None:
+    return None if any(v is None for v in values) else sum(values) / len(values)
+
+
+def summary_table(summary: dict[str, Any]) -> list[list[str]]:
+    """Rows of the paper's layout: metric, then A / F / F_as_coded for each direction."""
+    header = ["metric"] + [f"{d} {m}" for d in DIRECTIONS for m in ("A", "F", "F_as_coded")]
+    rows = [header]
+    for metric in [k for k in summary[DIRECTIONS[0]]]:
+        row = [metric]
+        for d in DIRECTIONS:
+            row += ["-" if summary[d][metric][m] is None else f"{summary[d][metric][m]:.2f}"
+                    for m in ("A", "F", "F_as_coded")]
+        rows.append(row)
+    return rows
+
+
+def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int]) -> dict:
+    """results/retrieval.json (every row so far) and summary.{json,md,csv}; each file written atomically."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    _atomic_text(results_dir / "retrieval.json", json.dumps({"tasks": tasks, "rows": history}, indent=1))
+    summary = summarize(history, tasks, ks)
+    _atomic_text(results_dir / "summary.json", json.dumps(summary, indent=1))
+    table = summary_table(summary)
+    md = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
+    md += ["| " + " | ".join(r) + " |" for r in table[1:]]
+    _atomic_text(results_dir / "summary.md", "\n".join(md) + "\n")
+    tmp = results_dir / "summary.csv.tmp"
+    with open(tmp, "w", newline="") as fh:
+        csv.writer(fh).writerows(table)
+    os.replace(tmp, results_dir / "summary.csv")
+    return summary
+
+
+def _atomic_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,82 @@
+"""Retrieval metrics, accuracy matrix, average accuracy and both forgetting definitions (evaluate.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stella_cli.evaluate import (accuracy_matrix, average_accuracy, forgetting_as_coded, forgetting_conventional,
+                                 recall_at, retrieval_scores, summarize, true_pair_ranks, write_results)
+
+
+def test_ranks_on_a_hand_built_gallery():
+    sim = torch.tensor([[0.9, 0.1, 0.2],   # true pair best -> rank 0
+                        [0.8, 0.5, 0.6],   # two candidates above 0.5 -> rank 2
+                        [0.1, 0.7, 0.3]])  # one above -> rank 1
+    assert true_pair_ranks(sim).tolist() == [0, 2, 1]
+    assert true_pair_ranks(sim.T).tolist() == [0, 1, 1]  # columns: 0.7 > 0.5, 0.6 > 0.3
+    m = recall_at(true_pair_ranks(sim), [1, 2, 5])
+    assert m == pytest.approx({"R@1": 100 / 3, "R@2": 200 / 3, "R@5": 100.0, "MedR": 2.0})
+
+
+def test_ties_count_against_the_query():
+    collapsed = torch.ones(4, 4)  # every candidate equally similar
+    assert true_pair_ranks(collapsed).tolist() == [3, 3, 3, 3]
+    assert recall_at(true_pair_ranks(collapsed), [1])["R@1"] == 0.0
+
+
+def test_retrieval_scores_equal_a_brute_force_ranking():
+    g = torch.Generator().manual_seed(0)
+    z_a = F.normalize(torch.randn(30, 8, generator=g), dim=-1)
+    z_v = F.normalize(z_a + 0.8 * torch.randn(30, 8, generator=g), dim=-1)
+    task = torch.arange(30) % 3
+    scores = retrieval_scores(z_a, z_v, task, ["t0", "t1", "t2"], [1, 5, 10])
+    sim = z_a @ z_v.T
+    for direction, s in (("a2v", sim), ("v2a", sim.T)):
+        for k_task in range(3):
+            ranks = []
+            for i in torch.nonzero(task == k_task).flatten().tolist():
+                order = torch.argsort(s[i], descending=True).tolist()
+                ranks.append(order.index(i))  # queries of task k against the whole gallery
+            for k in (1, 5, 10):
+                expected = 100.0 * sum(r < k for r in ranks) / len(ranks)
+                assert scores[direction][f"t{k_task}"][f"R@{k}"] == pytest.approx(expected)
+    assert 0 < scores["a2v"]["all"]["R@1"] < scores["a2v"]["all"]["R@10"] <= 100
+
+
+def history_from(matrix):
+    return [{"after_task": f"t{l}", "scores": {d: {f"t{k}": {"R@1": matrix[l][k]} for k in range(len(row))}
+                                                for d in ("a2v", "v2a")}} for l, row in enumerate(matrix)]
+
+
+def test_average_accuracy_and_both_forgetting_definitions():
+    a = [[10.0, 2.0, 1.0],
+         [6.0, 12.0, 3.0],
+         [5.0, 7.0, 11.0]]
+    assert average_accuracy(a) == pytest.approx((5 + 7 + 11) / 3)
+    # conventional: k=0: max(10, 6) - 5 = 5; k=1: 12 - 7 = 5  -> 10 / 2
+    assert forgetting_conventional(a) == pytest.approx(5.0)
+    # as coded: k=0: max(10,6)-5=5; k=1: max(2,12)-7=5; k=2 (the last task): max(1,3)-11=-8 -> 2 / 2
+    assert forgetting_as_coded(a) == pytest.approx(1.0)
+    assert forgetting_conventional([[3.0]]) is None and forgetting_as_coded([[3.0]]) is None
+    history = history_from(a)
+    assert accuracy_matrix(history, ["t0", "t1", "t2"], "a2v", "R@1") == a
+
+
+def test_write_results_files(tmp_path):
+    a = [[10.0, 2.0], [6.0, 12.0]]
+    summary = write_results(tmp_path, history_from(a), ["t0", "t1"], [1])
+    assert summary["a2v"]["R@1"] == {"A": 9.0, "F": 4.0, "F_as_coded": pytest.approx(4.0 + (2.0 - 12.0))}
+    assert summary["v2a"]["avg"]["A"] == 9.0
+    saved = json.loads((tmp_path / "retrieval.json").read_text())
+    assert saved["tasks"] == ["t0", "t1"] and len(saved["rows"]) == 2
+    assert json.loads((tmp_path / "summary.json").read_text())["a2v"]["R@1"]["A"] == 9.0
+    md = (tmp_path / "summary.md").read_text().splitlines()
+    assert md[0].startswith("| metric | a2v A | a2v F |") and md[2].startswith("| R@1 | 9.00 | 4.00 | -6.00 |")
+    assert (tmp_path / "summary.csv").read_text().splitlines()[1] == "R@1,9.00,4.00,-6.00,9.00,4.00,-6.00"
+    # a multitask run has one row over all tasks: A only
+    single = summarize(history_from([[4.0, 6.0]]), ["t0", "t1"], [1])
+    assert single["a2v"]["R@1"] == {"A": 5.0, "F": None, "F_as_coded": None}
