@@ -1,0 +1,177 @@
+"""Kaldi-compatible log-mel filterbank in plain torch, as CAV-MAE computes it (stella_spec §7.2).
+
+CAV-MAE (and STELLA after it) reads a clip, removes the waveform mean and calls
+`torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True, sample_frequency=sr, use_energy=False,
+window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)`; the fbank is then zero-padded or cut to
+`target_length` frames and normalised as (x + 5.081) / 4.4849.  This module reproduces that computation without
+torchaudio, batched over equal-length clips and vectorised over frames (one unfold, one rfft):
+
+    frames   = unfold(waveform, window_size, window_shift)        snip_edges: only whole windows
+    frames  -= mean(frames)                                       remove_dc_offset, per frame
+    frames   = frames - 0.97 * [frames[0], frames[:-1]]           pre-emphasis, first sample replicated
+    frames  *= hann(window_size, symmetric)                       'hanning' window
+    power    = |rfft(frames, n_fft)|²                             n_fft = next power of two >= window_size
+    fbank    = log(max(power @ mel_banks, eps_float32))           HTK mel scale 1127·ln(1 + f/700), 20 Hz..Nyquist
+
+With use_energy=False and dither=0, htk_compat changes nothing, so it is not a parameter here.  The computation
+runs in float64 (filters built in float32, as Kaldi does) and returns float32; parity with torchaudio is <= 1e-3
+(tests/test_audio.py).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FBANK_MEAN = -5.081  # spec §7.2: normalised fbank = (x - FBANK_MEAN) / FBANK_STD
+FBANK_STD = 4.4849
+EPSILON = float(torch.finfo(torch.float32).eps)  # Kaldi's log floor (torchaudio: finfo of the input dtype)
+
+
+def frame_geometry(
+    sample_rate: int, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0, round_to_power_of_two: bool = True
+) -> tuple[int, int, int]:
+    """(window_size, window_shift, n_fft) in samples, truncated to integers exactly as Kaldi/torchaudio do."""
+    window_shift = int(sample_rate * frame_shift_ms * 0.001)  # faithful: truncation, 22.05 kHz -> 220 not 220.5
+    window_size = int(sample_rate * frame_length_ms * 0.001)
+    if window_size < 2 or window_shift < 1:
+        raise ValueError(f"sample_rate={sample_rate} gives window {window_size} / shift {window_shift} samples")
+    n_fft = 1 << (window_size - 1).bit_length() if round_to_power_of_two else window_size
+    return window_size, window_shift, n_fft
+
+
+def fbank_num_frames(
+    num_samples: int, sample_rate: int, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0
+) -> int:
+    """Frames of a snip_edges fbank: 1 + (S - window) // shift, 0 when S < window (10 s at 16 kHz -> 998)."""
+    window_size, window_shift, _ = frame_geometry(sample_rate, frame_length_ms, frame_shift_ms)
+    return 0 if num_samples < window_size else 1 + (num_samples - window_size) // window_shift
+
+
+def mel_scale(freq: float) -> float:
+    """HTK mel scale: 1127 · ln(1 + f / 700)."""
+    return 1127.0 * math.log(1.0 + freq / 700.0)
+
+
+@functools.lru_cache(maxsize=32)
+def mel_banks(
+    sample_rate: int, n_fft: int, num_mel_bins: int, low_freq: float, high_freq: float,
+    device: torch.device, dtype: torch.dtype,
+) -> Tensor:
+    """Kaldi's triangular mel filters on the rfft bins: (n_fft // 2 + 1, M); the Nyquist row is zero as in Kaldi.
+
+    Triangles are linear in mel, spaced uniformly between mel(low_freq) and mel(high_freq); high_freq <= 0 means
+    Nyquist + high_freq.
+    """
+    nyquist = 0.5 * sample_rate
+    if high_freq <= 0.0:
+        high_freq += nyquist
+    if not 0.0 <= low_freq < high_freq <= nyquist:
+        raise ValueError(f"mel range must satisfy 0 <= low_freq < high_freq <= {nyquist}, got {low_freq}..{high_freq}")
+    mel_low = mel_scale(low_freq)
+    delta = (mel_scale(high_freq) - mel_low) / (num_mel_bins + 1)
+    # faithful: Kaldi (BaseFloat) and torchaudio build the filters in float32; doing the same makes our output match
+    # torchaudio's to the last bit in float64 (float64 filters would differ by up to ~2e-4 in log-mel).
+    m = torch.arange(num_mel_bins, dtype=torch.float32).unsqueeze(1)  # (M, 1)
+    left, center, right = mel_low + m * delta, mel_low + (m + 1.0) * delta, mel_low + (m + 2.0) * delta  # (M, 1)
+    hz = sample_rate / n_fft * torch.arange(n_fft // 2, dtype=torch.float32)  # (K,) bin frequencies
+    bin_mel = (1127.0 * (1.0 + hz / 700.0).log()).unsqueeze(0)  # (1, K)
+    up = (bin_mel - left) / (center - left)  # (M, K)
+    down = (right - bin_mel) / (right - center)  # (M, K)
+    banks = torch.clamp(torch.minimum(up, down), min=0.0)  # (M, K)
+    banks = torch.cat([banks, banks.new_zeros(num_mel_bins, 1)], dim=1)  # (M, K + 1): Nyquist bin has no weight
+    return banks.T.contiguous().to(device=device, dtype=dtype)  # (K + 1, M)
+
+
+@functools.lru_cache(maxsize=32)
+def hanning_window(window_size: int, device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Kaldi's 'hanning' window: the symmetric Hann window, 0.5 - 0.5·cos(2πn / (W - 1)).  (W,)"""
+    return torch.hann_window(window_size, periodic=False, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def kaldi_fbank(
+    waveform: Tensor,
+    sample_rate: int,
+    num_mel_bins: int = 128,
+    frame_length_ms: float = 25.0,
+    frame_shift_ms: float = 10.0,
+    *,
+    preemphasis: float = 0.97,
+    remove_dc_offset: bool = True,
+    round_to_power_of_two: bool = True,
+    low_freq: float = 20.0,
+    high_freq: float = 0.0,
+    use_power: bool = True,
+) -> Tensor:
+    """Log-mel fbank of torchaudio.compliance.kaldi.fbank with CAV-MAE's arguments (spec §7.2), without mean removal.
+
+    waveform: (S,) or (N, S) float, equal-length clips.  Returns float32 (frames, M) or (N, frames, M), where
+    frames = 1 + (S - window) // shift (snip_edges; 0 frames when S < window).  Window 'hanning', dither 0,
+    use_energy False (htk_compat is then irrelevant).  Works at any sample rate.
+    """
+    if not isinstance(waveform, Tensor):
+        raise ValueError(f"waveform must be a torch.Tensor, got {type(waveform).__name__}")
+    if waveform.dim() not in (1, 2) or not waveform.is_floating_point():
+        raise ValueError(f"waveform must be float (S,) or (N, S), got {tuple(waveform.shape)} {waveform.dtype}")
+    W, shift, n_fft = frame_geometry(sample_rate, frame_length_ms, frame_shift_ms, round_to_power_of_two)
+    x = waveform.to(torch.float64)  # float32 rounding would move quiet mel bins by up to ~4e-3
+    x = x.unsqueeze(0) if waveform.dim() == 1 else x  # (N, S)
+    N, S = x.shape
+    if S < W:  # no whole window: Kaldi gives no frames
+        fbank = x.new_zeros((N, 0, num_mel_bins), dtype=torch.float32)
+        return fbank[0] if waveform.dim() == 1 else fbank
+    frames = x.unfold(-1, W, shift)  # (N, F, W)
+    if remove_dc_offset:
+        frames = frames - frames.mean(dim=-1, keepdim=True)  # (N, F, W)
+    if preemphasis != 0.0:
+        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # (N, F, W): x[-1] := x[0], as Kaldi
+        frames = frames - preemphasis * previous
+    frames = frames * hanning_window(W, x.device, x.dtype)  # (N, F, W)
+    spectrum = torch.view_as_real(torch.fft.rfft(frames, n=n_fft))  # (N, F, n_fft // 2 + 1, 2), zero-padded right
+    spectrum = spectrum.square().sum(dim=-1)  # (N, F, K + 1) power, re² + im²
+    if not use_power:
+        spectrum = spectrum.sqrt()  # magnitude
+    banks = mel_banks(sample_rate, n_fft, num_mel_bins, float(low_freq), float(high_freq), x.device, x.dtype)
+    mel = spectrum @ banks  # (N, F, M)
+    fbank = mel.clamp_min(EPSILON).log().to(torch.float32)  # (N, F, M)
+    return fbank[0] if waveform.dim() == 1 else fbank
+
+
+def pad_or_cut(fbank: Tensor, target_length: int) -> Tensor:
+    """Zero-pad at the end or cut the time axis (the last-but-one) to target_length, as CAV-MAE (spec §7.2).
+
+    fbank: (..., T, M) -> (..., target_length, M).  Padding happens before normalisation, so padded frames are 0.
+    """
+    if target_length < 1:
+        raise ValueError(f"target_length must be >= 1, got {target_length}")
+    T = fbank.shape[-2]
+    if T >= target_length:
+        return fbank[..., :target_length, :]
+    return torch.nn.functional.pad(fbank, (0, 0, 0, target_length - T))  # (..., target_length, M)
+
+
+def clip_fbank(
+    waveform: np.ndarray | Tensor, sample_rate: int, target_length: int, num_mel_bins: int = 128
+) -> np.ndarray:
+    """The fbank that `stella prep` caches: remove the clip mean, kaldi_fbank, pad or cut (spec §7.2).
+
+    waveform: (S,) or (N, S) float mono clip(s).  Returns float32 (target_length, M) or (N, target_length, M),
+    un-normalised (normalize_fbank happens at load time).
+    """
+    x = torch.as_tensor(waveform)
+    if not x.is_floating_point():
+        raise ValueError(f"waveform must be float samples in [-1, 1], got dtype {x.dtype}")
+    x = x.to(torch.float64)
+    # faithful: CAV-MAE's `waveform - waveform.mean()`; after the per-frame DC removal it only changes rounding
+    x = x - x.mean(dim=-1, keepdim=True)
+    fbank = kaldi_fbank(x, sample_rate, num_mel_bins)  # (N, F, M) or (F, M)
+    return pad_or_cut(fbank, target_length).numpy(force=True).astype(np.float32, copy=False)
+
+
+def normalize_fbank(x: Tensor | np.ndarray, mean: float = FBANK_MEAN, std: float = FBANK_STD) -> Tensor | np.ndarray:
+    """(x - mean) / std; with the defaults (x + 5.081) / 4.4849 (spec §7.2)."""
+    return (x - mean) / std
