@@ -24,7 +24,9 @@ i.e. CAV-MAE's call evaluated in float64.  The floor is the one torchaudio appli
 the input dtype's eps), so `ref` is CAV-MAE's float32 call without float32 rounding.  Why float64: on mel bins
 ~80 dB or more below the frame energy (tones, digital silence around a tone), the float32 call is itself off by up
 to ~4e-3 (FFT rounding), so no independent implementation can match it to 1e-3 there; the script records that
-spread, max |fbank(w float32) - ref|, per case as `torchaudio_float32_spread` in the metadata.  The 'cavmae' case
+spread, max |fbank(w float32) - ref|, per case as `torchaudio_float32_spread` in the metadata, and where that spread
+is at most STABLE_F32 (real speech without tones, noise, the 'cavmae' clip) it also stores the plain float32 call
+itself as `<key>_f32`, so the test checks the exact call CAV-MAE makes on real recorded audio as well.  The 'cavmae' case
 runs CAV-MAE's loader steps around the call (w - w.mean(), fbank, zero-pad / cut to target_length).
 """
 
@@ -59,6 +61,8 @@ SYNTHETIC_CASES = (
     ("cavmae_16000_10s", "cavmae", 16000, 10.0, 10),
 )
 CAVMAE_TARGET_LENGTH = 1024
+STABLE_F32 = 5e-4  # float32-vs-float64 spread below which the plain float32 call is stored as `<key>_f32`
+F32_SUFFIX = "_f32"
 
 
 def sha256_bytes(data: bytes) -> str:
@@ -134,35 +138,43 @@ def main() -> None:
 
     floor = math.log(torch.finfo(torch.float32).eps)
 
-    def fbank(w: np.ndarray, sr: int, remove_mean: bool = False) -> tuple[np.ndarray, float]:
-        """(float64 reference (frames, 128) as float32, max |float32 call - reference|)."""
+    def fbank(w: np.ndarray, sr: int, remove_mean: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
+        """(float64 reference, plain float32 call, max |float32 call - reference|), each (frames, 128)."""
         out = []
         for dtype in (torch.float64, torch.float32):
             wt = torch.from_numpy(w).to(dtype)[None]  # (1, S)
             wt = wt - wt.mean() if remove_mean else wt
             out.append(ta_kaldi.fbank(wt, sample_frequency=sr, **KALDI_ARGS).clamp_min(floor).numpy())
         ref, f32 = out
-        return ref.astype(np.float32), float(np.abs(f32.astype(np.float64) - ref).max())
+        return ref.astype(np.float32), f32, float(np.abs(f32.astype(np.float64) - ref).max())
+
+    def keep_f32(key: str, f32: np.ndarray, spread: float) -> bool:
+        """Store the exact float32 call too where it is stable to STABLE_F32 (not the tones, see the docstring)."""
+        if spread <= STABLE_F32:
+            arrays[key + F32_SUFFIX] = f32
+        return spread <= STABLE_F32
 
     cases, arrays = [], {}
     for name in SPEECH_FILES:
         path = args.speech_dir / name
         w, sr = read_wav(path)
         key = "speech_" + name.removesuffix(".wav")
-        arrays[key], spread = fbank(w, sr)
+        arrays[key], f32, spread = fbank(w, sr)
         cases.append(dict(key=key, kind="speech", file=name, sha256=sha256_bytes(path.read_bytes()), sample_rate=sr,
-                          num_samples=len(w), torchaudio_float32_spread=spread))
+                          num_samples=len(w), torchaudio_float32_spread=spread, float32_call=keep_f32(key, f32, spread)))
     for key, kind, sr, seconds, seed in SYNTHETIC_CASES:
         pcm = synthetic_waveform(kind, sr, seconds, seed)
         w = pcm.astype(np.float32) / 32768.0
         case = dict(key=key, kind=kind, sample_rate=sr, seconds=seconds, seed=seed, num_samples=len(pcm),
                     sha256=sha256_bytes(pcm.tobytes()))
-        fb, case["torchaudio_float32_spread"] = fbank(w, sr, remove_mean=kind == "cavmae")
+        fb, f32, case["torchaudio_float32_spread"] = fbank(w, sr, remove_mean=kind == "cavmae")
         if kind == "cavmae":  # CAV-MAE's loader: mean removal (above), fbank, ZeroPad2d / cut to target_length
             p = CAVMAE_TARGET_LENGTH - fb.shape[0]
             fb = np.pad(fb, ((0, p), (0, 0))) if p > 0 else fb[:CAVMAE_TARGET_LENGTH]
+            f32 = np.pad(f32, ((0, p), (0, 0))) if p > 0 else f32[:CAVMAE_TARGET_LENGTH]
             case["target_length"] = CAVMAE_TARGET_LENGTH
         arrays[key] = fb
+        case["float32_call"] = keep_f32(key, f32, case["torchaudio_float32_spread"])
         cases.append(case)
     meta = dict(script="scripts/make_fbank_reference.py", torch=torch.__version__, torchaudio=torchaudio.__version__,
                 numpy=np.__version__, kaldi_args=KALDI_ARGS, input_scale="int16 / 32768 as float32",
