@@ -1,0 +1,648 @@
+"""`stella prep vggsound|audioset`: clip lists -> continual task split -> decoded feature cache.
+
+Task split (stella_spec §5.2, the authors' tools/{vggsound,audioset}/data_preprocess):
+  VGGSound  8 tasks sports, music, vehicle, people, animals, home_nature (home + nature), others_part1 (tools + the
+            8 OTHERS_PART1 classes), others_part2 (the other "others"). Classes keep the label csv's order; the
+            first 20 of a task are trained (train + test, at most 400 train clips per class, in list order). The
+            retrieval split keeps every class of the task (spec §6.1), 5 clips per class.
+  AudioSet  7 tasks human, vehicle, nature, animal, others, home, music; a clip's labels are cut to the classes
+            of the category table, and a clip whose remaining labels fall in more than one task is excluded.
+Clip lists: CAV-MAE json (+ label csv), the authors' header-less STELLA csv, or a folder of raw clips.
+Each split is decoded by `prepare_split` (media.decode_clip + audio.clip_fbank) into the cache.py layout;
+prep_report.json lists every clip left out and why.
+"""
+
+from __future__ import annotations
+
+import ast
+import csv
+import json
+import multiprocessing as mp
+import os
+import re
+import time
+from collections import Counter
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from stella_cli import media
+from stella_cli.audio import clip_fbank
+from stella_cli.cache import DONE, FAILED, CacheSpec, SplitWriter, spec_to_dict, write_manifest, write_meta
+
+SPLITS = ("train", "test", "retrieval")
+VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
+VGGSOUND_CATEGORIES = {"sports", "music", "vehicle", "people", "animals", "home", "nature", "tools", "others"}
+OTHERS_PART1 = ["fireworks banging", "slot machine", "machine gun shooting", "civil defense siren", "missile launch",
+                "cap gun shooting", "printer printing", "lathe spinning"]  # spec §5.2: joined with "tools"
+AUDIOSET_TASKS = ["human", "vehicle", "nature", "animal", "others", "home", "music"]
+CLASSES_PER_TASK = 20  # spec §5.2 (VGGSound)
+MAX_TRAIN_PER_CLASS = 400
+RETRIEVAL_PER_CLASS = 5  # used when the retrieval list is derived from the test list
+MEDIA_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv"}
+KNOWN_LISTS = {  # file names of the CAV-MAE jsons and of the authors' csvs, looked up in a --list folder
+    "vggsound": {"train": ["vgg_train_cleaned.json", "vgg_train_cleaned_shrink8.csv", "vgg_train_cleaned.csv"],
+                 "test": ["vgg_test_cleaned.json", "vgg_test_cleaned_shrink8.csv", "vgg_test_cleaned.csv"],
+                 "retrieval": ["vgg_test_5_per_class_for_retrieval_cleaned.json",
+                               "vgg_test_5_per_class_for_retrieval_cleaned_shrink8.csv",
+                               "vgg_test_5_per_class_for_retrieval_cleaned.csv"],
+                 "labels": ["class_labels_indices_vgg.csv", "class_labels_indices.csv"], "categories": ["stat.csv"]},
+    "audioset": {"train": ["audioset_2m_cleaned.json", "audioset_2m_cleaned.csv"],
+                 "test": ["audioset_eval_cleaned.json", "audioset_2m_eval_cleaned.csv"],
+                 "retrieval": ["audioset_eval_5_per_class_for_retrieval_cleaned.json",
+                               "audioset_2m_eval_5_per_class_for_retrieval_cleaned.csv"],
+                 "labels": ["class_labels_indices.csv"], "categories": ["class_labels_indices_audioset.csv"]},
+}
+
+
+@dataclass
+class ClipSource:
+    clip_id: str
+    source: str  # path of the media file
+    label: int  # index into meta.json classes
+    labels: list[int]
+    category: str
+    task: str
+    event_start: float | None = None  # seconds; the synthetic benchmark knows when its sound plays
+    event_end: float | None = None
+
+
+@dataclass
+class ClassInfo:
+    name: str
+    mid: str
+    category: str
+    task: str
+    trained: bool  # among the classes trained on (VGGSound: the first 20 of its task)
+    index: int = -1
+
+
+@dataclass
+class _Entry:
+    """One row of a clip list, before its classes and media file are resolved."""
+
+    clip_id: str
+    refs: list[str]  # mids, or class names
+    names: list[str]  # file stems the media file may have
+    ytid: str  # YouTube id, for files named {ytid}_{start}_{end}
+    where: str  # file:line, for messages
+    path: str | None = None  # explicit media path
+
+
+@dataclass
+class Plan:
+    """What prepare_real will decode: the classes and, per split, the clips and what was left out."""
+
+    dataset: str
+    tasks: list[str]
+    classes: list[ClassInfo]
+    clips: dict[str, list[ClipSource]]
+    missing: dict[str, list[dict[str, str]]]
+    excluded: dict[str, Counter]
+    warnings: list[str] = field(default_factory=list)
+    sources: dict[str, Any] = field(default_factory=dict)
+
+
+def canon(name: str) -> str:
+    """Class-name key: CAV-MAE writes "a, b" as "a_ b", folders write "a_b"; all compare equal here."""
+    return " ".join(re.sub(r"[^0-9a-z]+", " ", name.lower()).split())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# input files
+
+
+def read_class_csv(path: Path) -> list[dict[str, Any]]:
+    """Rows {name, mid, category, line} of a label csv (header index,mid,display_name[,category]), a table with a
+    header naming display_name/name and category, or VGGSound's header-less stat.csv (name, count, category)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: class table not found")
+    with open(path, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.reader(fh)]
+    if not rows:
+        raise ValueError(f"{path}: empty class table")
+    head = [h.strip().lower() for h in rows[0]]
+    out = []
+    if "category" in head or "display_name" in head or "mid" in head:
+        name_col = next((head.index(k) for k in ("display_name", "name", "label") if k in head), None)
+        if name_col is None:
+            raise ValueError(f"{path}:1: header has no display_name column: {rows[0]}")
+        mid_col = head.index("mid") if "mid" in head else None
+        cat_col = head.index("category") if "category" in head else None
+        for line, r in enumerate(rows[1:], start=2):
+            if not r:
+                continue
+            if len(r) != len(head):
+                raise ValueError(f"{path}:{line}: expected {len(head)} columns ({','.join(head)}), got {len(r)}")
+            out.append({"name": r[name_col].strip(), "mid": r[mid_col].strip() if mid_col is not None else None,
+                        "category": r[cat_col].strip() if cat_col is not None else None, "line": line})
+        return out
+    for line, r in enumerate(rows, start=1):  # stat.csv: name, number of clips, category
+        if not r:
+            continue
+        if len(r) != 3 or not r[1].strip().isdigit():
+            raise ValueError(f"{path}:{line}: expected 'class name,number of clips,category' (VGGSound stat.csv) "
+                             f"or a header row, got {r}")
+        out.append({"name": r[0].strip(), "mid": None, "category": r[2].strip(), "line": line})
+    return out
+
+
+def read_category_table(path: Path, dataset: str) -> dict[str, tuple[str, str]]:
+    """canon(class name) -> (class name, category). A .py file is read as the authors' AudioSet class lists
+    (tools/audioset/__init__.py: category_info, category_2_simple), whose group names are classes too."""
+    path = Path(path)
+    allowed = _allowed_categories(dataset)
+    if path.suffix == ".py":
+        rows = _read_authors_class_lists(path)
+    else:
+        rows = [(r["name"], r["category"], r["line"]) for r in read_class_csv(path)]
+    table: dict[str, tuple[str, str]] = {}
+    for name, category, line in rows:
+        if category is None:
+            raise ValueError(f"{path}: no category column (expected VGGSound's stat.csv or a table with a header "
+                             f"display_name,category)")
+        if category not in allowed:
+            raise ValueError(f"{path}:{line}: unknown category {category!r} for class {name!r}; "
+                             f"{dataset} categories are {sorted(allowed)}")
+        old = table.setdefault(canon(name), (name, category))
+        if old[1] != category:
+            raise ValueError(f"{path}:{line}: class {name!r} is in both {old[1]!r} and {category!r}")
+    return table
+
+
+def _allowed_categories(dataset: str) -> set[str]:
+    """VGGSound: stat.csv's 9 categories, or the task names the authors' shrink8 label csv holds; AudioSet: tasks."""
+    return VGGSOUND_CATEGORIES | set(VGGSOUND_TASKS) if dataset == "vggsound" else set(AUDIOSET_TASKS)
+
+
+def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+    except SyntaxError as err:
+        raise ValueError(f"{path}:{err.lineno}: not a Python class-list file: {err.msg}") from err
+    found: dict[str, tuple[Any, int]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            try:
+                found[node.targets[0].id] = (ast.literal_eval(node.value), node.lineno)
+            except ValueError:
+                continue
+    if "category_info" not in found or "category_2_simple" not in found:
+        raise ValueError(f"{path}: expected the dicts category_info and category_2_simple "
+                         "(the authors' tools/audioset/__init__.py)")
+    (groups, line), (simple, _) = found["category_info"], found["category_2_simple"]
+    rows = []
+    for group, names in groups.items():
+        if group not in simple:
+            raise ValueError(f"{path}:{line}: group {group!r} has no entry in category_2_simple")
+        for name in list(names) + group.split("&"):  # the group names are classes too (the authors' tools)
+            rows.append((name, simple[group], line))
+    return rows
+
+
+def read_cavmae_json(path: Path) -> list[_Entry]:
+    """CAV-MAE json {"data": [{"video_id", "wav", "video_path", "labels": "mid1,mid2"}]}."""
+    try:
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+    if not isinstance(data, dict) or not isinstance(data.get("data"), list):
+        raise ValueError(f'{path}: expected {{"data": [...]}} (a CAV-MAE json)')
+    out = []
+    for i, item in enumerate(data["data"]):
+        where = f"{path}: data[{i}]"
+        if not isinstance(item, dict) or "video_id" not in item or "labels" not in item:
+            raise ValueError(f"{where}: expected an object with video_id and labels, got {item!r}"[:300])
+        vid, labels = str(item["video_id"]), item["labels"]
+        refs = labels.split(",") if isinstance(labels, str) else [str(x) for x in labels]
+        names, path_hint = [vid], None
+        vp = str(item.get("video_path") or "")
+        if Path(vp).suffix.lower() in MEDIA_EXTENSIONS:
+            path_hint = vp
+            names.append(Path(vp).stem)
+        m = re.fullmatch(r"(.+)_(\d+)", vid)  # VGGSound ids are {ytid}_{start s}; audiosetdl files {ytid}_{ms}_{ms}
+        if m:
+            start = int(m.group(2))
+            names.append(f"{m.group(1)}_{start * 1000}_{(start + 10) * 1000}")
+        out.append(_Entry(vid, [r.strip() for r in refs if r.strip()], names, m.group(1) if m else vid, where,
+                          path_hint))
+    return out
+
+
+def read_stella_csv(path: Path) -> list[_Entry]:
+    """The authors' header-less csv: idx, vid, frames_dir, wav, label mid(s) (comma-joined), category (spec §7.1).
+    The category column is not used: categories come from the category table."""
+    out = []
+    with open(path, newline="", encoding="utf-8") as fh:
+        for line, r in enumerate(csv.reader(fh), start=1):
+            if not r:
+                continue
+            if len(r) != 6:
+                raise ValueError(f"{path}:{line}: expected 6 columns (idx, vid, frames_dir, wav, label, category), "
+                                 f"got {len(r)}")
+            _, vid, frames_dir, wav, label, _ = (x.strip() for x in r)
+            stem = Path(frames_dir).name or Path(wav).stem or vid
+            refs = [x.strip() for x in label.split(",") if x.strip()]
+            out.append(_Entry(stem, refs, [stem, Path(wav).stem, vid], vid, f"{path}:{line}"))
+    return out
+
+
+def read_clip_list(path: Path) -> list[_Entry]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: clip list not found")
+    if path.suffix.lower() == ".json":
+        return read_cavmae_json(path)
+    return read_stella_csv(path)
+
+
+def scan_folder(root: Path) -> dict[str, list[_Entry]]:
+    """ROOT/{train,test,retrieval}/CLASS/*.mp4 (any depth below the split; class = parent folder); without split
+    folders, every clip of ROOT/**/CLASS/* is a training clip."""
+    split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
+    out: dict[str, list[_Entry]] = {s: [] for s in SPLITS}
+    for split, base in (split_dirs or {"train": root}).items():
+        for p in sorted(base.rglob("*")):
+            if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file() and p.parent != base:
+                out[split].append(_Entry(p.stem, [p.parent.name], [p.stem], p.stem, str(p), str(p)))
+    return out
+
+
+def resolve_lists(list_file: Any, dataset: str) -> tuple[dict[str, Path], dict[str, Path]]:
+    """--list as SPLIT=FILE (repeatable or comma-joined), a mapping, or a folder holding the CAV-MAE jsons / the
+    authors' csvs under their usual names. Returns ({split: list}, {"labels"/"categories": file found there})."""
+    items = list(list_file.items()) if isinstance(list_file, Mapping) else None
+    if items is None:
+        raw = [list_file] if isinstance(list_file, (str, Path)) else list(list_file)
+        if len(raw) == 1 and Path(str(raw[0])).is_dir():
+            folder, found, extra = Path(str(raw[0])), {}, {}
+            for key, names in KNOWN_LISTS[dataset].items():
+                hit = next((folder / n for n in names if (folder / n).is_file()), None)
+                if hit is not None:
+                    (found if key in SPLITS else extra)[key] = hit
+            if "train" not in found or "test" not in found:
+                raise FileNotFoundError(f"{folder}: no {dataset} train/test lists here (looked for "
+                                        f"{KNOWN_LISTS[dataset]['train'] + KNOWN_LISTS[dataset]['test']})")
+            return found, extra
+        items = []
+        for item in raw:
+            for part in str(item).split(","):
+                split, sep, file = part.partition("=")
+                if not sep:
+                    raise ValueError(f"--list {part}: give SPLIT=FILE (splits {list(SPLITS)}) or a folder of lists")
+                items.append((split.strip(), file.strip()))
+    lists = {}
+    for split, file in items:
+        if split not in SPLITS:
+            raise ValueError(f"--list {split}={file}: unknown split {split!r}; choose from {list(SPLITS)}")
+        lists[split] = Path(file)
+    if "train" not in lists or "test" not in lists:
+        raise ValueError(f"--list: train and test lists are required (retrieval is optional), got {sorted(lists)}")
+    return lists, {}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# classes and the task split
+
+
+def build_classes(dataset: str, table: dict[str, tuple[str, str]], label_rows: list[dict] | None,
+                  classes_per_task: int, warnings: list[str], label_file: Path | None = None) -> list[ClassInfo]:
+    """Classes in the label csv's order (else the table's, sorted by name for VGGSound), with their task; indices
+    put the trained classes first, task by task (spec §5.2)."""
+    if label_rows is not None:
+        rows = [(r["name"], r["mid"], r.get("category"), r["line"]) for r in label_rows]
+    else:
+        names = [n for n, _ in table.values()]
+        rows = [(n, n, None, 0) for n in (sorted(names) if dataset == "vggsound" else names)]
+    classes, seen = [], set()
+    for name, mid, own_category, line in rows:
+        key = canon(name)
+        category = table[key][1] if key in table else own_category
+        if category and category not in _allowed_categories(dataset):
+            raise ValueError(f"{label_file}:{line}: unknown category {category!r} for class {name!r}; "
+                             f"{dataset} categories are {sorted(_allowed_categories(dataset))}")
+        if not category:
+            if dataset == "vggsound":
+                raise ValueError(f"{label_file}:{line}: class {name!r} has no category in the category table")
+            continue  # AudioSet: a class outside the 7 category lists is not used
+        seen.add(key)
+        name = table[key][0] if key in table else name  # the table's spelling ("a, b", not CAV-MAE's "a_ b")
+        classes.append(ClassInfo(name, mid or name, category, _task_of(dataset, name, category), True))
+    if dataset == "audioset":
+        unused = sorted(n for k, (n, _) in table.items() if k not in seen)
+        if unused:
+            warnings.append(f"{len(unused)} classes of the category table are not in the label csv: {unused}")
+    tasks = VGGSOUND_TASKS if dataset == "vggsound" else AUDIOSET_TASKS
+    if dataset == "vggsound":
+        for task in tasks:
+            for k, c in enumerate(c for c in classes if c.task == task):
+                c.trained = k < classes_per_task  # spec §5.2: the first 20 classes of each task
+    ordered = [c for t in tasks for c in classes if c.task == t and c.trained]
+    ordered += [c for t in tasks for c in classes if c.task == t and not c.trained]
+    for i, c in enumerate(ordered):
+        c.index = i
+    return ordered
+
+
+def _task_of(dataset: str, name: str, category: str) -> str:
+    if dataset == "audioset":
+        return category
+    if category in ("home", "nature"):
+        return "home_nature"
+    if category == "tools" or (category == "others" and canon(name) in {canon(n) for n in OTHERS_PART1}):
+        return "others_part1"
+    return "others_part2" if category == "others" else category
+
+
+def assign_split(split: str, entries: list[_Entry], classes: list[ClassInfo], media_index: MediaIndex, *,
+                 known_refs: set[str], max_per_class: int | None, retrieval_all_classes: bool,
+                 label_file: Path | None) -> tuple[list[ClipSource], list[dict[str, str]], Counter]:
+    """Resolve each entry's classes, apply the task rules, find its media file; keep list order (spec §5.2).
+
+    known_refs: every mid of the label csv (AudioSet classes outside the category table are known but unused).
+    Returns the clips, the entries without a media file, and counts of entries excluded by the rules.
+    """
+    by_ref = {c.mid: c for c in classes} | {canon(c.name): c for c in classes}
+    known = set(by_ref) | known_refs
+    clips, missing, excluded, per_class, seen = [], [], Counter(), Counter(), set()
+    for e in entries:
+        for r in e.refs:
+            if r not in known and canon(r) not in known:
+                where = label_file or "the category table (a list of mids needs --labels)"
+                raise ValueError(f"{e.where}: unknown class {r!r} (not in {where})")
+        hits = [by_ref.get(r) or by_ref.get(canon(r)) for r in e.refs]
+        hits = list({c.index: c for c in hits if c is not None}.values())  # distinct, in label order
+        if not hits:
+            excluded["no label in the category table"] += 1
+            continue
+        if len({c.task for c in hits}) > 1:
+            excluded["labels in more than one category"] += 1  # spec §5.2 (AudioSet)
+            continue
+        primary = hits[0]
+        # faithful: the retrieval split keeps every class of a task, also those not trained (spec §6.1)
+        if not primary.trained and not (split == "retrieval" and retrieval_all_classes):
+            excluded["class not trained (beyond the first classes of its task)"] += 1
+            continue
+        if e.clip_id in seen:
+            excluded["duplicate clip id"] += 1
+            continue
+        seen.add(e.clip_id)
+        path = media_index.find(e)
+        if path is None:
+            missing.append({"clip_id": e.clip_id, "source": e.where, "reason": "no media file under --root"})
+            continue
+        if max_per_class is not None and per_class[primary.index] >= max_per_class:
+            excluded[f"over the {max_per_class}-clip cap of its class"] += 1
+            continue
+        per_class[primary.index] += 1
+        clips.append(ClipSource(e.clip_id, str(path), primary.index, [c.index for c in hits], primary.category,
+                                primary.task))
+    return clips, missing, excluded
+
+
+class MediaIndex:
+    """Media files under --root by file stem, and by YouTube id for audiosetdl's {ytid}_{start}_{end} names."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.by_stem: dict[str, Path] = {}
+        self.by_ytid: dict[str, Path | None] = {}
+        for dirpath, _, files in os.walk(self.root):
+            for f in sorted(files):
+                p = Path(dirpath) / f
+                if p.suffix.lower() not in MEDIA_EXTENSIONS:
+                    continue
+                self.by_stem.setdefault(p.stem, p)
+                m = re.fullmatch(r"(.+?)_(\d+)_(\d+)", p.stem)
+                if m:  # a YouTube id with two clips is ambiguous: None
+                    self.by_ytid[m.group(1)] = None if m.group(1) in self.by_ytid else p
+
+    def find(self, e: _Entry) -> Path | None:
+        if e.path:
+            for p in (Path(e.path), self.root / e.path):
+                if p.is_file():
+                    return p
+        for name in e.names:
+            if name in self.by_stem:
+                return self.by_stem[name]
+        return self.by_ytid.get(e.ytid)
+
+
+def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, categories: Path | None = None,
+              labels: Path | None = None, classes_per_task: int = CLASSES_PER_TASK,
+              max_train_per_class: int = MAX_TRAIN_PER_CLASS, retrieval_per_class: int = RETRIEVAL_PER_CLASS,
+              retrieval_all_classes: bool = True) -> Plan:
+    """Read the inputs and build the task split, without decoding anything."""
+    if dataset not in KNOWN_LISTS:
+        raise ValueError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
+    if root is None or not Path(root).is_dir():
+        raise FileNotFoundError(f"--root {root}: folder of media files not found")
+    root = Path(root)
+    lists, found = resolve_lists(list_file, dataset) if list_file is not None else ({}, {})
+    labels = labels or found.get("labels")
+    categories = categories or found.get("categories")
+    label_rows = read_class_csv(labels) if labels else None
+    if label_rows is not None:
+        for r in label_rows:
+            if not r["mid"]:
+                raise ValueError(f"{labels}:{r['line']}: a label csv needs the header index,mid,display_name")
+    if categories is None:
+        if not (label_rows and all(r["category"] for r in label_rows)):
+            raise FileNotFoundError(f"stella prep {dataset}: --categories is required (" + (
+                "VGGSound's stat.csv: name,count,category" if dataset == "vggsound" else
+                "the authors' tools/audioset/__init__.py, or a csv with header display_name,category") + ")")
+        table = {}
+    else:
+        table = read_category_table(categories, dataset)
+    warnings: list[str] = []
+    classes = build_classes(dataset, table, label_rows, classes_per_task, warnings, labels)
+    known_refs = {r["mid"] for r in label_rows} if label_rows else set()
+    entries = {s: read_clip_list(p) for s, p in lists.items()} if lists else scan_folder(root)
+    index = MediaIndex(root)
+    derive = not entries.get("retrieval")
+    if derive:  # CAV-MAE's retrieval list is 5 test clips per class: derive it the same way
+        entries["retrieval"] = entries.get("test", [])
+        warnings.append(f"no retrieval list: the first {retrieval_per_class} test clips per class are used")
+    if not entries.get("test"):
+        warnings.append("no test clips: the test and retrieval splits are empty")
+    clips, missing, excluded = {}, {}, {}
+    for split in SPLITS:
+        cap = {"train": max_train_per_class if dataset == "vggsound" else None, "test": None,
+               "retrieval": retrieval_per_class if derive else None}[split]
+        clips[split], missing[split], excluded[split] = assign_split(
+            split, entries.get(split, []), classes, index, known_refs=known_refs, max_per_class=cap,
+            retrieval_all_classes=retrieval_all_classes, label_file=labels)
+    sources = {"lists": {s: str(p) for s, p in lists.items()} or f"folder {root}", "root": str(root),
+               "categories": str(categories) if categories else None, "labels": str(labels) if labels else None,
+               "classes_per_task": classes_per_task, "max_train_per_class": max_train_per_class,
+               "retrieval_per_class": retrieval_per_class if derive else None,
+               "retrieval_all_classes": retrieval_all_classes}
+    tasks = VGGSOUND_TASKS if dataset == "vggsound" else AUDIOSET_TASKS
+    return Plan(dataset, tasks, classes, clips, missing, excluded, warnings, sources)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# decoding into the cache
+
+
+def prepare_real(dataset: str, *, out: Path, list_file: Any = None, root: Path | None = None,
+                 categories: Path | None = None, labels: Path | None = None, workers: int = 2,
+                 frames_format: str = "raw", progress: bool = True, spec: CacheSpec | None = None,
+                 classes_per_task: int = CLASSES_PER_TASK, max_train_per_class: int = MAX_TRAIN_PER_CLASS,
+                 retrieval_per_class: int = RETRIEVAL_PER_CLASS, retrieval_all_classes: bool = True
+                 ) -> dict[str, Any]:
+    """`stella prep vggsound|audioset`: plan the split, decode every split, write meta.json, the manifests and
+    prep_report.json. Returns {'out', 'splits': {split: {task: n}}, 'skipped': {split: n}, 'seconds', 'bytes'}."""
+    t0 = time.perf_counter()
+    spec = replace(spec or CacheSpec(), frames_format=frames_format)
+    plan = plan_real(dataset, list_file=list_file, root=root, categories=categories, labels=labels,
+                     classes_per_task=classes_per_task, max_train_per_class=max_train_per_class,
+                     retrieval_per_class=retrieval_per_class, retrieval_all_classes=retrieval_all_classes)
+    out = Path(out)
+    for split in SPLITS:  # refuse a cache made from other lists or settings before touching anything
+        _check_rows(out, split, plan.clips[split], spec)
+    write_meta(out, {"dataset": dataset, "tasks": plan.tasks, "splits": list(SPLITS), "spec": spec_to_dict(spec),
+                     "classes": [{"index": c.index, "name": c.name, "mid": c.mid, "category": c.category,
+                                  "task": c.task, "trained": c.trained} for c in plan.classes],
+                     "sources": plan.sources})
+    report: dict[str, Any] = {"dataset": dataset, "warnings": plan.warnings, "splits": {}}
+    summary: dict[str, Any] = {"out": str(out), "splits": {}, "skipped": {}, "skipped_clips": {},
+                               "report": str(out / "prep_report.json")}
+    for split in SPLITS:
+        res = prepare_split(out, split, plan.clips[split], spec, workers=workers, progress=progress)
+        skipped = plan.missing[split] + res["skipped"]
+        counts = {t: res["clips"].get(t, 0) for t in plan.tasks}
+        summary["splits"][split] = counts
+        summary["skipped"][split] = len(skipped)
+        summary["skipped_clips"][split] = skipped
+        report["splits"][split] = {"selected": len(plan.clips[split]) + len(plan.missing[split]),
+                                   "prepared": sum(counts.values()), "clips": counts, "skipped": skipped,
+                                   "excluded": dict(plan.excluded[split])}
+    (out / "prep_report.json").write_text(json.dumps(report, indent=2))
+    summary["seconds"] = time.perf_counter() - t0
+    summary["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    return summary
+
+
+def prepare_split(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec, *, workers: int,
+                  progress: bool) -> dict[str, Any]:
+    """Decode the pending rows of one split into the cache (resumable), then write {split}.csv of the DONE rows.
+
+    Returns {"clips": {task: n_done}, "skipped": [{"clip_id", "source", "reason"}], "decoded": rows tried now}.
+    """
+    out = Path(out)
+    _check_rows(out, split, clips, spec)
+    writer = SplitWriter(out, split, len(clips), spec)
+    durations = _open_array(out / "cache" / split / "duration.npy", len(clips))
+    pending = writer.pending_rows()
+    skipped = []
+    bar = tqdm(total=len(pending), desc=f"prep {split}", unit="clip", disable=not progress, leave=False)
+    last_flush = time.monotonic()
+    try:
+        for row, duration, reason in _decode_rows(out, split, clips, spec, pending, workers):
+            if reason is None:
+                durations[row] = duration
+                writer.mark(row, DONE)
+            else:
+                writer.mark(row, FAILED)
+                skipped.append({"row": row, "clip_id": clips[row].clip_id, "source": clips[row].source,
+                                "reason": reason})
+            bar.update(1)
+            if time.monotonic() - last_flush > 2.0:
+                durations.flush()
+                writer.flush()
+                last_flush = time.monotonic()
+    finally:
+        durations.flush()
+        writer.flush()
+        bar.close()
+    done = [int(r) for r in np.flatnonzero(np.asarray(writer.status) == DONE)]
+    write_manifest(out, split, [{"clip_id": clips[r].clip_id, "row": r, "label": clips[r].label,
+                                 "labels": ";".join(map(str, clips[r].labels)), "category": clips[r].category,
+                                 "task": clips[r].task, "duration": f"{float(durations[r]):.3f}",
+                                 "source": clips[r].source, "event_start": _seconds(clips[r].event_start),
+                                 "event_end": _seconds(clips[r].event_end)} for r in done])
+    skipped = [{k: v for k, v in item.items() if k != "row"} for item in sorted(skipped, key=lambda x: x["row"])]
+    return {"clips": dict(Counter(clips[r].task for r in done)), "skipped": skipped, "decoded": len(pending)}
+
+
+def _seconds(x: float | None) -> str:
+    return "" if x is None else f"{x:.3f}"
+
+
+def _check_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec) -> None:
+    """A re-run must see the same rows and settings as the cache it resumes."""
+    path = out / "cache" / split / "rows.json"
+    rows = {"spec": spec_to_dict(spec), "clip_ids": [c.clip_id for c in clips], "sources": [c.source for c in clips]}
+    if path.is_file():
+        if json.loads(path.read_text()) != rows:
+            raise ValueError(f"{path}: the cache was prepared from another clip list or other settings; "
+                             "use a new --out folder")
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(rows))
+
+
+def _open_array(path: Path, n: int) -> np.memmap:
+    if path.exists():
+        return np.load(path, mmap_mode="r+")
+    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n,))
+
+
+_WORKER: dict[str, Any] = {}
+
+
+def _init_worker(out: str, split: str, n: int, spec: CacheSpec, threads: int) -> None:
+    _WORKER.update(writer=SplitWriter(Path(out), split, n, spec), spec=spec, threads=threads)
+
+
+def _prepare_row(job: tuple[int, str]) -> tuple[int, float, str | None]:
+    """Decode one clip, compute its fbank and write its row (in a worker); (row, duration, reason or None)."""
+    row, source = job
+    spec = _WORKER["spec"]
+    try:
+        clip = media.decode_clip(source, fps=spec.fps, num_frames=spec.num_frames, frame_size=spec.frame_size,
+                                 clip_seconds=spec.clip_seconds, sample_rate=spec.sample_rate,
+                                 threads=_WORKER["threads"])
+    except media.ClipError as err:
+        return row, 0.0, err.reason
+    fbank = clip_fbank(clip.waveform, spec.sample_rate, spec.target_length, spec.num_mel_bins)  # (T, M)
+    _WORKER["writer"].write(row, clip.frames, np.asarray(fbank))
+    return row, clip.duration, None
+
+
+def _decode_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec, pending: list[int],
+                 workers: int):
+    jobs = [(r, clips[r].source) for r in pending]
+    if not jobs:
+        return
+    if workers <= 1:
+        _init_worker(str(out), split, len(clips), spec, 0)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)  # a clip's fbank is too small to share; extra threads only wait on each other
+        try:
+            yield from map(_prepare_row, jobs)
+        finally:
+            torch.set_num_threads(threads)
+            _WORKER.clear()
+        return
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    # fork, like torch's DataLoader: the workers inherit the imports; each sets torch to one thread
+    with mp.get_context("fork").Pool(workers, _init_pool_worker, (str(out), split, len(clips), spec, threads)) as pool:
+        yield from pool.imap_unordered(_prepare_row, jobs)
+
+
+def _init_pool_worker(out: str, split: str, n: int, spec: CacheSpec, threads: int) -> None:
+    torch.set_num_threads(1)  # one fbank per process; the processes are the parallelism
+    _init_worker(out, split, n, spec, threads)
+
+
+__all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "read_class_csv",
+           "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex", "SPLITS",
+           "VGGSOUND_TASKS", "AUDIOSET_TASKS", "OTHERS_PART1"]
