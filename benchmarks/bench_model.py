@@ -1,0 +1,119 @@
+"""One MAE + contrastive step of the base backbone on CPU: full inputs (random masking) vs core patches.
+
+    python benchmarks/bench_model.py [--batch 2] [--repeats 1] [--core-ratio 0.5] [--preset base] [--attention math]
+
+Each case runs in a fresh subprocess so that its RSS is its own. Reported per case: forward+backward time (median
+of --repeats steps after one warm-up step), the bytes of the distinct non-parameter tensors autograd saves for
+backward in the warm-up step (activation memory, fp32), the RSS growth after its forward (graph alive) and the peak
+RSS growth over it (this includes the parameter gradients, 4 bytes x parameters, the same in both cases). The last
+column gives core / full. Spec §8 explains where the saving comes from (the decoder runs on K instead of L tokens).
+--attention math replaces scaled_dot_product_attention by the authors' explicit softmax(q·kᵀ)·v, which keeps the
+attention maps for backward (the setting of spec §8's measurement).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+from stella_cli.config import MODEL_PRESETS, ModelConfig, num_core_tokens
+from stella_cli.model import CAVMAE, audio_patches, video_patches
+
+SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # the paper's inputs
+
+
+def rss_mib() -> float:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
+
+
+def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The authors' attention (cav.py:651-656): materialises softmax(q·kᵀ·scale), saved for backward."""
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+
+
+def run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float, attention: str) -> dict:
+    if attention == "math":
+        torch.nn.functional.scaled_dot_product_attention = math_attention
+    torch.manual_seed(0)
+    cfg = dataclasses.replace(ModelConfig(preset=preset), **MODEL_PRESETS[preset])
+    model = CAVMAE(cfg, **SIZES)
+    g = torch.Generator().manual_seed(1)
+    audio, video = torch.randn(batch, 1, 1024, 128, generator=g), torch.randn(batch, 4, 3, 224, 224, generator=g)
+    ids_a = ids_v = None
+    if case == "core":
+        L_A, L_V = model.num_audio_tokens, model.num_video_tokens
+        ids_a = torch.stack([torch.randperm(L_A, generator=g) for _ in range(batch)])
+        ids_v = torch.stack([torch.randperm(L_V, generator=g) for _ in range(batch)])
+        rows = torch.arange(batch)[:, None]
+        audio = audio_patches(audio, 16)[rows, ids_a[:, : num_core_tokens(L_A, core_ratio)]].contiguous()
+        video = video_patches(video, 16)[rows, ids_v[:, : num_core_tokens(L_V, core_ratio)]].contiguous()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in params:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    rss: list[float] = []
+
+    def step() -> float:
+        start = time.perf_counter()
+        out = model(audio, video, ids_a, ids_v, generator=torch.Generator().manual_seed(2))
+        rss.append(rss_mib())
+        (out["loss_mae_a"] + out["loss_mae_v"] + out["loss_con"]).backward()
+        model.zero_grad(set_to_none=True)
+        return time.perf_counter() - start
+
+    rss_before = rss_mib()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        step()  # warm-up, also the one whose saved tensors and RSS are measured
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    times = [step() for _ in range(repeats)]
+    return {"case": case, "seconds": statistics.median(times), "saved_mib": sum(saved.values()) / 2**20,
+            "forward_rss_growth_mib": rss[0] - rss_before, "peak_rss_growth_mib": peak - rss_before,
+            "audio_input": list(audio.shape), "video_input": list(video.shape), "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="base", choices=tuple(MODEL_PRESETS))
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--core-ratio", type=float, default=0.5)
+    parser.add_argument("--attention", default="sdpa", choices=("sdpa", "math"))
+    parser.add_argument("--case", choices=("full", "core"), help="internal: run one case and print JSON")
+    args = parser.parse_args()
+    if args.case:
+        print(json.dumps(run_case(args.case, args.preset, args.batch, args.repeats, args.core_ratio, args.attention)))
+        return
+    results = {}
+    for case in ("full", "core"):
+        cmd = [sys.executable, __file__, "--case", case, "--preset", args.preset, "--batch", str(args.batch),
+               "--repeats", str(args.repeats), "--core-ratio", str(args.core_ratio), "--attention", args.attention]
+        results[case] = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+    full, core = results["full"], results["core"]
+    print(f"preset {args.preset}, batch {args.batch}, CPU ({full['threads']} threads), fp32, attention "
+          f"{args.attention}, one MAE+contrastive step")
+    print(f"full: audio {full['audio_input']} video {full['video_input']} (random masking 0.8)")
+    print(f"core: audio {core['audio_input']} video {core['video_input']} (core ratio {args.core_ratio})")
+    print(f"| {'measure':<34} | {'full inputs':>12} | {'core patches':>12} | {'core / full':>11} |")
+    print(f"|{'-' * 36}|{'-' * 14}|{'-' * 14}|{'-' * 13}|")
+    for key, label in (("seconds", "forward+backward (s)"), ("saved_mib", "saved for backward (MiB)"),
+                       ("forward_rss_growth_mib", "RSS growth after forward (MiB)"),
+                       ("peak_rss_growth_mib", "peak RSS growth, with grads (MiB)")):
+        print(f"| {label:<34} | {full[key]:>12.2f} | {core[key]:>12.2f} | {core[key] / full[key]:>11.3f} |")
+
+
+if __name__ == "__main__":
+    main()

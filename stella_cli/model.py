@@ -1,0 +1,817 @@
+"""CAV-MAE two-stream backbone and the AVM module, as in the authors' code (stella_spec §1, §2).
+
+Notation (stella_spec, paper defaults in brackets):
+    B    batch                      D    encoder width [768]          H    heads [12]    d_h  head width [64]
+    F    frames per clip [4]        S    frame side [224]             p    patch side [16]
+    T    fbank frames [1024]        M    mel bins [128]
+    L_V  video tokens = F·(S/p)² [784], layout  t·(S/p)² + row·(S/p) + col   (frame-major, per-frame 2-D patches)
+    L_A  audio tokens = (T/p)·(M/p) [512], layout  t·(M/p) + f               (time-major)
+    K_V, K_A  core tokens kept by STELLA's selection [392, 256]
+
+Attribute names equal the authors' `models/cav.py`, `models/avm_module.py` and `models/heads.py`, so their state
+dicts load key for key (`load_authors_checkpoint`). Masks follow MAE: True = removed / reconstruction target.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Mapping, NamedTuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from stella_cli.config import ModelConfig, num_core_tokens
+
+
+def video_patches(video: Tensor, p: int) -> Tensor:
+    """Cut frames into patches in token order.  video: (B, F, 3, S, S) -> (B, L_V, 3, p, p)."""
+    B, F, C, S, _ = video.shape
+    g = S // p
+    x = video.reshape(B, F, C, g, p, g, p)  # (B, F, C, row, p, col, p)
+    x = x.permute(0, 1, 3, 5, 2, 4, 6)  # (B, F, row, col, C, p, p)
+    return x.reshape(B, F * g * g, C, p, p)  # (B, L_V, C, p, p)
+
+
+def audio_patches(audio: Tensor, p: int) -> Tensor:
+    """Cut a fbank into patches in token order.  audio: (B, 1, T, M) -> (B, L_A, 1, p, p), patch = (time, freq)."""
+    B, C, T, M = audio.shape
+    x = audio.reshape(B, C, T // p, p, M // p, p)  # (B, 1, t, p, f, p)
+    x = x.permute(0, 2, 4, 1, 3, 5)  # (B, t, f, 1, p, p)
+    return x.reshape(B, (T // p) * (M // p), C, p, p)  # (B, L_A, 1, p, p)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# positional tables (spec §1.2)
+
+
+def sincos_1d(dim: int, pos: Tensor) -> Tensor:
+    """[sin(pos·ω), cos(pos·ω)] with ω_k = 10000^(-k/(dim/2)), in float64 like the authors' numpy.  -> (n, dim)"""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2))  # (dim/2,)
+    angle = pos.double()[:, None] * omega[None]  # (n, dim/2)
+    return torch.cat([angle.sin(), angle.cos()], dim=1)  # (n, dim)
+
+
+def sincos_2d(dim: int, num_tokens: int, width: int) -> Tensor:
+    """Token n gets [1-D(n mod width) | 1-D(n // width)] (the authors' raw reshape of the meshgrid).  -> (n, dim)
+
+    Video frames: width = S/p, the usual MAE table (col | row).  Audio: width = T/p (64) although the tokens are
+    time-major t·(M/p) + f, so the halves do not encode (t, f).  # faithful: spec §9.3 B7, inherited from CAV-MAE.
+    """
+    n = torch.arange(num_tokens)
+    return torch.cat([sincos_1d(dim // 2, n % width), sincos_1d(dim // 2, n // width)], dim=1).float()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# blocks (spec §1.3); module and attribute names follow the authors' checkpoints
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, N, C = x.shape  # batch, tokens, width
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, C // self.num_heads)  # (B, N, 3, H, d_h)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, N, d_h) each
+        x = F.scaled_dot_product_attention(q, k, v)  # softmax(q·kᵀ/√d_h)·v: (B, H, N, d_h)
+        return self.proj(x.transpose(1, 2).reshape(B, N, C))  # (B, N, C)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block.  modality_norms=True adds the fusion layers' audio-only (norm1_a, norm2_a) and
+    video-only (norm1_v, norm2_v) LayerNorm sets; attention and MLP weights are shared by all three modes."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, modality_norms: bool = False):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = Attention(dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        if modality_norms:
+            self.norm1_a, self.norm2_a = nn.LayerNorm(dim), nn.LayerNorm(dim)
+            self.norm1_v, self.norm2_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
+
+    def forward(self, x: Tensor, modality: str = "") -> Tensor:
+        """modality "" = joint / shared norms, "a" = audio alone, "v" = video alone (spec §1.3)."""
+        if modality == "a":
+            norm1, norm2 = self.norm1_a, self.norm2_a
+        elif modality == "v":
+            norm1, norm2 = self.norm1_v, self.norm2_v
+        else:
+            norm1, norm2 = self.norm1, self.norm2
+        x = x + self.attn(norm1(x))
+        return x + self.mlp(norm2(x))
+
+
+class PatchEmbed(nn.Module):
+    """Conv2d(C, D, p, stride p) applied to pre-cut patches, which equals the conv on the whole image."""
+
+    def __init__(self, in_chans: int, dim: int, p: int):
+        super().__init__()
+        self.proj = nn.Conv2d(in_chans, dim, kernel_size=p, stride=p)
+
+    def forward(self, patches: Tensor) -> Tensor:
+        """patches: (B, N, C, p, p) -> tokens (B, N, D)."""
+        return F.linear(patches.flatten(2), self.proj.weight.flatten(1), self.proj.bias)
+
+
+class MAEHead(nn.Module):
+    def __init__(self, dim: int, out_dim: int):
+        super().__init__()
+        self.decoder = nn.Linear(dim, out_dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.decoder(x)
+
+
+def init_linear_and_norm(m: nn.Module) -> None:
+    """Linear N(0, 0.02) with zero bias; LayerNorm (1, 0) (cav.py `_init_weights`, objectives.init_weights)."""
+    if isinstance(m, nn.Linear):
+        nn.init.normal_(m.weight, std=0.02)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# masking (spec §1.5)
+
+
+class Masked(NamedTuple):
+    """One modality after masking.  N = L (full input) or K (core patches); n = visible tokens."""
+
+    x: Tensor  # (B, n, D) visible tokens after the modality layers and the intermediate pos-embed
+    patches: Tensor  # (B, N, C, p, p) the input patches, source of the MAE targets
+    ids: Tensor  # (B, N) long: token id of each input patch
+    pos_vis: Tensor  # (B, n) long: positions (into N) of the visible tokens
+    is_target: Tensor  # (B, N) bool: True = reconstruction target
+
+
+def lookup(table: Tensor, ids: Tensor) -> Tensor:
+    """Rows `ids` (B, N) of a (1, L, D) embedding table -> (B, N, D).
+
+    F.embedding instead of `table[0, ids]`: the backward of advanced indexing (index_put_ with accumulate) sums
+    in a thread-dependent order on CPU, which breaks bit-exact resume; embedding's backward does not.
+    """
+    return F.embedding(ids, table[0])  # (B, N, D)
+
+
+def shuffle(B: int, N: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """Per-sample random order: argsort of uniform noise (cav.py `random_masking`).  -> (B, N) long"""
+    return torch.rand(B, N, device=device, generator=generator).argsort(dim=1)
+
+
+def modality_guided_masking(ids: Tensor, n_vis: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """spec §1.5: shuffle the N input tokens (the core set), the first n_vis are visible, the rest are targets.
+
+    ids: (B, N) token ids of the input tokens.  Returns pos_vis (B, n_vis) long, is_target (B, N) bool.
+    Random masking is the case N = L, ids = 0..L-1: the authors' `random_masking` (same noise, same argsort).
+    Non-core tokens are never inputs, so they are neither visible nor targets.
+    """
+    B, N = ids.shape
+    if not 0 < n_vis < N:
+        raise ValueError(f"masking keeps {n_vis} visible tokens of {N} inputs: need 0 < visible < inputs "
+                         f"(lower the core ratio or the mask ratio)")
+    pos_vis = shuffle(B, N, ids.device, generator)[:, :n_vis]  # (B, n_vis)
+    is_target = torch.ones(B, N, dtype=torch.bool, device=ids.device).scatter(1, pos_vis, False)  # (B, N)
+    return pos_vis, is_target
+
+
+# ----------------------------------------------------------------------------------------------------------
+# contrastive loss and the cross-rank gather (spec §1.7)
+
+
+def _rank_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+class _GatherAllReduceGrad(torch.autograd.Function):
+    """all_gather in the forward; in the backward every rank's gradient w.r.t. the gathered batch is summed and
+    each rank keeps its own slice, so DDP's gradient average equals the single-process gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        grad = grad.contiguous().clone()
+        dist.all_reduce(grad)
+        rank, world = _rank_world()
+        n = grad.shape[0] // world
+        return grad[rank * n:(rank + 1) * n]
+
+
+def gather_with_grad(x: Tensor, remote_grad: bool = True) -> Tensor:
+    """Concatenate x (B, ...) of all ranks -> (W·B, ...); identity when torch.distributed is not initialised.
+
+    The local slice keeps its gradient.  remote_grad=True also sends the gradient of each slice back to the rank
+    that owns it (the single-process gradient under DDP); False is the authors' gather: other ranks' rows are
+    constants (objectives.py:271-288), which drops those gradient terms.
+    """
+    rank, world = _rank_world()
+    if world == 1:
+        return x
+    if remote_grad:
+        return _GatherAllReduceGrad.apply(x)
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.detach().contiguous())
+    parts[rank] = x
+    return torch.cat(parts)
+
+
+def info_nce(z_a: Tensor, z_v: Tensor, tau: float, reduction: str = "mean", remote_grad: bool = True) -> Tensor:
+    """Symmetric InfoNCE (spec §1.7), in float32.  z_a, z_v: (B, D) un-normalised pooled embeddings.
+
+    L_i = ½(-log softmax_j(ẑ_v,i·ẑ_a,j/τ)[i] - log softmax_j(ẑ_a,i·ẑ_v,j/τ)[i]), j over the batch of all ranks,
+    anchors i over the local batch.  Returns the mean, or (B,) for reduction="none".
+    remote_grad: see gather_with_grad (model.faithful_contrast_grad = not remote_grad).
+    """
+    with torch.autocast(z_a.device.type, enabled=False):
+        a, v = F.normalize(z_a.float(), dim=-1), F.normalize(z_v.float(), dim=-1)  # (B, D)
+        a_all, v_all = gather_with_grad(a, remote_grad), gather_with_grad(v, remote_grad)  # (W·B, D)
+        rank, _ = _rank_world()
+        labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
+        nce_va = F.cross_entropy(v @ a_all.T / tau, labels, reduction="none")  # (B,)
+        nce_av = F.cross_entropy(a @ v_all.T / tau, labels, reduction="none")  # (B,)
+        loss = (nce_va + nce_av) / 2
+    return loss if reduction == "none" else loss.mean()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the backbone
+
+
+class CAVMAE(nn.Module):
+    """Two-stream audio-video masked autoencoder (spec §1): modality layers, fusion layers, per-modality decoder."""
+
+    def __init__(self, cfg: ModelConfig, num_frames: int, image_size: int, target_length: int, num_mel_bins: int):
+        super().__init__()
+        unset = [k for k in ("embed_dim", "num_heads", "modality_depth", "fusion_depth", "decoder_embed_dim",
+                             "decoder_depth", "decoder_num_heads", "mlp_ratio") if getattr(cfg, k) is None]
+        if unset:
+            raise ValueError(f"model.{unset[0]} is None: resolve the preset first (config.resolve_preset)")
+        p, D, Dd, r = cfg.patch_size, cfg.embed_dim, cfg.decoder_embed_dim, cfg.mlp_ratio
+        for name, size in (("data.image_size", image_size), ("data.target_length", target_length),
+                           ("data.num_mel_bins", num_mel_bins)):
+            if size % p:
+                raise ValueError(f"{name}={size} is not a multiple of model.patch_size={p}")
+        if D % cfg.num_heads or Dd % cfg.decoder_num_heads:
+            raise ValueError(f"model.embed_dim={D} / decoder_embed_dim={Dd} not divisible by their head counts")
+        self.patch_size, self.embed_dim, self.num_heads, self.num_frames = p, D, cfg.num_heads, num_frames
+        self.grid = image_size // p  # S/p
+        self.num_time_tokens, self.num_freq_tokens = target_length // p, num_mel_bins // p
+        self.num_video_tokens = num_frames * self.grid**2  # L_V
+        self.num_audio_tokens = self.num_time_tokens * self.num_freq_tokens  # L_A
+        self.mask_ratio_a, self.mask_ratio_v = cfg.mask_ratio_a, cfg.mask_ratio_v
+        self.norm_pix_loss, self.mae_weight = cfg.norm_pix_loss, cfg.mae_weight
+        self.contrast_tau, self.contrast_weight = cfg.contrast_tau, cfg.contrast_weight
+        self.contrast_remote_grad = not cfg.faithful_contrast_grad
+        L_V, L_A = self.num_video_tokens, self.num_audio_tokens
+
+        # encoder specifics
+        self.patch_embed_v, self.patch_embed_a = PatchEmbed(3, D, p), PatchEmbed(1, D, p)
+        self.pos_embed_v = nn.Parameter(torch.zeros(1, L_V, D))  # learnable, sin-cos init
+        self.inter_pos_embed_v = nn.Parameter(torch.zeros(1, L_V, D))  # added before the fusion layers
+        self.pos_embed_a = nn.Parameter(torch.zeros(1, L_A, D))
+        self.inter_pos_embed_a = nn.Parameter(torch.zeros(1, L_A, D))
+        self.modality_v, self.modality_a = nn.Parameter(torch.zeros(1, 1, D)), nn.Parameter(torch.zeros(1, 1, D))
+        self.blocks_v = nn.ModuleList([Block(D, cfg.num_heads, r) for _ in range(cfg.modality_depth)])
+        self.blocks_a = nn.ModuleList([Block(D, cfg.num_heads, r) for _ in range(cfg.modality_depth)])
+        self.blocks_u = nn.ModuleList([Block(D, cfg.num_heads, r, modality_norms=True)
+                                       for _ in range(cfg.fusion_depth)])
+        self.norm, self.norm_a, self.norm_v = nn.LayerNorm(D), nn.LayerNorm(D), nn.LayerNorm(D)
+
+        # decoder specifics
+        self.decoder_embed = nn.Linear(D, Dd)
+        self.mask_token_v, self.mask_token_a = nn.Parameter(torch.zeros(1, 1, Dd)), nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_pos_embed_v = nn.Parameter(torch.zeros(1, L_V, Dd))
+        self.decoder_pos_embed_a = nn.Parameter(torch.zeros(1, L_A, Dd))
+        self.decoder_modality_v = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_modality_a = nn.Parameter(torch.zeros(1, 1, Dd))
+        self.decoder_blocks = nn.ModuleList([Block(Dd, cfg.decoder_num_heads, r) for _ in range(cfg.decoder_depth)])
+        self.decoder_norm = nn.LayerNorm(Dd)
+        self.mae_score_audio = MAEHead(Dd, p * p)
+        self.mae_score_video = MAEHead(Dd, p * p * 3)
+        self.initialize_weights()
+
+    def initialize_weights(self) -> None:
+        """spec §1.2: sin-cos tables (repeated per frame), xavier patch embeddings, N(0, 0.02) tokens."""
+        with torch.no_grad():
+            for param in (self.pos_embed_v, self.inter_pos_embed_v, self.decoder_pos_embed_v):
+                frame = sincos_2d(param.shape[-1], self.grid**2, self.grid)  # (S/p · S/p, dim)
+                param.copy_(frame.repeat(self.num_frames, 1)[None])  # same table for every frame: (1, L_V, dim)
+            for param in (self.pos_embed_a, self.inter_pos_embed_a, self.decoder_pos_embed_a):
+                param.copy_(sincos_2d(param.shape[-1], self.num_audio_tokens, self.num_time_tokens)[None])
+        for embed in (self.patch_embed_v, self.patch_embed_a):  # like nn.Linear on the flattened kernel
+            nn.init.xavier_uniform_(embed.proj.weight.view(embed.proj.weight.shape[0], -1))
+        for token in (self.modality_v, self.modality_a, self.mask_token_v, self.mask_token_a,
+                      self.decoder_modality_v, self.decoder_modality_a):
+            nn.init.normal_(token, std=0.02)
+        self.apply(init_linear_and_norm)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameters the authors exclude from weight decay (cav.py:263-266), besides 1-D ones and biases."""
+        return {"pos_embed_v", "pos_embed_a", "inter_pos_embed_v", "inter_pos_embed_a", "modality_v", "modality_a",
+                "decoder_modality_v", "decoder_modality_a", "mask_token_v", "mask_token_a", "decoder_pos_embed_v",
+                "decoder_pos_embed_a"}
+
+    # -- embeddings ------------------------------------------------------------------------------------
+
+    def input_patches(self, x: Tensor, ids: Tensor | None, modality: str) -> tuple[Tensor, Tensor]:
+        """Full input, or pre-cut core patches in `ids` order (spec §1.5).  -> patches (B, N, C, p, p), ids (B, N)."""
+        p, B = self.patch_size, x.shape[0]
+        if modality == "v":
+            name, L, C, cut = "video", self.num_video_tokens, 3, video_patches
+            full = (self.num_frames, 3, self.grid * p, self.grid * p)
+        else:
+            name, L, C, cut = "audio", self.num_audio_tokens, 1, audio_patches
+            full = (1, self.num_time_tokens * p, self.num_freq_tokens * p)
+        if ids is None:
+            if tuple(x.shape[1:]) != full:
+                raise ValueError(f"{name}: expected a full input (B, {', '.join(map(str, full))}), "
+                                 f"got {tuple(x.shape)}")
+            return cut(x, p), torch.arange(L, device=x.device).expand(B, L)
+        if tuple(ids.shape) != (B, L) or ids.dtype != torch.long:
+            raise ValueError(f"ids_{modality}: expected a long ordering of shape ({B}, {L}), "
+                             f"got {tuple(ids.shape)} {ids.dtype}")
+        if x.dim() != 5 or tuple(x.shape[2:]) != (C, p, p) or x.shape[1] > L:
+            raise ValueError(f"{name}: with ids_{modality}, expected core patches (B, K<={L}, {C}, {p}, {p}), "
+                             f"got {tuple(x.shape)}")
+        return x, ids[:, : x.shape[1]]
+
+    def embed(self, patches: Tensor, ids: Tensor, modality: str) -> Tensor:
+        """Patch + modality + positional embedding of the tokens `ids`.  -> (B, N, D)"""
+        if modality == "v":
+            return self.patch_embed_v(patches) + self.modality_v + lookup(self.pos_embed_v, ids)
+        return self.patch_embed_a(patches) + self.modality_a + lookup(self.pos_embed_a, ids)
+
+    def unimodal_codes(self, audio: Tensor, video: Tensor) -> tuple[Tensor, Tensor]:
+        """Full inputs through the modality layers, no masking (spec §1.4 "inter").
+
+        -> c_a (B, L_A, D), c_v (B, L_V, D): before the intermediate pos-embed.
+        """
+        x_a = self.embed(*self.input_patches(audio, None, "a"), "a")
+        x_v = self.embed(*self.input_patches(video, None, "v"), "v")
+        for blk in self.blocks_a:
+            x_a = blk(x_a)
+        for blk in self.blocks_v:
+            x_v = blk(x_v)
+        return x_a, x_v
+
+    def joint_codes(self, c_a: Tensor, c_v: Tensor) -> tuple[Tensor, Tensor]:
+        """Codes + intermediate pos-embed, [audio; video] through the fusion layers with the shared norms.
+
+        spec §1.4 "codes": returns e_a (B, L_A, D), e_v (B, L_V, D) before the final `norm` (the AVM inputs).
+        """
+        L_A = c_a.shape[1]
+        x = torch.cat([c_a + self.inter_pos_embed_a, c_v + self.inter_pos_embed_v], dim=1)  # (B, L_A + L_V, D)
+        for blk in self.blocks_u:
+            x = blk(x)
+        return x[:, :L_A], x[:, L_A:]
+
+    def joint_embed(self, audio: Tensor, video: Tensor) -> Tensor:
+        """Classifier input (spec §6.3): [mean audio; mean video] of the unmasked joint pass after `norm`. (B, 2D)"""
+        e_a, e_v = self.joint_codes(*self.unimodal_codes(audio, video))
+        x = self.norm(torch.cat([e_a, e_v], dim=1))
+        return torch.cat([x[:, : e_a.shape[1]].mean(1), x[:, e_a.shape[1]:].mean(1)], dim=1)
+
+    def modality_embed(self, x_a: Tensor, x_v: Tensor) -> tuple[Tensor, Tensor]:
+        """Fusion layers per modality with the _a / _v norms, then norm_a / norm_v (spec §1.4, latent_c_*).
+
+        x_a, x_v: tokens after the modality layers and the intermediate pos-embed.  -> same shapes.
+        """
+        for blk in self.blocks_u:
+            x_a = blk(x_a, "a")
+        for blk in self.blocks_u:
+            x_v = blk(x_v, "v")
+        return self.norm_a(x_a), self.norm_v(x_v)
+
+    def retrieval_embed(self, audio: Tensor, video: Tensor) -> tuple[Tensor, Tensor]:
+        """spec §1.8: full inputs through the modality path, mean-pooled, L2-normalised.  -> (B, D), (B, D)"""
+        c_a, c_v = self.unimodal_codes(audio, video)
+        lat_a, lat_v = self.modality_embed(c_a + self.inter_pos_embed_a, c_v + self.inter_pos_embed_v)
+        return F.normalize(lat_a.mean(1).float(), dim=-1), F.normalize(lat_v.mean(1).float(), dim=-1)
+
+    # -- MAE + contrastive -----------------------------------------------------------------------------
+
+    def forward_encoder(self, audio: Tensor, video: Tensor, ids_a: Tensor | None, ids_v: Tensor | None,
+                        generator: torch.Generator | None) -> tuple[Masked, Masked]:
+        """Embed, mask (audio first, as the authors), run the modality layers on the visible tokens only."""
+        out = []
+        for modality, x, ids, ratio, L, blocks, inter_pos in (
+                ("a", audio, ids_a, self.mask_ratio_a, self.num_audio_tokens, self.blocks_a, self.inter_pos_embed_a),
+                ("v", video, ids_v, self.mask_ratio_v, self.num_video_tokens, self.blocks_v, self.inter_pos_embed_v)):
+            patches, ids_in = self.input_patches(x, ids, modality)  # (B, N, C, p, p), (B, N)
+            tokens = self.embed(patches, ids_in, modality)  # (B, N, D)
+            pos_vis, is_target = modality_guided_masking(ids_in, int(L * (1 - ratio)), generator)
+            h = tokens.gather(1, pos_vis[..., None].expand(-1, -1, tokens.shape[-1]))  # (B, n, D)
+            for blk in blocks:
+                h = blk(h)
+            h = h + lookup(inter_pos, ids_in.gather(1, pos_vis))  # intermediate pos-embed at the visible ids
+            out.append(Masked(h, patches, ids_in, pos_vis, is_target))
+        return out[0], out[1]
+
+    def forward_decoder(self, a: Masked, v: Masked) -> tuple[Tensor, Tensor]:
+        """Joint fusion on the visible tokens, `norm`, then the decoder once per modality (spec §1.6).
+
+        Each decoder sequence holds the N input tokens (L with random masking, K with core patches): visible
+        tokens in place, mask tokens elsewhere.  Returns predictions of the targets only, in input order:
+        pred_a (B, N_a - n_a, p²), pred_v (B, N_v - n_v, 3p²).
+        """
+        x = torch.cat([a.x, v.x], dim=1)  # (B, n_a + n_v, D)
+        for blk in self.blocks_u:
+            x = blk(x)
+        y = self.decoder_embed(self.norm(x))  # (B, n_a + n_v, Dd)
+        n_a = a.x.shape[1]
+        pred_a = self.decode(y[:, :n_a], a, self.mask_token_a, self.decoder_pos_embed_a, self.decoder_modality_a,
+                             self.mae_score_audio)
+        pred_v = self.decode(y[:, n_a:], v, self.mask_token_v, self.decoder_pos_embed_v, self.decoder_modality_v,
+                             self.mae_score_video)
+        return pred_a, pred_v
+
+    def decode(self, y: Tensor, m: Masked, mask_token: Tensor, pos_embed: Tensor, modality: Tensor,
+               head: MAEHead) -> Tensor:
+        B, N = m.ids.shape
+        Dd = y.shape[-1]
+        z = mask_token.to(y.dtype).expand(B, N, Dd).scatter(1, m.pos_vis[..., None].expand(-1, -1, Dd), y)  # (B, N, Dd)
+        z = z + lookup(pos_embed, m.ids) + modality
+        for blk in self.decoder_blocks:
+            z = blk(z)
+        z = self.decoder_norm(z)
+        return head(z[m.is_target].reshape(B, -1, Dd))  # (B, N - n, P)
+
+    def forward_loss(self, pred: Tensor, m: Masked, reduction: str = "mean") -> Tensor:
+        """spec §1.7: MSE to per-patch-normalised pixels (unbiased var, eps 1e-6), on target tokens only, float32.
+
+        Targets flatten a patch in (row, col, channel) order, as the authors' patchify.  Returns the mean over all
+        targets of the batch, or (B,) per-sample means for reduction="none".
+        """
+        B, P = pred.shape[0], pred.shape[-1]
+        target = m.patches[m.is_target].reshape(B, -1, *m.patches.shape[2:])  # (B, n_t, C, p, p)
+        target = target.permute(0, 1, 3, 4, 2).reshape(B, -1, P)  # (B, n_t, P)
+        with torch.autocast(pred.device.type, enabled=False):
+            target = target.float()
+            if self.norm_pix_loss:
+                target = (target - target.mean(-1, keepdim=True)) / (target.var(-1, keepdim=True) + 1e-6) ** 0.5
+            loss = ((pred.float() - target) ** 2).mean(-1).mean(-1)  # (B,): equal target counts per sample
+        return self.mae_weight * (loss if reduction == "none" else loss.mean())
+
+    def forward_contrastive(self, x_a: Tensor, x_v: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor, Tensor]:
+        """spec §1.7: InfoNCE on the mean-pooled modality path of the visible tokens. -> loss, z_a, z_v (B, D)"""
+        lat_a, lat_v = self.modality_embed(x_a, x_v)
+        z_a, z_v = lat_a.mean(1).float(), lat_v.mean(1).float()  # un-normalised: the DER targets (spec §3.8)
+        loss = info_nce(z_a, z_v, self.contrast_tau, reduction, remote_grad=self.contrast_remote_grad)
+        return self.contrast_weight * loss, z_a, z_v
+
+    def forward(self, audio: Tensor, video: Tensor, ids_a: Tensor | None = None, ids_v: Tensor | None = None,
+                reduction: str = "mean", generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """MAE + contrastive pass (spec §1.4-1.7).
+
+        audio (B, 1, T, M) and video (B, F, 3, S, S) with random masking; or core patches (B, K_A, 1, p, p),
+        (B, K_V, 3, p, p) with orderings ids_a (B, L_A), ids_v (B, L_V) whose first K entries are the core set.
+        Returns loss_mae_a, loss_mae_v, loss_con (scalars, or (B,) for reduction="none"), z_a, z_v (B, D).
+        """
+        if reduction not in ("mean", "none"):
+            raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+        a, v = self.forward_encoder(audio, video, ids_a, ids_v, generator)
+        pred_a, pred_v = self.forward_decoder(a, v)
+        loss_con, z_a, z_v = self.forward_contrastive(a.x, v.x, reduction)
+        return {"loss_mae_a": self.forward_loss(pred_a, a, reduction),
+                "loss_mae_v": self.forward_loss(pred_v, v, reduction),
+                "loss_con": loss_con, "z_a": z_a, "z_v": z_v}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AVM (spec §2) and heads (models/heads.py)
+
+
+class Pooler(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.dense = nn.Linear(dim, dim)
+        self.activation = nn.Tanh()
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.activation(self.dense(x))
+
+
+class MatchingHead(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.pooler = Pooler(dim)
+        self.fc = nn.Linear(dim, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.pooler(x))
+
+
+class Classifier(nn.Module):
+    """Downstream probe head (spec §6.3): Pooler (Linear + tanh), Linear, LayerNorm, GELU, Linear on (B, 2D).
+
+    `pooler` and `fc1` are also registered inside `classifier`, so the state dict holds both names, as the authors'.
+    """
+
+    def __init__(self, hidden_size: int, num_classes: int):
+        super().__init__()
+        self.pooler = Pooler(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, hidden_size)
+        self.classifier = nn.Sequential(self.pooler, self.fc1, nn.LayerNorm(hidden_size), nn.GELU(),
+                                        nn.Linear(hidden_size, num_classes))
+        self.apply(init_linear_and_norm)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.classifier(x)
+
+
+class AVM(nn.Module):
+    """Audio-video matching module (avm_module.py `CrossModalAttention`)."""
+
+    def __init__(self, dim: int, num_heads: int, fix_head_reshape: bool = False):
+        super().__init__()
+        self.norm_v, self.norm_a = nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.num_heads = num_heads
+        self.scale = (dim // num_heads) ** -0.5
+        self.fix_head_reshape = fix_head_reshape
+        self.to_v_q, self.to_v_k, self.to_v_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.to_a_q, self.to_a_k, self.to_a_v = (nn.Linear(dim, dim, bias=False) for _ in range(3))
+        self.matching_score = MatchingHead(dim * 2)
+        self.apply(init_linear_and_norm)
+
+    def split_heads(self, x: Tensor, proj: nn.Linear) -> Tensor:
+        B, L, _ = x.shape
+        return proj(x).reshape(B, L, self.num_heads, -1).transpose(1, 2)  # (B, H, L, d_h)
+
+    def merge_heads(self, x: Tensor) -> Tensor:
+        B, H, L, d_h = x.shape
+        if self.fix_head_reshape:
+            return x.transpose(1, 2).reshape(B, L, H * d_h)  # (B, L, D)
+        return x.reshape(B, L, H * d_h)  # faithful: spec §9.3 B6, heads and tokens interleaved; avm.fix_head_reshape
+
+    def attention_logits(self, e_a: Tensor, e_v: Tensor) -> dict[str, Tensor]:
+        """spec §2.3: raw scaled logits S_av (B, H, L_A, L_V) = scale·q_a·k_vᵀ, S_va (B, H, L_V, L_A) = scale·q_v·k_aᵀ,
+        and q_a, k_a (B, H, L_A, d_h), q_v, k_v (B, H, L_V, d_h)."""
+        e_a, e_v = self.norm_a(e_a), self.norm_v(e_v)
+        q_a, k_a = self.split_heads(e_a, self.to_a_q), self.split_heads(e_a, self.to_a_k)
+        q_v, k_v = self.split_heads(e_v, self.to_v_q), self.split_heads(e_v, self.to_v_k)
+        return {"S_av": q_a @ k_v.transpose(-2, -1) * self.scale, "S_va": q_v @ k_a.transpose(-2, -1) * self.scale,
+                "q_a": q_a, "k_a": k_a, "q_v": q_v, "k_v": k_v}
+
+    def forward(self, e_a: Tensor, e_v: Tensor) -> Tensor:
+        """spec §2.2: cross attention both ways, mean over tokens, MatchingHead([video; audio]).  -> (B,) logits"""
+        e_a, e_v = self.norm_a(e_a), self.norm_v(e_v)
+        q_a, k_a, v_a = (self.split_heads(e_a, proj) for proj in (self.to_a_q, self.to_a_k, self.to_a_v))
+        q_v, k_v, v_v = (self.split_heads(e_v, proj) for proj in (self.to_v_q, self.to_v_k, self.to_v_v))
+        x_a = self.merge_heads(F.scaled_dot_product_attention(q_a, k_v, v_v))  # audio queries: (B, L_A, D)
+        x_v = self.merge_heads(F.scaled_dot_product_attention(q_v, k_a, v_a))  # video queries: (B, L_V, D)
+        return self.matching_score(torch.cat([x_v.mean(1), x_a.mean(1)], dim=-1)).squeeze(-1)  # video first
+
+
+def matching_pairs(B: int, generator: torch.Generator | None = None,
+                   device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """spec §2.4: ⌊B/2⌋ positives at random rows (all positive when B <= 2); negatives get a deranged video.
+
+    Returns labels (B,) float (1 = matched) and video_index (B,) long: the video paired with each audio.
+    """
+    if B <= 2:
+        return torch.ones(B, device=device), torch.arange(B, device=device)
+    n_pos = B // 2
+    labels = torch.cat([torch.ones(n_pos), torch.zeros(B - n_pos)]).to(device)
+    labels = labels[torch.randperm(B, generator=generator, device=device)]
+    neg = (labels == 0).nonzero().flatten()  # (B - n_pos,)
+    while True:  # reshuffle until no negative keeps its own video, as the authors
+        deranged = neg[torch.randperm(len(neg), generator=generator, device=device)]
+        if bool((deranged != neg).all()):
+            break
+    video_index = torch.arange(B, device=device)
+    video_index[neg] = deranged
+    return labels, video_index
+
+
+def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
+                  generator: torch.Generator | None = None) -> Tensor:
+    """spec §2.4: BCE-with-logits of the AVM on (audio, possibly swapped video) codes through the frozen joint pass.
+
+    c_a (B, L_A, D), c_v (B, L_V, D) unimodal codes.  Only the AVM gets gradients.  Unweighted (the caller
+    multiplies by matching_loss_weight).
+    """
+    labels, video_index = matching_pairs(c_a.shape[0], generator, c_a.device)
+    with torch.no_grad():
+        e_a, e_v = backbone.joint_codes(c_a, c_v[video_index])
+    logits = avm(e_a, e_v)
+    with torch.autocast(logits.device.type, enabled=False):
+        return F.binary_cross_entropy_with_logits(logits.float(), labels)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+AUTHORS_PREFIXES = ("module.", "backbone.transformer.")  # stripped in this order (model_module.py:37-41)
+OTHER_MODULES = {"avmatching_module.": AVM, "vacls_classifier.": Classifier}  # keys owned by the other modules
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """torch.load a checkpoint (tensors only), unwrapping a {"model": state_dict} container."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: checkpoint not found")
+    try:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
+        raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
+    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
+        sd = sd["model"]
+    if not isinstance(sd, Mapping):
+        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(sd).__name__}")
+    return dict(sd)
+
+
+def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor],
+                            strict: bool = True) -> dict[str, Any]:
+    """Load the authors' state dict (or ours) into a CAVMAE, AVM or Classifier, like nanoGPT's from_pretrained.
+
+    Prefixes `module.` and `backbone.transformer.` are stripped; for an AVM the keys under `avmatching_module.`
+    are taken, for a Classifier those under `vacls_classifier.` (if present), for the backbone every other key.
+    Each tensor's shape is checked.  strict: missing or unexpected keys raise ValueError.
+    Returns {"loaded": n, "missing": [...], "unexpected": [...], "skipped": n keys of other modules}.
+    """
+    where = str(source) if isinstance(source, (str, Path)) else "state dict"
+    sd = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
+    if isinstance(sd.get("model"), Mapping):
+        sd = dict(sd["model"])
+    clean = {}
+    for key, value in sd.items():
+        for prefix in AUTHORS_PREFIXES:
+            key = key.removeprefix(prefix)
+        clean[key] = value
+    own = next((p for p, cls in OTHER_MODULES.items() if isinstance(model, cls)), None)
+    if own is not None and any(k.startswith(own) for k in clean):
+        picked = {k.removeprefix(own): v for k, v in clean.items() if k.startswith(own)}
+    elif own is not None:
+        picked = clean
+    else:
+        picked = {k: v for k, v in clean.items() if not k.startswith(tuple(OTHER_MODULES))}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(picked))
+    unexpected = sorted(set(picked) - set(expected))
+    if strict and (missing or unexpected):
+        raise ValueError(f"{where}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
+                         f"{unexpected[:8]} for {type(model).__name__}")
+    for key in set(picked) & set(expected):
+        if tuple(picked[key].shape) != tuple(expected[key].shape):
+            raise ValueError(f"{where}: {key} has shape {tuple(picked[key].shape)}, the model expects "
+                             f"{tuple(expected[key].shape)}")
+    model.load_state_dict({k: v for k, v in picked.items() if k in expected}, strict=False)
+    return {"loaded": len(set(picked) & set(expected)), "missing": missing, "unexpected": unexpected,
+            "skipped": len(clean) - len(picked)}
+
+
+def load_avm_checkpoint(avm: AVM, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> dict[str, Any]:
+    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`)."""
+    return load_authors_checkpoint(avm, source, strict)
+
+
+# tensors tools/adapt_imae_weights_to_vamae.py never assigns: its CAV constructor leaves them at zero
+MAE_UNMAPPED = ("pos_embed_a", "inter_pos_embed_a", "decoder_pos_embed_a", "modality_a", "modality_v",
+                "decoder_modality_a", "decoder_modality_v")
+
+
+def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int = 4, target_length: int = 1024,
+                num_mel_bins: int = 128, modality_depth: int = 10, faithful_zeros: bool = True) -> dict[str, Any]:
+    """`stella convert mae`: an ImageNet MAE ViT checkpoint -> a CAVMAE state dict (spec §1.9).
+
+    MAE blocks 0..modality_depth-1 go to blocks_a and blocks_v, the rest to blocks_u (their norms also to the _a/_v
+    sets); `norm` to norm, norm_a, norm_v; the image pos-embed (without cls) repeated per frame to pos_embed_v and
+    inter_pos_embed_v, the decoder one to decoder_pos_embed_v; audio patch embedding = sum over RGB; audio head =
+    first p² rows of decoder_pred; both mask tokens = mask_token; decoder_* copied.  Sizes come from the MAE.
+    faithful_zeros: the tensors in MAE_UNMAPPED are zeros as in the authors' output; False keeps the model init.
+    Writes a plain state dict with the authors' key names and returns a report.
+    """
+    mae = read_state_dict(ckpt_path)
+    need = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "mask_token",
+            "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.weight", "decoder_norm.weight",
+            "blocks.0.mlp.fc1.weight")
+    for key in need:
+        if key not in mae:
+            raise ValueError(f"{ckpt_path}: missing MAE key {key!r}")
+    D, _, p, _ = mae["patch_embed.proj.weight"].shape
+    depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks."))
+    decoder_depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("decoder_blocks."))
+    if not 0 < modality_depth < depth:
+        raise ValueError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
+                         f"for a {depth}-block MAE")
+    grid = math.isqrt(mae["pos_embed"].shape[1] - 1)
+    cfg = ModelConfig(embed_dim=D, num_heads=1, modality_depth=modality_depth, fusion_depth=depth - modality_depth,
+                      decoder_embed_dim=mae["decoder_embed.weight"].shape[0], decoder_depth=decoder_depth,
+                      decoder_num_heads=1, mlp_ratio=mae["blocks.0.mlp.fc1.weight"].shape[0] / D, patch_size=p)
+    model = CAVMAE(cfg, num_frames, grid * p, target_length, num_mel_bins)
+    out = {k: v.clone() for k, v in model.state_dict().items()}
+    mapped = {}
+    for key, value in mae.items():
+        if key.startswith("blocks."):
+            i, rest = int(key.split(".")[1]), key.split(".", 2)[2]
+            if i < modality_depth:
+                mapped[f"blocks_a.{i}.{rest}"] = mapped[f"blocks_v.{i}.{rest}"] = value
+            else:
+                mapped[f"blocks_u.{i - modality_depth}.{rest}"] = value
+                if rest.startswith(("norm1.", "norm2.")):
+                    for m in ("a", "v"):
+                        mapped[f"blocks_u.{i - modality_depth}.{rest[:5]}_{m}.{rest[6:]}"] = value
+        elif key.startswith(("decoder_embed.", "decoder_blocks.", "decoder_norm.")):
+            mapped[key] = value
+    for m in ("", "_a", "_v"):
+        mapped[f"norm{m}.weight"], mapped[f"norm{m}.bias"] = mae["norm.weight"], mae["norm.bias"]
+    mapped["pos_embed_v"] = mapped["inter_pos_embed_v"] = mae["pos_embed"][:, 1:].repeat(1, num_frames, 1)
+    mapped["decoder_pos_embed_v"] = mae["decoder_pos_embed"][:, 1:].repeat(1, num_frames, 1)
+    mapped["patch_embed_v.proj.weight"] = mae["patch_embed.proj.weight"]
+    mapped["patch_embed_a.proj.weight"] = mae["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
+    mapped["patch_embed_v.proj.bias"] = mapped["patch_embed_a.proj.bias"] = mae["patch_embed.proj.bias"]
+    mapped["mae_score_video.decoder.weight"] = mae["decoder_pred.weight"]
+    mapped["mae_score_video.decoder.bias"] = mae["decoder_pred.bias"]
+    mapped["mae_score_audio.decoder.weight"] = mae["decoder_pred.weight"][: p * p]
+    mapped["mae_score_audio.decoder.bias"] = mae["decoder_pred.bias"][: p * p]
+    mapped["mask_token_a"] = mapped["mask_token_v"] = mae["mask_token"]
+    for key, value in mapped.items():
+        if key not in out or tuple(value.shape) != tuple(out[key].shape):
+            raise ValueError(f"{ckpt_path}: MAE tensor for {key} has shape {tuple(value.shape)}, expected "
+                             f"{tuple(out[key].shape) if key in out else 'no such key'}")
+        out[key] = value.detach().clone().float()
+    if faithful_zeros:
+        for key in MAE_UNMAPPED:
+            out[key].zero_()
+    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+    torch.save(out, out_path)
+    return {"out": str(out_path), "mapped": len(mapped), "zeros": list(MAE_UNMAPPED) if faithful_zeros else [],
+            "unmapped": sorted(set(out) - set(mapped)), "ignored": sorted(k for k in mae if k in ("cls_token",)),
+            "sizes": {"embed_dim": D, "depth": depth, "modality_depth": modality_depth, "patch_size": p,
+                      "image_size": grid * p, "decoder_embed_dim": cfg.decoder_embed_dim,
+                      "decoder_depth": decoder_depth, "mlp_ratio": cfg.mlp_ratio}}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sizes (`stella model`)
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Number of distinct parameters (shared modules counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+PARTS = {"patch_embed": "patch embeddings", "pos_embed": "pos/modality embeddings", "inter_pos_embed":
+         "pos/modality embeddings", "modality": "pos/modality embeddings", "blocks_a": "audio layers",
+         "blocks_v": "video layers", "blocks_u": "fusion layers", "norm": "final norms", "decoder": "decoder",
+         "mask_token": "decoder", "mae_score": "MAE heads"}
+
+
+def model_summary(cfg: ModelConfig, *, num_frames: int = 4, image_size: int = 224, target_length: int = 1024,
+                  num_mel_bins: int = 128, core_video_ratio: float = 0.5, core_audio_ratio: float = 0.5,
+                  num_classes: int = 0) -> dict[str, Any]:
+    """Parameter and token counts, built on the meta device (no memory, no init cost).
+
+    Returns {"params": {"total", "backbone", "avm", "classifier", "parts": {part: n}}, "tokens": {...}}.
+    """
+    with torch.device("meta"):
+        model = CAVMAE(cfg, num_frames, image_size, target_length, num_mel_bins)
+        avm = AVM(cfg.embed_dim, cfg.num_heads, cfg.avm.fix_head_reshape)
+        head = Classifier(2 * cfg.embed_dim, num_classes) if num_classes else None
+    parts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        part = next(v for k, v in PARTS.items() if top.startswith(k))
+        parts[part] = parts.get(part, 0) + param.numel()
+    n_cls = parameter_count(head) if head is not None else 0
+    L_V, L_A = model.num_video_tokens, model.num_audio_tokens
+    n_v, n_a = int(L_V * (1 - cfg.mask_ratio_v)), int(L_A * (1 - cfg.mask_ratio_a))
+    K_V, K_A = num_core_tokens(L_V, core_video_ratio), num_core_tokens(L_A, core_audio_ratio)
+    return {"params": {"total": parameter_count(model) + parameter_count(avm) + n_cls,
+                       "backbone": parameter_count(model), "avm": parameter_count(avm), "classifier": n_cls,
+                       "parts": parts},
+            "tokens": {"video": L_V, "audio": L_A, "visible_video": n_v, "visible_audio": n_a,
+                       "core_video": K_V, "core_audio": K_A,
+                       "decoder_video": {"random": L_V, "core": K_V}, "decoder_audio": {"random": L_A, "core": K_A},
+                       "targets_video": {"random": L_V - n_v, "core": K_V - n_v},
+                       "targets_audio": {"random": L_A - n_a, "core": K_A - n_a}}}
