@@ -70,6 +70,9 @@ class ModelConfig:
     contrast_tau: float = 0.05  # spec §1.7
     contrast_weight: float = 0.1
     mae_weight: float = 1.0
+    # faithful: true = the authors' all-gather, where other ranks' embeddings are constants, so the contrastive
+    # gradient depends on the number of GPUs; false (default) = the gradient of one process on the whole batch
+    faithful_contrast_grad: bool = False
     avm: AVMConfig = field(default_factory=AVMConfig)
     checkpoint: str = ""  # initial backbone weights (authors' key names, or a `stella convert mae` output)
 
