@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 app = typer.Typer(
@@ -36,7 +37,10 @@ def main() -> None:
 def prep(
     dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset"),
     out: Optional[Path] = typer.Option(None, help="Output data folder (default: data/synthetic for synthetic)."),
-    list_file: Optional[Path] = typer.Option(None, "--list", help="Clip list: CAV-MAE json or STELLA csv."),
+    list_file: Optional[str] = typer.Option(
+        None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
+                             "optional); FILE a CAV-MAE json or the authors' STELLA csv; or a folder holding them "
+                             "under their usual names. Without --list: ROOT/{train,test}/CLASS/*.mp4."),
     root: Optional[Path] = typer.Option(None, help="Folder holding the clips (raw mp4/mkv/webm or extracted)."),
     categories: Optional[Path] = typer.Option(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
@@ -66,6 +70,51 @@ def prep(
     print_prep_summary(summary)
 
 
+@app.command()
+def train(
+    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/synthetic.yaml."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set optim.lr=5e-5 "
+                                                          "(repeatable)."),
+    resume: bool = typer.Option(False, help="Continue the run in output.dir from its latest checkpoint."),
+    print_config: bool = typer.Option(False, help="Print the resolved recipe and exit."),
+    quiet: bool = typer.Option(False, help="No progress bars, log lines only."),
+) -> None:
+    """Continual pre-training over the recipe's task sequence, with retrieval after every task."""
+    from stella_cli.config import load_recipe, recipe_to_yaml
+
+    resolved = load_recipe(recipe, overrides)
+    if print_config:
+        console.print(recipe_to_yaml(resolved), markup=False, highlight=False)
+        return
+    from stella_cli.train import TrainingInterrupted, run
+
+    try:
+        run_dir = run(resolved, resume=resume, quiet=quiet)
+    except TrainingInterrupted as stop:
+        console.print(f"[yellow]{stop}")
+        raise SystemExit(130)
+    print_summary(run_dir)
+
+
+def print_summary(run_dir: Path) -> None:
+    """The paper's table layout for one run: A and F (both definitions) per direction and R@K."""
+    import json
+
+    from stella_cli.evaluate import summary_table
+
+    path = run_dir / "results" / "summary.json"
+    if not path.is_file():
+        return
+    rows = summary_table(json.loads(path.read_text()))
+    table = Table(title=f"zero-shot retrieval, {run_dir}")
+    for name in rows[0]:
+        table.add_column(name, justify="right")
+    for row in rows[1:]:
+        table.add_row(*row)
+    console.print(table)
+    console.print(f"results in {run_dir / 'results'} (retrieval.json, summary.md, summary.csv)")
+
+
 def print_prep_summary(summary: dict) -> None:
     """summary = {'out', 'splits': {split: {task: clips}}, 'skipped': {split: n}, 'seconds', 'bytes'}."""
     table = Table(title=f"prepared {summary['out']}")
@@ -80,3 +129,10 @@ def print_prep_summary(summary: dict) -> None:
     table.add_row("skipped", *[str(summary["skipped"].get(s, 0)) for s in splits])
     console.print(table)
     console.print(f"{summary['seconds']:.1f} s, {summary['bytes'] / 2**20:.1f} MiB on disk")
+    for split, clips in summary.get("skipped_clips", {}).items():
+        for item in clips[:5]:
+            console.print(f"[yellow]skipped[/yellow] {split} {escape(item['clip_id'])}: {escape(item['reason'])}")
+        if len(clips) > 5:
+            console.print(f"  ... and {len(clips) - 5} more {split} clips")
+    if summary.get("report"):
+        console.print(f"every skipped clip and its reason: {summary['report']}")

@@ -135,10 +135,16 @@ def summary_table(summary: dict[str, Any]) -> list[list[str]]:
     for metric in [k for k in summary[DIRECTIONS[0]]]:
         row = [metric]
         for d in DIRECTIONS:
-            row += ["-" if summary[d][metric][m] is None else f"{summary[d][metric][m]:.2f}"
-                    for m in ("A", "F", "F_as_coded")]
+            row += [_fmt(summary[d][metric][m]) for m in ("A", "F", "F_as_coded")]
         rows.append(row)
     return rows
+
+
+def _fmt(value: float | None) -> str:
+    if value is None:
+        return "-"
+    text = f"{value:.2f}"
+    return "0.00" if text == "-0.00" else text
 
 
 def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int]) -> dict:

@@ -1,0 +1,419 @@
+"""`stella train`: continual pre-training over a task sequence (stella_spec §5), with per-task retrieval.
+
+run() -> train_task() -> train_step(), top to bottom. One optimiser (Adam, constant LR) for the whole stream;
+the method's state (AVM, replay buffer, generators) carries across tasks. A checkpoint is one flat dict written
+atomically; a run directory is never overwritten without --resume; SIGINT/SIGTERM save a checkpoint at the next
+step boundary, so a resumed run continues the same stream and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from torch.nn.parallel import DistributedDataParallel
+
+from stella_cli import evaluate
+from stella_cli.cache import read_meta
+from stella_cli.config import (OptimConfig, Recipe, per_rank_batch, per_rank_memory, recipe_from_dict,
+                               recipe_to_dict, recipe_to_yaml)
+from stella_cli.data import AVDataset, build_loader, check_prepared
+from stella_cli.methods import METHODS, Method
+from stella_cli.model import CAVMAE, load_authors_checkpoint
+
+console = Console()
+
+
+class TrainingInterrupted(RuntimeError):
+    """Raised after a checkpoint has been saved because a stop was requested (signal or stop_after)."""
+
+
+# ----------------------------------------------------------------------------------------------------------
+# distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
+
+
+def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
+    """(rank, world_size, device); initialises the process group when launched by torchrun."""
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    return rank, world, device
+
+
+def is_main() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def log(message: str) -> None:
+    if is_main():
+        console.print(message)
+
+
+def unwrap(module: torch.nn.Module) -> Method:
+    return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# optimiser and precision
+
+
+def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """Adam, L2-style weight decay on weights with ndim > 1 except the pos/modality/mask tokens (spec §1.2)."""
+    skip = {f"backbone.{n}" for n in method.backbone.no_weight_decay()}
+    decay, no_decay = [], []
+    for name, param in method.named_parameters():
+        if param.requires_grad:
+            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
+def amp_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype | None:
+    """None = fp32. 'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU."""
+    if device.type != "cuda" or cfg.amp == "none":
+        return None
+    if cfg.amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# run directory and checkpoints
+
+
+def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
+    run_dir = Path(recipe.output.dir)
+    latest = run_dir / "checkpoints" / "latest.pt"
+    if resume:
+        if not latest.is_file():
+            raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
+        return run_dir
+    if run_dir.exists() and any(run_dir.iterdir()):
+        raise FileExistsError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
+                              f"output.dir (e.g. --set output.dir={run_dir}_2)")
+    if is_main():
+        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
+        (run_dir / "results").mkdir(exist_ok=True)
+        (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
+    return run_dir
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Temp file + rename: a crash never leaves a half-written checkpoint."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+@dataclass
+class Position:
+    """Where the stream is: the next batch to run. Saved in every checkpoint."""
+
+    task: int = 0
+    epoch: int = 0
+    batch: int = 0
+    step: int = 0  # optimiser steps so far
+    history: list[dict[str, Any]] = field(default_factory=list)  # retrieval rows (accuracy matrix)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the loop
+
+
+@dataclass
+class Trainer:
+    recipe: Recipe
+    run_dir: Path
+    method: torch.nn.Module  # the Method, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    rank: int
+    world: int
+    amp: torch.dtype | None
+    schedule: list[tuple[str, list[str]]]  # (name, tasks whose train clips it uses)
+    all_tasks: list[str]
+    pos: Position
+    quiet: bool = False
+    stop_after: int | None = None
+    stop_requested: bool = False
+    last_good: Path | None = None
+
+    # -- checkpoints ----------------------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        method = unwrap(self.method)
+        extra = method.extra_state()
+        if self.world > 1:  # every rank's buffer and generators go into rank 0's file (spec §9.3 B22)
+            gathered: list[Any] = [None] * self.world
+            dist.all_gather_object(gathered, extra)
+            extra = {"per_rank": gathered}
+        return {
+            "model": method.backbone.state_dict(),
+            "method": {k: v for k, v in method.state_dict().items() if not k.startswith("backbone.")},
+            "method_extra": extra,
+            "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "position": self.pos.__dict__,
+            "world_size": self.world,
+            "recipe": recipe_to_dict(self.recipe),
+        }
+
+    def save(self, *names: str) -> None:
+        state = self.state()
+        if is_main():
+            for name in names:
+                save_checkpoint(self.run_dir / "checkpoints" / name, state)
+            self.last_good = self.run_dir / "checkpoints" / names[0]
+        barrier()
+
+    def load(self, path: Path) -> None:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+        method = unwrap(self.method)
+        method.backbone.load_state_dict(state["model"])
+        method.load_state_dict({**state["method"], **{f"backbone.{k}": v for k, v in state["model"].items()}})
+        extra = state["method_extra"]
+        if "per_rank" in extra:
+            if state["world_size"] != self.world:
+                raise ValueError(f"{path}: saved with {state['world_size']} ranks, resuming with {self.world}; "
+                                 "resume with the same number of processes")
+            extra = extra["per_rank"][self.rank]
+        elif self.world > 1:
+            raise ValueError(f"{path}: saved by a single process, resuming with {self.world}")
+        method.load_extra_state(extra)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.pos = Position(**state["position"])
+        self.last_good = path
+
+    # -- training -------------------------------------------------------------------------------------------
+    def run(self) -> None:
+        while self.pos.task < len(self.schedule):
+            name, tasks = self.schedule[self.pos.task]
+            unwrap(self.method).begin_task(name)
+            self.train_task(name, tasks)
+            unwrap(self.method).end_task(name)
+            self.evaluate(name)
+            self.pos = Position(task=self.pos.task + 1, step=self.pos.step, history=self.pos.history)
+            self.save("latest.pt", f"task{self.pos.task:02d}_{name}.pt")
+
+    def train_task(self, name: str, tasks: list[str]) -> None:
+        r = self.recipe
+        dataset = AVDataset(r.data, "train", tasks=tasks, train=True, seed=r.train.seed)
+        batch = per_rank_batch(r.train, self.world)
+        steps_per_epoch = len(dataset) // r.train.batch_size
+        if steps_per_epoch == 0:
+            raise ValueError(f"task {name!r}: {len(dataset)} training clips, fewer than train.batch_size="
+                             f"{r.train.batch_size}")
+        with self.progress(name, r.train.epochs * steps_per_epoch) as (bar, job):
+            bar.update(job, completed=self.pos.epoch * steps_per_epoch + self.pos.batch)
+            while self.pos.epoch < r.train.epochs:
+                epoch_key = self.pos.task * 10_000 + self.pos.epoch  # unique per (task, epoch) for shuffling/augment
+                dataset.set_epoch(epoch_key)
+                loader = build_loader(dataset, batch, shuffle=True, seed=r.train.seed, epoch=epoch_key,
+                                      drop_last=True, num_workers=r.data.num_workers, rank=self.rank,
+                                      world_size=self.world, start_batch=self.pos.batch)
+                tic, clips = time.perf_counter(), 0
+                for batch_data in loader:
+                    losses = self.train_step(batch_data)
+                    self.pos.batch += 1
+                    self.pos.step += 1
+                    clips += batch_data["video"].shape[0] * self.world
+                    rate = clips / (time.perf_counter() - tic)
+                    total = sum(losses.values())
+                    bar.update(job, advance=1, description=f"{name} ep {self.pos.epoch + 1}/{r.train.epochs} "
+                                                           f"loss {total:.3f} {rate:.1f} clips/s")
+                    if self.pos.step % r.train.log_every == 0:
+                        self.log_metrics({"task": name, "epoch": self.pos.epoch, **losses, "loss": total,
+                                          "clips_per_s": rate, "lr": self.optimizer.param_groups[0]["lr"]})
+                    if r.train.checkpoint_every and self.pos.step % r.train.checkpoint_every == 0:
+                        self.save("latest.pt")
+                    self.maybe_stop()
+                self.pos.epoch += 1
+                self.pos.batch = 0
+
+    def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
+        """One optimiser step; micro-batches accumulate gradients when optim.micro_batch_size is set."""
+        method, opt = self.method, self.optimizer
+        size = batch["video"].shape[0]
+        micro = self.recipe.optim.micro_batch_size or size
+        chunks = [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, size, micro)]
+        opt.zero_grad(set_to_none=True)
+        logged: dict[str, float] = {}
+        for i, chunk in enumerate(chunks):
+            chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
+            sync = i == len(chunks) - 1 or not isinstance(method, DistributedDataParallel)
+            ctx = method.no_sync() if not sync else _nullcontext()
+            with ctx:
+                with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
+                    losses = method(chunk)
+                total = sum(losses.values()) / len(chunks)
+                self.check_finite(losses)
+                self.scaler.scale(total).backward()
+            for k, v in losses.items():
+                logged[k] = logged.get(k, 0.0) + v.item() / len(chunks)
+        self.scaler.step(opt)
+        self.scaler.update()
+        return logged
+
+    def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
+        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
+        flag = torch.tensor([float(bool(bad))])
+        if self.world > 1:
+            dist.all_reduce(flag)
+        if flag.item() > 0:
+            name, _ = self.schedule[self.pos.task]
+            values = ", ".join(f"{k}={losses[k].item():.4g}" for k in losses)
+            kept = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
+            raise FloatingPointError(f"non-finite loss at task {name!r}, epoch {self.pos.epoch}, step "
+                                     f"{self.pos.step + 1} ({values}); stopping, {kept}")
+
+    def maybe_stop(self) -> None:
+        flag = torch.tensor([float(self.stop_requested or self.pos.step == self.stop_after)])
+        if self.world > 1:
+            dist.all_reduce(flag)
+        if flag.item() > 0:
+            self.save("latest.pt")
+            raise TrainingInterrupted(f"stopped at step {self.pos.step} (task {self.pos.task + 1}/"
+                                      f"{len(self.schedule)}, epoch {self.pos.epoch + 1}); checkpoint saved, continue "
+                                      f"with `stella train ... --resume`")
+
+    # -- evaluation and logging -----------------------------------------------------------------------------
+    def evaluate(self, name: str) -> None:
+        r = self.recipe
+        if r.eval.retrieval and is_main():
+            gallery = AVDataset(r.data, "retrieval", tasks=self.all_tasks, train=False, seed=r.train.seed)
+            loader = build_loader(gallery, r.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
+                                  num_workers=r.data.num_workers)
+            z_a, z_v, task = evaluate.embed_gallery(unwrap(self.method).backbone, loader, self.device, self.amp)
+            gallery_tasks = read_meta(Path(r.data.root))["tasks"]
+            scores = evaluate.retrieval_scores(z_a, z_v, task, gallery_tasks, r.eval.recall_at)
+            self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
+            eval_tasks = self.all_tasks
+            summary = evaluate.write_results(self.run_dir / "results", self.pos.history, eval_tasks, r.eval.recall_at)
+            self.log_metrics({"event": "retrieval", "after_task": name, "scores": scores})
+            if not self.quiet:
+                a2v, v2a = scores["a2v"]["all"], scores["v2a"]["all"]
+                log(f"[bold]after {name}[/bold]: A->V R@1/5/10 {a2v['R@1']:.1f}/{a2v['R@5']:.1f}/{a2v['R@10']:.1f}"
+                    f"  V->A {v2a['R@1']:.1f}/{v2a['R@5']:.1f}/{v2a['R@10']:.1f}"
+                    f"  (avg A so far: {summary['a2v']['avg']['A']:.2f} / {summary['v2a']['avg']['A']:.2f})")
+        if self.world > 1:  # every rank keeps the same history, so any rank's checkpoint state agrees
+            holder = [self.pos.history]
+            dist.broadcast_object_list(holder, src=0)
+            self.pos.history = holder[0]
+
+    def log_metrics(self, record: dict[str, Any]) -> None:
+        if is_main():
+            with open(self.run_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps({"step": self.pos.step, "time": time.time(), **record}) + "\n")
+
+    def progress(self, name: str, total: int):
+        return _TaskProgress(name, total, enabled=is_main() and not self.quiet)
+
+
+class _TaskProgress:
+    """rich progress bar for one task on rank 0, or a no-op."""
+
+    def __init__(self, name: str, total: int, enabled: bool):
+        self.total, self.enabled, self.name = total, enabled, name
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                            console=console, disable=not enabled)
+
+    def __enter__(self):
+        self.bar.__enter__()
+        return self.bar, self.bar.add_task(self.name, total=self.total)
+
+    def __exit__(self, *exc):
+        return self.bar.__exit__(*exc)
+
+
+class _nullcontext:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *exc):
+        return False
+
+
+# ----------------------------------------------------------------------------------------------------------
+# entry point
+
+
+def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) -> Method:
+    d = recipe.data
+    torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
+    backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
+    if recipe.model.checkpoint:
+        load_authors_checkpoint(backbone, recipe.model.checkpoint)
+    method = METHODS[recipe.method.name](
+        backbone, recipe.method, avm_cfg=recipe.model.avm, batch_size=per_rank_batch(recipe.train, world),
+        memory_per_rank=per_rank_memory(recipe.method, world), seed=recipe.train.seed, rank=rank, device=device)
+    return method.to(device)
+
+
+def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> Path:
+    """Train the recipe's task stream; returns the run directory. Raises TrainingInterrupted after a saved stop."""
+    rank, world, device = setup_distributed(recipe.train.device)
+    if resume:  # the saved recipe is the run's recipe
+        saved = Path(recipe.output.dir) / "config.yaml"
+        if saved.is_file():
+            import yaml
+
+            recipe = recipe_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
+    check_prepared(recipe.data)
+    meta = read_meta(Path(recipe.data.root))
+    tasks = recipe.data.tasks or meta["tasks"]
+    unknown = [t for t in tasks if t not in meta["tasks"]]
+    if unknown:
+        raise ValueError(f"data.tasks: {unknown} not in {recipe.data.root}/meta.json tasks {meta['tasks']}")
+    run_dir = prepare_run_dir(recipe, resume)
+    barrier()
+    method = build_method(recipe, rank, world, device)
+    optimizer = build_optimizer(method, recipe.optim)
+    amp = amp_dtype(recipe.optim, device)
+    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    wrapped = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None) \
+        if world > 1 else method
+    schedule = [("all", tasks)] if recipe.method.name == "multitask" else [(t, [t]) for t in tasks]
+    trainer = Trainer(recipe, run_dir, wrapped, optimizer, scaler, device, rank, world, amp, schedule, tasks,
+                      Position(), quiet=quiet, stop_after=stop_after)
+    if resume:
+        trainer.load(run_dir / "checkpoints" / "latest.pt")
+        truncate_metrics(run_dir / "metrics.jsonl", trainer.pos.step)
+        log(f"resumed {run_dir} at step {trainer.pos.step} (task {trainer.pos.task + 1}/{len(schedule)}, "
+            f"epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch})")
+    previous = {s: signal.signal(s, lambda *_: setattr(trainer, "stop_requested", True))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        trainer.run()
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return run_dir
+
+
+def truncate_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after the checkpoint we resume from (a hard kill can leave some)."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
+    path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,199 @@
+"""The continual loop (train.py): end-to-end runs, run directories, resume equality, signals, NaN, DDP."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stella_cli.config import load_recipe
+from stella_cli.synth import SynthConfig, prepare_synthetic
+from stella_cli.train import TrainingInterrupted, run
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["task1", "task2"]
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """4 classes in 2 tasks, 8 train clips per class: 4 steps per epoch at batch 4."""
+    out = tmp_path_factory.mktemp("synth")
+    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
+                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
+                                         retrieval_per_class=3))
+    return out
+
+
+def tiny_recipe(tmp_path: Path, data_root: Path, name: str = "run", *overrides: str):
+    """recipes/synthetic.yaml at the tiny preset: 2 tasks x 1 epoch x 4 steps."""
+    base = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
+            "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / name}"]
+    return load_recipe(ROOT / "recipes" / "synthetic.yaml", base + list(overrides))
+
+
+def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    return {**{f"model.{k}": v for k, v in state["model"].items()},
+            **{f"method.{k}": v for k, v in state["method"].items()}}
+
+
+def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    different = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def retrieval_rows(run_dir: Path) -> list[dict]:
+    return json.loads((run_dir / "results" / "retrieval.json").read_text())["rows"]
+
+
+@pytest.fixture(scope="module")
+def stella_run(tmp_path_factory, data_root) -> Path:
+    tmp = tmp_path_factory.mktemp("stella")
+    return run(tiny_recipe(tmp, data_root), quiet=True)
+
+
+def test_stella_run_writes_results_checkpoints_and_metrics(stella_run):
+    rows = retrieval_rows(stella_run)
+    assert [r["after_task"] for r in rows] == TASKS  # one accuracy-matrix row per task
+    for row in rows:
+        for direction in ("a2v", "v2a"):
+            assert set(row["scores"][direction]) == {"all", *TASKS}
+            assert 0 <= row["scores"][direction]["all"]["R@1"] <= row["scores"][direction]["all"]["R@10"] <= 100
+    summary = json.loads((stella_run / "results" / "summary.json").read_text())
+    assert summary["a2v"]["avg"]["A"] is not None and summary["a2v"]["R@1"]["F"] is not None
+    assert (stella_run / "results" / "summary.md").is_file() and (stella_run / "results" / "summary.csv").is_file()
+    assert sorted(p.name for p in (stella_run / "checkpoints").iterdir()) == [
+        "latest.pt", "task01_task1.pt", "task02_task2.pt"]
+    steps = [json.loads(line) for line in (stella_run / "metrics.jsonl").read_text().splitlines()]
+    train_steps = [m for m in steps if "loss" in m]
+    assert [m["step"] for m in train_steps] == list(range(1, 9))  # 2 tasks x 4 steps, logged every step
+    assert {"loss_mae_a", "loss_mae_v", "loss_con", "loss_vam"} <= train_steps[0].keys()
+    assert "loss_pen" not in train_steps[0] and "loss_pen" in train_steps[1]  # the buffer is empty at step 1
+    assert all(m["clips_per_s"] > 0 for m in train_steps)
+    saved = load_recipe(stella_run / "config.yaml")  # the resolved recipe is kept beside the results
+    assert saved.method.name == "stella" and saved.model.embed_dim == 64
+
+
+def test_buffer_is_task_free_and_in_the_checkpoint(stella_run):
+    state = torch.load(stella_run / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    buffer = state["method_extra"]["buffer"]
+    assert buffer["capacity"] == 12 and buffer["n_seen"] == 32  # every clip of both tasks offered, never reset
+    assert state["position"]["task"] == 2 and state["position"]["step"] == 8
+
+
+def test_existing_run_directory_is_never_overwritten(stella_run, data_root):
+    recipe = tiny_recipe(stella_run.parent, data_root, stella_run.name)
+    before = (stella_run / "checkpoints" / "latest.pt").stat().st_mtime_ns
+    with pytest.raises(FileExistsError, match="already exists: pass --resume"):
+        run(recipe, quiet=True)
+    assert (stella_run / "checkpoints" / "latest.pt").stat().st_mtime_ns == before
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        run(tiny_recipe(stella_run.parent, data_root, "never_started"), resume=True, quiet=True)
+
+
+@pytest.mark.parametrize("stop_after", [2, 4, 6])  # mid task 1, at the task boundary, mid task 2
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_root, stella_run, stop_after):
+    recipe = tiny_recipe(tmp_path, data_root, "stopped")
+    with pytest.raises(TrainingInterrupted, match=f"stopped at step {stop_after}"):
+        run(recipe, quiet=True, stop_after=stop_after)
+    state = torch.load(tmp_path / "stopped" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["position"]["step"] == stop_after
+    run(recipe, resume=True, quiet=True)
+    assert_same_weights(final_weights(tmp_path / "stopped"), final_weights(stella_run))
+    assert retrieval_rows(tmp_path / "stopped") == retrieval_rows(stella_run)
+    steps = [json.loads(line)["step"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
+             if "loss" in line]
+    assert steps == list(range(1, 9))  # no step logged twice
+
+
+def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, data_root, stella_run):
+    overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
+                 "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / 'run'}"]
+    cmd = [sys.executable, "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"), "--quiet"]
+    cmd += [x for o in overrides for x in ("--set", o)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    metrics = tmp_path / "run" / "metrics.jsonl"
+    deadline = time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "checkpoint saved" in out
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    assert 2 <= state["position"]["step"] < 8
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert_same_weights(final_weights(tmp_path / "run"), final_weights(stella_run))
+
+
+def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data_root, monkeypatch):
+    from stella_cli import methods
+
+    original = methods.Stella.step
+    calls = {"n": 0}
+
+    def step_with_nan(self, batch):
+        calls["n"] += 1
+        losses = original(self, batch)
+        if calls["n"] == 6:  # second step of task 2
+            losses["loss_mae_v"] = losses["loss_mae_v"] * float("nan")
+        return losses
+
+    monkeypatch.setattr(methods.Stella, "step", step_with_nan)
+    recipe = tiny_recipe(tmp_path, data_root)
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at task 'task2', epoch 0, step 6 .*loss_mae_v=nan"
+                                                 r".*the last good checkpoint is .*latest.pt"):
+        run(recipe, quiet=True)
+    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["position"] == {"task": 1, "epoch": 0, "batch": 0, "step": 4, "history": state["position"]["history"]}
+
+
+def test_finetune_and_multitask_and_stella_plus(tmp_path, data_root):
+    finetune = run(tiny_recipe(tmp_path, data_root, "ft", "method.name=finetune"), quiet=True)
+    assert [r["after_task"] for r in retrieval_rows(finetune)] == TASKS
+    state = torch.load(finetune / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["method"] == {} and "buffer" not in state["method_extra"]  # no AVM, no memory
+    multitask = run(tiny_recipe(tmp_path, data_root, "mt", "method.name=multitask"), quiet=True)
+    assert [r["after_task"] for r in retrieval_rows(multitask)] == ["all"]  # one joint run over the union
+    summary = json.loads((multitask / "results" / "summary.json").read_text())
+    assert summary["a2v"]["R@1"]["F"] is None and summary["a2v"]["R@1"]["A"] is not None
+    plus = run(tiny_recipe(tmp_path, data_root, "plus", "method.name=stella+"), quiet=True)
+    buffer = torch.load(plus / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)[
+        "method_extra"]["buffer"]
+    assert {"core_v", "core_a", "order_v", "order_a"} <= set(buffer["fields"]) and "video" not in buffer["fields"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_process_ddp_run_with_torchrun(tmp_path, data_root):
+    """torchrun + gloo on CPU: per-rank buffers (memory // 2), sharded data, rank 0 writes the results."""
+    overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
+                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / 'ddp'}"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+           "--master-port", str(free_port()), "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"),
+           "--quiet"] + [x for o in overrides for x in ("--set", o)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    assert [r["after_task"] for r in retrieval_rows(run_dir)] == TASKS
+    state = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
+    assert state["world_size"] == 2
+    buffers = [extra["buffer"] for extra in state["method_extra"]["per_rank"]]
+    assert [b["capacity"] for b in buffers] == [6, 6]  # memory_size 12 split over 2 ranks
+    assert [b["n_seen"] for b in buffers] == [16, 16]  # each rank saw its half of the 32 training clips
+    assert state["position"]["step"] == 8  # global batch 4 = 2 per rank: 16 clips per task / 4
