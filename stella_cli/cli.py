@@ -78,6 +78,8 @@ def train(
     resume: bool = typer.Option(False, help="Continue the run in output.dir from its latest checkpoint."),
     print_config: bool = typer.Option(False, help="Print the resolved recipe and exit."),
     quiet: bool = typer.Option(False, help="No progress bars, log lines only."),
+    stop_after: Optional[int] = typer.Option(None, help="Stop with a checkpoint after this many optimiser steps "
+                                                        "in total (e.g. a time-limited job); continue with --resume."),
 ) -> None:
     """Continual pre-training over the recipe's task sequence, with retrieval after every task."""
     from stella_cli.config import load_recipe, recipe_to_yaml
@@ -89,11 +91,104 @@ def train(
     from stella_cli.train import TrainingInterrupted, run
 
     try:
-        run_dir = run(resolved, resume=resume, quiet=quiet)
+        run_dir = run(resolved, resume=resume, quiet=quiet, stop_after=stop_after)
     except TrainingInterrupted as stop:
         console.print(f"[yellow]{stop}")
         raise SystemExit(130)
     print_summary(run_dir)
+
+
+@app.command()
+def model(
+    preset: str = typer.Option("base", help="Size preset: base (the paper's) | small | tiny."),
+    recipe: Optional[Path] = typer.Option(None, help="Take the model and input sizes from this recipe instead."),
+) -> None:
+    """Parameter and token counts of a model size (base: the paper's ViT-B two-stream model)."""
+    import dataclasses
+
+    from stella_cli.config import MODEL_PRESETS, CHOICES, ModelConfig, load_recipe
+    from stella_cli.model import model_summary
+
+    if recipe is not None:
+        r = load_recipe(recipe)
+        cfg, d, s = r.model, r.data, r.method.stella
+        sizes = dict(num_frames=d.num_frames, image_size=d.image_size, target_length=d.target_length,
+                     num_mel_bins=d.num_mel_bins, core_video_ratio=s.core_video_ratio,
+                     core_audio_ratio=s.core_audio_ratio)
+    elif preset in MODEL_PRESETS:
+        cfg, sizes = dataclasses.replace(ModelConfig(preset=preset), **MODEL_PRESETS[preset]), {}
+    else:
+        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
+    info = model_summary(cfg, **sizes)
+    table = Table(title=f"model {cfg.preset}: {cfg.embed_dim}-d, {cfg.num_heads} heads, {cfg.modality_depth}+"
+                        f"{cfg.fusion_depth} layers, decoder {cfg.decoder_embed_dim}-d x {cfg.decoder_depth}")
+    table.add_column("parameters")
+    table.add_column("count", justify="right")
+    for name, n in [*info["params"]["parts"].items(), ("backbone", info["params"]["backbone"]),
+                    ("AVM", info["params"]["avm"]), ("total", info["params"]["total"])]:
+        table.add_row(name, f"{n:,}")
+    console.print(table)
+    t = info["tokens"]
+    console.print(f"tokens: video {t['video']}, audio {t['audio']}; visible with 80% masking "
+                  f"{t['visible_video']} / {t['visible_audio']}; STELLA core {t['core_video']} / {t['core_audio']} "
+                  f"(decoder {t['decoder_video']['core']} / {t['decoder_audio']['core']} instead of "
+                  f"{t['decoder_video']['random']} / {t['decoder_audio']['random']})")
+
+
+convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into the two-stream layout.")
+app.add_typer(convert_app, name="convert")
+
+
+@convert_app.command("mae")
+def convert_mae_command(
+    checkpoint: Path = typer.Argument(..., help="ImageNet MAE ViT checkpoint (e.g. mae_pretrain_vit_base_full.pth)."),
+    out: Path = typer.Argument(..., help="Output state dict with the authors' CAV key names."),
+    modality_depth: int = typer.Option(10, help="MAE blocks copied into both modality streams; the rest fuse."),
+    faithful_zeros: bool = typer.Option(True, help="Leave the tensors the authors' script never assigns at zero."),
+) -> None:
+    """Map an ImageNet MAE ViT checkpoint into the two-stream model, as tools/adapt_imae_weights_to_vamae.py."""
+    from stella_cli.model import convert_mae
+
+    report = convert_mae(checkpoint, out, modality_depth=modality_depth, faithful_zeros=faithful_zeros)
+    console.print(f"wrote {report['out']}: {report['mapped']} tensors mapped, {len(report['zeros'])} left at "
+                  f"zero, {len(report['ignored'])} MAE tensors ignored")
+
+
+@app.command()
+def buffer(
+    run_dir: Path = typer.Argument(..., help="Run directory (output.dir of a `stella train` run)."),
+    checkpoint: str = typer.Option("latest.pt", help="Checkpoint file name under RUN/checkpoints."),
+) -> None:
+    """Inspect the replay buffer of a run: fill, stored fields and bytes, clips per task, pruning probabilities."""
+    import torch
+
+    from stella_cli.config import load_recipe
+    from stella_cli.replay import summarize_buffer
+
+    path = run_dir / "checkpoints" / checkpoint
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: no such checkpoint")
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if "buffer" not in state["method_extra"]:
+        raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
+    from stella_cli.cache import read_meta
+
+    tasks = read_meta(Path(load_recipe(run_dir / "config.yaml").data.root))["tasks"]
+    info = summarize_buffer(state["method_extra"]["buffer"], tasks)
+    console.print(f"{path}: {info['filled']} / {info['capacity']} slots filled, {info['n_seen']} clips offered "
+                  f"({len(info['ranks'])} rank(s)), {info['bytes'] / 2**20:.1f} MiB "
+                  f"({info['bytes_per_clip'] / 1e6:.3f} MB per clip)")
+    table = Table(title="stored per clip")
+    for column in ("field", "shape", "dtype", "bytes"):
+        table.add_column(column)
+    for name, f in info["fields"].items():
+        table.add_row(name, "x".join(map(str, f["shape"])) or "()", f["dtype"], f"{f['bytes_per_clip']:,}")
+    console.print(table)
+    if "clips_per_task" in info:
+        console.print("clips per task: " + ", ".join(f"{t} {n}" for t, n in info["clips_per_task"].items()))
+    for name in ("mean_p_v", "mean_p_a"):
+        if name in info:
+            console.print(f"{name} (pruning probability of the candidate patches): {info[name]:.3f}")
 
 
 def print_summary(run_dir: Path) -> None:

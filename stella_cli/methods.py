@@ -105,7 +105,7 @@ class Stella(Method):
             losses["loss_pen"] = self.cfg.alpha * (F.mse_loss(out["z_a"][B:], replay["z_a"])
                                                    + F.mse_loss(out["z_v"][B:], replay["z_v"]))
         # Step I (spec §3.9): offer every current clip to the reservoir
-        self.buffer.add(generator=self.generators["replay"], **self.memory_fields(audio, video, scores, core, out))
+        self.buffer.add(generator=self.generators["replay"], **self.memory_fields(batch, scores, core, out))
         return losses
 
     def score(self, audio: Tensor, video: Tensor) -> dict[str, Any]:
@@ -150,13 +150,16 @@ class Stella(Method):
                     audio=gather_patches(audio_patches(audio, p), order_a, self.K_A),  # (2B, K_A, 1, p, p)
                     order_v=order_v, order_a=order_a, p_v=p_v, p_a=p_a)
 
-    def memory_fields(self, audio: Tensor, video: Tensor, sc: dict[str, Any], core: dict[str, Tensor],
+    def memory_fields(self, batch: dict[str, Tensor], sc: dict[str, Any], core: dict[str, Tensor],
                       out: dict[str, Tensor]) -> dict[str, Tensor]:
-        """spec §3.9: the augmented full clips, DER targets, prototypes, p and I of this iteration."""
-        B = video.shape[0]
-        return dict(video=video, audio=audio, z_a=out["z_a"][:B].detach(), z_v=out["z_v"][:B].detach(),
-                    q_bar_v=sc["q_bar_v"], q_bar_a=sc["q_bar_a"], p_v=core["p_v"], p_a=core["p_a"],
-                    I_v=sc["I_v"], I_a=sc["I_a"])
+        """spec §3.9: the augmented full clips, DER targets, prototypes, p and I of this iteration.
+
+        task / label / index are kept for `stella buffer` only; training never reads them (task-free).
+        """
+        B = batch["video"].shape[0]
+        return dict(video=batch["video"], audio=batch["audio"], z_a=out["z_a"][:B].detach(),
+                    z_v=out["z_v"][:B].detach(), q_bar_v=sc["q_bar_v"], q_bar_a=sc["q_bar_a"], p_v=core["p_v"],
+                    p_a=core["p_a"], I_v=sc["I_v"], I_a=sc["I_a"], **clip_ids(batch))
 
     def sample_replay(self, device: torch.device) -> dict[str, Tensor]:
         replay = self.buffer.sample(self.replay_batch, self.generators["replay"])
@@ -190,13 +193,18 @@ class StellaPlus(Stella):
                     order_v=torch.cat([plus.order_v, replay["order_v"]]),
                     order_a=torch.cat([plus.order_a, replay["order_a"]]), p_v=plus.p_v, p_a=plus.p_a)
 
-    def memory_fields(self, audio: Tensor, video: Tensor, sc: dict[str, Any], core: dict[str, Tensor],
+    def memory_fields(self, batch: dict[str, Tensor], sc: dict[str, Any], core: dict[str, Tensor],
                       out: dict[str, Tensor]) -> dict[str, Tensor]:
         """Only the current clips' core patches, orderings, DER targets and prototypes; no full clips, I or p."""
-        B = video.shape[0]
+        B = batch["video"].shape[0]
         return dict(core_v=core["video"][:B], core_a=core["audio"][:B], order_v=core["order_v"][:B],
                     order_a=core["order_a"][:B], z_a=out["z_a"][:B].detach(), z_v=out["z_v"][:B].detach(),
-                    q_bar_v=sc["q_bar_v"], q_bar_a=sc["q_bar_a"])
+                    q_bar_v=sc["q_bar_v"], q_bar_a=sc["q_bar_a"], **clip_ids(batch))
+
+
+def clip_ids(batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Which clip a memory slot holds (task, label, dataset index): bookkeeping for `stella buffer`."""
+    return {k: batch[k].reshape(-1).long() for k in ("task", "label", "index")}
 
 
 METHODS: dict[str, type[Method]] = {

@@ -235,3 +235,35 @@ def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, 
 def bytes_per_clip(fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """Stored bytes of one slot for a field spec (no allocation)."""
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# inspection (`stella buffer`)
+
+
+def summarize_buffer(state: dict, task_names: list[str] | None = None) -> dict:
+    """What a saved buffer holds: fill, stored fields and bytes, clips per task, mean pruning probabilities.
+
+    state: `ReservoirBuffer.state_dict()` or a merged one (`merge_state_dicts`).  Task counts need the `task`
+    field (stored by STELLA / STELLA+ for inspection only).
+    """
+    fields = state["fields"]
+    filled = next(iter(fields.values())).shape[0] if fields else 0
+    summary = {
+        "capacity": state["capacity"], "n_seen": state["n_seen"], "filled": filled,
+        "ranks": state.get("ranks", [{"capacity": state["capacity"], "n_seen": state["n_seen"]}]),
+        "fields": {name: {"shape": list(x.shape[1:]), "dtype": str(x.dtype).removeprefix("torch."),
+                          "bytes_per_clip": x[0].numel() * x.element_size() if filled else 0}
+                   for name, x in fields.items()},
+    }
+    summary["bytes_per_clip"] = sum(f["bytes_per_clip"] for f in summary["fields"].values())
+    summary["bytes"] = summary["bytes_per_clip"] * filled
+    if "task" in fields and filled:
+        counts = torch.bincount(fields["task"].long(), minlength=len(task_names or []))
+        names = task_names or [str(i) for i in range(len(counts))]
+        summary["clips_per_task"] = {names[i]: int(c) for i, c in enumerate(counts.tolist())}
+    for name in ("p_v", "p_a"):  # mean pruning probability over the candidate (non-zero) patches
+        if name in fields and filled:
+            p = fields[name].float()
+            summary[f"mean_{name}"] = float(p[p > 0].mean()) if (p > 0).any() else 0.0
+    return summary

@@ -29,6 +29,7 @@ from stella_cli.config import (OptimConfig, Recipe, per_rank_batch, per_rank_mem
 from stella_cli.data import AVDataset, build_loader, check_prepared
 from stella_cli.methods import METHODS, Method
 from stella_cli.model import CAVMAE, load_authors_checkpoint
+from stella_cli.replay import merge_state_dicts, split_state_dict
 
 console = Console()
 
@@ -163,10 +164,12 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         method = unwrap(self.method)
         extra = method.extra_state()
-        if self.world > 1:  # every rank's buffer and generators go into rank 0's file (spec §9.3 B22)
+        if self.world > 1:  # every rank's generators, and one merged buffer (spec §9.3 B22), in rank 0's file
             gathered: list[Any] = [None] * self.world
             dist.all_gather_object(gathered, extra)
-            extra = {"per_rank": gathered}
+            extra = {"per_rank": [{k: v for k, v in e.items() if k != "buffer"} for e in gathered]}
+            if "buffer" in gathered[0]:
+                extra["buffer"] = merge_state_dicts([e["buffer"] for e in gathered])
         return {
             "model": method.backbone.state_dict(),
             "method": {k: v for k, v in method.state_dict().items() if not k.startswith("backbone.")},
@@ -192,13 +195,14 @@ class Trainer:
         method.backbone.load_state_dict(state["model"])
         method.load_state_dict({**state["method"], **{f"backbone.{k}": v for k, v in state["model"].items()}})
         extra = state["method_extra"]
-        if "per_rank" in extra:
-            if state["world_size"] != self.world:
-                raise ValueError(f"{path}: saved with {state['world_size']} ranks, resuming with {self.world}; "
-                                 "resume with the same number of processes")
-            extra = extra["per_rank"][self.rank]
-        elif self.world > 1:
-            raise ValueError(f"{path}: saved by a single process, resuming with {self.world}")
+        if state["world_size"] != self.world:  # the generators are per rank
+            raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {self.world}; "
+                             "resume with the same number of processes")
+        if self.world > 1:
+            rank_extra = dict(extra["per_rank"][self.rank])
+            if "buffer" in extra:
+                rank_extra["buffer"] = split_state_dict(extra["buffer"], self.world)[self.rank]
+            extra = rank_extra
         method.load_extra_state(extra)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])

@@ -179,21 +179,35 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_process_ddp_run_with_torchrun(tmp_path, data_root):
-    """torchrun + gloo on CPU: per-rank buffers (memory // 2), sharded data, rank 0 writes the results."""
+def torchrun(tmp_path: Path, data_root: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / 'ddp'}"]
+                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / name}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"),
-           "--quiet"] + [x for o in overrides for x in ("--set", o)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+           "--quiet", *extra] + [x for o in overrides for x in ("--set", o)]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_two_process_ddp_run_with_torchrun_and_its_resume(tmp_path, data_root):
+    """torchrun + gloo on CPU: per-rank buffers (memory // 2), sharded data, rank 0 writes the results; a run
+    stopped mid-task and resumed with 2 processes ends with the same weights."""
+    done = torchrun(tmp_path, data_root, "ddp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     run_dir = tmp_path / "ddp"
     assert [r["after_task"] for r in retrieval_rows(run_dir)] == TASKS
     state = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["world_size"] == 2
-    buffers = [extra["buffer"] for extra in state["method_extra"]["per_rank"]]
-    assert [b["capacity"] for b in buffers] == [6, 6]  # memory_size 12 split over 2 ranks
-    assert [b["n_seen"] for b in buffers] == [16, 16]  # each rank saw its half of the 32 training clips
+    ranks = state["method_extra"]["buffer"]["ranks"]  # one merged buffer, split again on resume
+    assert [r["capacity"] for r in ranks] == [6, 6]  # memory_size 12 split over 2 ranks
+    assert [r["n_seen"] for r in ranks] == [16, 16]  # each rank saw its half of the 32 training clips
+    assert len(state["method_extra"]["per_rank"]) == 2  # each rank's generator states
     assert state["position"]["step"] == 8  # global batch 4 = 2 per rank: 16 clips per task / 4
+
+    stopped = torchrun(tmp_path, data_root, "ddp_stopped", "--stop-after", "3")
+    assert stopped.returncode != 0 and "exitcode  : 130" in stopped.stderr  # torchrun reports the child's 130
+    stop_state = torch.load(tmp_path / "ddp_stopped" / "checkpoints" / "latest.pt", map_location="cpu",
+                            weights_only=False)
+    assert stop_state["position"]["step"] == 3 and stop_state["position"]["task"] == 0
+    resumed = torchrun(tmp_path, data_root, "ddp_stopped", "--resume")
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert_same_weights(final_weights(tmp_path / "ddp_stopped"), final_weights(run_dir))
