@@ -204,7 +204,9 @@ def test_two_process_ddp_run_with_torchrun_and_its_resume(tmp_path, data_root):
     assert state["position"]["step"] == 8  # global batch 4 = 2 per rank: 16 clips per task / 4
 
     stopped = torchrun(tmp_path, data_root, "ddp_stopped", "--stop-after", "3")
-    assert stopped.returncode != 0 and "exitcode  : 130" in stopped.stderr  # torchrun reports the child's 130
+    # torchrun exits 1 once a child exits 130 (a saved stop); which child it names first is a race, so the test
+    # checks the checkpoint, which every rank waits for (a barrier) before exiting
+    assert stopped.returncode != 0, stopped.stderr[-4000:]
     stop_state = torch.load(tmp_path / "ddp_stopped" / "checkpoints" / "latest.pt", map_location="cpu",
                             weights_only=False)
     assert stop_state["position"]["step"] == 3 and stop_state["position"]["task"] == 0
