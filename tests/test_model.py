@@ -19,15 +19,6 @@ SIZES = dict(num_frames=2, image_size=64, target_length=128, num_mel_bins=64)
 LOSSES = ("loss_mae_a", "loss_mae_v", "loss_con")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny tensors: intra-op threads only add sync overhead (10x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def preset(name: str, **overrides) -> ModelConfig:
     return dataclasses.replace(ModelConfig(preset=name), **{**MODEL_PRESETS[name], **overrides})
 

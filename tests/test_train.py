@@ -120,7 +120,8 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, da
                  "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / 'run'}"]
     cmd = [sys.executable, "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"), "--quiet"]
     cmd += [x for o in overrides for x in ("--set", o)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the in-process reference run
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     metrics = tmp_path / "run" / "metrics.jsonl"
     deadline = time.time() + 120
     while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
@@ -131,7 +132,7 @@ def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, da
     assert "checkpoint saved" in out
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert 2 <= state["position"]["step"] < 8
-    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert_same_weights(final_weights(tmp_path / "run"), final_weights(stella_run))
 
