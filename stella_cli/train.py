@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from stella_cli import evaluate
 from stella_cli.cache import read_meta
-from stella_cli.config import (OptimConfig, Recipe, per_rank_batch, per_rank_memory, recipe_from_dict,
+from stella_cli.config import (OptimConfig, Recipe, load_recipe, per_rank_batch, per_rank_memory,
                                recipe_to_dict, recipe_to_yaml)
 from stella_cli.data import AVDataset, build_loader, check_prepared
 from stella_cli.methods import METHODS, Method
@@ -183,17 +185,26 @@ class Trainer:
         }
 
     def save(self, *names: str) -> None:
+        """Write the state once under the first name; further names are hard links to it (copies if the file
+        system has none), each put in place atomically."""
         state = self.state()
         if is_main():
-            for name in names:
-                save_checkpoint(self.run_dir / "checkpoints" / name, state)
-            self.last_good = self.run_dir / "checkpoints" / names[0]
+            first = self.run_dir / "checkpoints" / names[0]
+            save_checkpoint(first, state)
+            for name in names[1:]:
+                tmp = first.with_name(name + ".tmp")
+                tmp.unlink(missing_ok=True)
+                try:
+                    os.link(first, tmp)
+                except OSError:
+                    shutil.copyfile(first, tmp)
+                os.replace(tmp, first.with_name(name))
+            self.last_good = first
         barrier()
 
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
         method = unwrap(self.method)
-        method.backbone.load_state_dict(state["model"])
         method.load_state_dict({**state["method"], **{f"backbone.{k}": v for k, v in state["model"].items()}})
         extra = state["method_extra"]
         if state["world_size"] != self.world:  # the generators are per rank
@@ -219,7 +230,7 @@ class Trainer:
             unwrap(self.method).end_task(name)
             self.evaluate(name)
             self.pos = Position(task=self.pos.task + 1, step=self.pos.step, history=self.pos.history)
-            self.save("latest.pt", f"task{self.pos.task:02d}_{name}.pt")
+            self.save(f"task{self.pos.task:02d}_{name}.pt", "latest.pt")
 
     def train_task(self, name: str, tasks: list[str]) -> None:
         r = self.recipe
@@ -267,8 +278,7 @@ class Trainer:
         for i, chunk in enumerate(chunks):
             chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
             sync = i == len(chunks) - 1 or not isinstance(method, DistributedDataParallel)
-            ctx = method.no_sync() if not sync else _nullcontext()
-            with ctx:
+            with nullcontext() if sync else method.no_sync():
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     losses = method(chunk)
                 total = sum(losses.values()) / len(chunks)
@@ -313,8 +323,8 @@ class Trainer:
             gallery_tasks = read_meta(Path(r.data.root))["tasks"]
             scores = evaluate.retrieval_scores(z_a, z_v, task, gallery_tasks, r.eval.recall_at)
             self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
-            eval_tasks = self.all_tasks
-            summary = evaluate.write_results(self.run_dir / "results", self.pos.history, eval_tasks, r.eval.recall_at)
+            summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
+                                             r.eval.recall_at)
             self.log_metrics({"event": "retrieval", "after_task": name, "scores": scores})
             if not self.quiet:
                 a2v, v2a = scores["a2v"]["all"], scores["v2a"]["all"]
@@ -351,14 +361,6 @@ class _TaskProgress:
         return self.bar.__exit__(*exc)
 
 
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 # ----------------------------------------------------------------------------------------------------------
 # entry point
 
@@ -381,9 +383,11 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     if resume:  # the saved recipe is the run's recipe
         saved = Path(recipe.output.dir) / "config.yaml"
         if saved.is_file():
-            import yaml
-
-            recipe = recipe_from_dict(yaml.safe_load(saved.read_text()), source=str(saved))
+            run_recipe = load_recipe(saved)
+            ignored = changed_keys(recipe_to_dict(run_recipe), recipe_to_dict(recipe))
+            if ignored:
+                log(f"[yellow]--resume continues with {saved}; ignoring the differing {', '.join(ignored)}")
+            recipe = run_recipe
     check_prepared(recipe.data)
     meta = read_meta(Path(recipe.data.root))
     tasks = recipe.data.tasks or meta["tasks"]
@@ -413,6 +417,17 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
         for s, handler in previous.items():
             signal.signal(s, handler)
     return run_dir
+
+
+def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two nested recipe dicts."""
+    out = []
+    for key in a:
+        if isinstance(a[key], dict):
+            out += changed_keys(a[key], b[key], f"{prefix}{key}.")
+        elif a[key] != b[key]:
+            out.append(f"{prefix}{key}")
+    return out
 
 
 def truncate_metrics(path: Path, step: int) -> None:

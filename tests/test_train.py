@@ -71,8 +71,9 @@ def test_stella_run_writes_results_checkpoints_and_metrics(stella_run):
     summary = json.loads((stella_run / "results" / "summary.json").read_text())
     assert summary["a2v"]["avg"]["A"] is not None and summary["a2v"]["R@1"]["F"] is not None
     assert (stella_run / "results" / "summary.md").is_file() and (stella_run / "results" / "summary.csv").is_file()
-    assert sorted(p.name for p in (stella_run / "checkpoints").iterdir()) == [
-        "latest.pt", "task01_task1.pt", "task02_task2.pt"]
+    checkpoints = stella_run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["latest.pt", "task01_task1.pt", "task02_task2.pt"]
+    assert (checkpoints / "latest.pt").samefile(checkpoints / "task02_task2.pt")  # written once, linked
     steps = [json.loads(line) for line in (stella_run / "metrics.jsonl").read_text().splitlines()]
     train_steps = [m for m in steps if "loss" in m]
     assert [m["step"] for m in train_steps] == list(range(1, 9))  # 2 tasks x 4 steps, logged every step
@@ -101,13 +102,14 @@ def test_existing_run_directory_is_never_overwritten(stella_run, data_root):
 
 
 @pytest.mark.parametrize("stop_after", [2, 4, 6])  # mid task 1, at the task boundary, mid task 2
-def test_resume_equals_an_uninterrupted_run(tmp_path, data_root, stella_run, stop_after):
+def test_resume_equals_an_uninterrupted_run(tmp_path, data_root, stella_run, stop_after, capsys):
     recipe = tiny_recipe(tmp_path, data_root, "stopped")
     with pytest.raises(TrainingInterrupted, match=f"stopped at step {stop_after}"):
         run(recipe, quiet=True, stop_after=stop_after)
     state = torch.load(tmp_path / "stopped" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["position"]["step"] == stop_after
-    run(recipe, resume=True, quiet=True)
+    run(tiny_recipe(tmp_path, data_root, "stopped", "train.log_every=3"), resume=True, quiet=True)
+    assert "ignoring the differing train.log_every" in capsys.readouterr().out  # the run's own recipe wins
     assert_same_weights(final_weights(tmp_path / "stopped"), final_weights(stella_run))
     assert retrieval_rows(tmp_path / "stopped") == retrieval_rows(stella_run)
     steps = [json.loads(line)["step"] for line in (tmp_path / "stopped" / "metrics.jsonl").read_text().splitlines()
@@ -153,7 +155,7 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
     monkeypatch.setattr(methods.Stella, "step", step_with_nan)
     recipe = tiny_recipe(tmp_path, data_root)
     with pytest.raises(FloatingPointError, match=r"non-finite loss at task 'task2', epoch 0, step 6 .*loss_mae_v=nan"
-                                                 r".*the last good checkpoint is .*latest.pt"):
+                                                 r".*the last good checkpoint is .*task01_task1.pt"):
         run(recipe, quiet=True)
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["position"] == {"task": 1, "epoch": 0, "batch": 0, "step": 4, "history": state["position"]["history"]}
