@@ -43,7 +43,7 @@ from stella_cli.cache import (DONE, CacheSpec, SplitWriter, read_meta, spec_to_d
 
 SPLITS = ("train", "test", "retrieval")
 SPLIT_CODE = {"train": 0, "test": 1, "retrieval": 2}
-GENERATOR_VERSION = 1  # bump when a change alters the generated clips
+GENERATOR_VERSION = 2  # bump when a change alters the generated clips
 
 SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring")
 COLOURS = {"red": (225, 35, 35), "green": (40, 195, 60), "blue": (45, 90, 245), "yellow": (240, 215, 35),
@@ -70,11 +70,12 @@ class SynthConfig:
     target_length: int = 384  # fbank frames (3.84 s)
     num_mel_bins: int = 128
     num_distractors: int = 2  # silent objects of other classes in every clip
-    object_size: float = 0.19  # sprite side / frame side (12 px of 64: ~3.5% of the frame)
+    object_size: float = 0.3  # sounding sprite side / frame side (19 px of 64: its box is ~9% of the frame)
+    distractor_size: float = 0.15  # silent distractors' side / frame side (10 px: ~2% of the frame each)
     size_jitter: float = 0.15  # side x U(1 - j, 1 + j) per object
     speed: tuple[float, float] = (0.08, 0.25)  # frame sides per second, bouncing off the borders
-    event_seconds: tuple[float, float] = (1.0, 2.5)  # duration of the sounding event
-    snr_db: tuple[float, float] = (-3.0, 9.0)  # event vs background noise (RMS over the event window)
+    event_seconds: tuple[float, float] = (1.5, 2.5)  # duration of the sounding event (of the 3.84 s heard)
+    snr_db: tuple[float, float] = (3.0, 12.0)  # event vs background noise (RMS over the event window)
     offscreen_prob: float = 0.5  # chance of an off-screen distractor sound (a class not in the frame)
     offscreen_gain_db: tuple[float, float] = (-12.0, -6.0)  # its level relative to the event
     f0_range: tuple[float, float] = (180.0, 1400.0)  # pitches of the classes, log-spaced
@@ -213,8 +214,9 @@ def plan_clip(cfg: SynthConfig, seed: int, split: str, label: int, k: int) -> Cl
     others = [c for c in range(cfg.num_classes) if c != label]
     distractors = [int(c) for c in rng.choice(others, size=cfg.num_distractors, replace=False)]
     objects = []
-    for cls in [label] + distractors:
-        side = cfg.object_size * S * rng.uniform(1 - cfg.size_jitter, 1 + cfg.size_jitter)
+    for i, cls in enumerate([label] + distractors):
+        size = cfg.object_size if i == 0 else cfg.distractor_size
+        side = size * S * rng.uniform(1 - cfg.size_jitter, 1 + cfg.size_jitter)
         cx, cy = rng.uniform(side / 2, S - side / 2, size=2)
         speed, angle = rng.uniform(*cfg.speed) * S, rng.uniform(0, 2 * np.pi)
         objects.append(ObjectPlan(int(cls), float(side), float(cx), float(cy), float(speed * np.cos(angle)),
