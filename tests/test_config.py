@@ -45,7 +45,9 @@ def test_defaults_equal_the_authors_code(tmp_path):
 
 def test_shipped_recipes_load():
     synthetic = load_recipe(RECIPES / "synthetic.yaml")
-    assert synthetic.data.dataset == "synthetic" and synthetic.model.embed_dim == MODEL_PRESETS["small"]["embed_dim"]
+    assert synthetic.data.dataset == "synthetic" and synthetic.model.preset == "tiny"
+    assert synthetic.model.embed_dim == MODEL_PRESETS["tiny"]["embed_dim"]  # the preset fills the sizes
+    assert (synthetic.optim.lr, synthetic.model.contrast_weight, synthetic.train.epochs) == (1e-3, 3.0, 20)
     vgg = load_recipe(RECIPES / "vggsound_seq.yaml")
     assert vgg.data.tasks == ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1",
                               "others_part2"]
