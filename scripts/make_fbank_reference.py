@@ -2,10 +2,10 @@
 
 torchaudio cannot be installed beside the repository's torch, so this script runs in a separate venv:
 
-    python3 -m venv /root/ta-venv
-    /root/ta-venv/bin/pip install torch==2.9.1 torchvision==0.24.1
-    /root/ta-venv/bin/pip install torch==2.9.1 'torchaudio==2.9.*'
-    /root/ta-venv/bin/python scripts/make_fbank_reference.py
+    python3 -m venv .venv-torchaudio
+    .venv-torchaudio/bin/pip install torch==2.9.1 torchvision==0.24.1
+    .venv-torchaudio/bin/pip install torch==2.9.1 'torchaudio==2.9.*'
+    .venv-torchaudio/bin/python scripts/make_fbank_reference.py
 
 It never imports stella_cli.  tests/test_audio.py imports this file for the input recipes (`synthetic_waveform`,
 `read_wav`) and recomputes every case with stella_cli.audio; torchaudio is imported only in `main`.
