@@ -14,7 +14,6 @@ attention maps for backward (the setting of spec §8's measurement).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import resource
 import statistics
@@ -24,7 +23,7 @@ import time
 
 import torch
 
-from stella_cli.config import MODEL_PRESETS, ModelConfig, num_core_tokens
+from stella_cli.config import MODEL_PRESETS, ModelConfig, num_core_tokens, resolve_model_preset
 from stella_cli.model import CAVMAE, audio_patches, video_patches
 
 SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # the paper's inputs
@@ -44,7 +43,7 @@ def run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float
     if attention == "math":
         torch.nn.functional.scaled_dot_product_attention = math_attention
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ModelConfig(preset=preset), **MODEL_PRESETS[preset])
+    cfg = resolve_model_preset(ModelConfig(preset=preset))
     model = CAVMAE(cfg, **SIZES)
     g = torch.Generator().manual_seed(1)
     audio, video = torch.randn(batch, 1, 1024, 128, generator=g), torch.randn(batch, 4, 3, 224, 224, generator=g)

@@ -104,9 +104,7 @@ def model(
     recipe: Optional[Path] = typer.Option(None, help="Take the model and input sizes from this recipe instead."),
 ) -> None:
     """Parameter and token counts of a model size (base: the paper's ViT-B two-stream model)."""
-    import dataclasses
-
-    from stella_cli.config import MODEL_PRESETS, CHOICES, ModelConfig, load_recipe
+    from stella_cli.config import MODEL_PRESETS, CHOICES, ModelConfig, load_recipe, resolve_model_preset
     from stella_cli.model import model_summary
 
     if recipe is not None:
@@ -116,7 +114,7 @@ def model(
                      num_mel_bins=d.num_mel_bins, core_video_ratio=s.core_video_ratio,
                      core_audio_ratio=s.core_audio_ratio)
     elif preset in MODEL_PRESETS:
-        cfg, sizes = dataclasses.replace(ModelConfig(preset=preset), **MODEL_PRESETS[preset]), {}
+        cfg, sizes = resolve_model_preset(ModelConfig(preset=preset)), {}
     else:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
     info = model_summary(cfg, **sizes)

@@ -176,10 +176,14 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def resolve_preset(recipe: Recipe) -> Recipe:
-    """Fill every model size field left at None from `model.preset` (explicit values win)."""
-    preset = MODEL_PRESETS[recipe.model.preset]
-    filled = {k: v for k, v in preset.items() if getattr(recipe.model, k) is None}
-    return dataclasses.replace(recipe, model=dataclasses.replace(recipe.model, **filled))
+    """The recipe with its model sizes filled from `model.preset` (see resolve_model_preset)."""
+    return dataclasses.replace(recipe, model=resolve_model_preset(recipe.model))
+
+
+def resolve_model_preset(model: ModelConfig) -> ModelConfig:
+    """Fill every size field left at None from `model.preset` (explicit values win)."""
+    preset = MODEL_PRESETS[model.preset]
+    return dataclasses.replace(model, **{k: v for k, v in preset.items() if getattr(model, k) is None})
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -323,6 +327,12 @@ def per_rank_batch(train: TrainConfig, world_size: int) -> int:
 def per_rank_memory(method: MethodConfig, world_size: int) -> int:
     """spec §3.9: each rank keeps an independent reservoir of memory_size // world_size slots."""
     return method.memory_size // world_size
+
+
+def token_counts(num_frames: int, image_size: int, target_length: int, num_mel_bins: int,
+                 patch_size: int) -> tuple[int, int]:
+    """(L_V, L_A): F·(S/p)² video tokens and (T/p)·(M/p) audio tokens; (784, 512) for the paper's inputs."""
+    return num_frames * (image_size // patch_size) ** 2, (target_length // patch_size) * (num_mel_bins // patch_size)
 
 
 def num_core_tokens(num_tokens: int, core_ratio: float) -> int:

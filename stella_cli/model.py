@@ -23,7 +23,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stella_cli.config import ModelConfig, num_core_tokens
+from stella_cli.config import ModelConfig, num_core_tokens, token_counts
 
 
 def video_patches(video: Tensor, p: int) -> Tensor:
@@ -273,7 +273,7 @@ class CAVMAE(nn.Module):
         unset = [k for k in ("embed_dim", "num_heads", "modality_depth", "fusion_depth", "decoder_embed_dim",
                              "decoder_depth", "decoder_num_heads", "mlp_ratio") if getattr(cfg, k) is None]
         if unset:
-            raise ValueError(f"model.{unset[0]} is None: resolve the preset first (config.resolve_preset)")
+            raise ValueError(f"model.{unset[0]} is None: resolve the preset first (config.resolve_model_preset)")
         p, D, Dd, r = cfg.patch_size, cfg.embed_dim, cfg.decoder_embed_dim, cfg.mlp_ratio
         for name, size in (("data.image_size", image_size), ("data.target_length", target_length),
                            ("data.num_mel_bins", num_mel_bins)):
@@ -284,8 +284,8 @@ class CAVMAE(nn.Module):
         self.patch_size, self.embed_dim, self.num_heads, self.num_frames = p, D, cfg.num_heads, num_frames
         self.grid = image_size // p  # S/p
         self.num_time_tokens, self.num_freq_tokens = target_length // p, num_mel_bins // p
-        self.num_video_tokens = num_frames * self.grid**2  # L_V
-        self.num_audio_tokens = self.num_time_tokens * self.num_freq_tokens  # L_A
+        self.num_video_tokens, self.num_audio_tokens = token_counts(num_frames, image_size, target_length,
+                                                                    num_mel_bins, p)  # L_V, L_A
         self.mask_ratio_a, self.mask_ratio_v = cfg.mask_ratio_a, cfg.mask_ratio_v
         self.norm_pix_loss, self.mae_weight = cfg.norm_pix_loss, cfg.mae_weight
         self.contrast_tau, self.contrast_weight = cfg.contrast_tau, cfg.contrast_weight

@@ -19,6 +19,8 @@ import math
 import torch
 from torch import Tensor
 
+from stella_cli.config import token_counts
+
 
 def reservoir_slot(n_seen: int, capacity: int, generator: torch.Generator) -> int | None:
     """Classic reservoir sampling (stella_spec §3.9, `buffer.py:10-24`).
@@ -204,8 +206,7 @@ def split_state_dict(state: dict, world_size: int) -> list[dict]:
 def stella_fields(*, num_frames: int, image_size: int, target_length: int, num_mel_bins: int, patch_size: int,
                   embed_dim: int, num_heads: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Per-clip shapes and dtypes STELLA stores: the full augmented clip, DER targets, q̄, p and I (spec §3.9)."""
-    L_V = num_frames * (image_size // patch_size) ** 2
-    L_A = (target_length // patch_size) * (num_mel_bins // patch_size)
+    L_V, L_A = token_counts(num_frames, image_size, target_length, num_mel_bins, patch_size)
     d_h = embed_dim // num_heads
     f32 = torch.float32
     return {
@@ -220,8 +221,7 @@ def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, 
                        patch_size: int, embed_dim: int, num_heads: int, K_V: int,
                        K_A: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
     """Per-clip shapes and dtypes STELLA+ stores: core patches, orderings, DER targets, q̄ (spec §3.12)."""
-    L_V = num_frames * (image_size // patch_size) ** 2
-    L_A = (target_length // patch_size) * (num_mel_bins // patch_size)
+    L_V, L_A = token_counts(num_frames, image_size, target_length, num_mel_bins, patch_size)
     d_h, p = embed_dim // num_heads, patch_size
     f32 = torch.float32
     return {

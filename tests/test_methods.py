@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
-import pytest
 import torch
 import torch.nn.functional as F
 
-from stella_cli.config import MODEL_PRESETS, AVMConfig, MethodConfig, ModelConfig
+from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, resolve_model_preset
 from stella_cli.methods import Finetune, Stella, StellaPlus
 from stella_cli.model import CAVMAE
 from stella_cli.replay import summarize_buffer
@@ -19,7 +16,7 @@ PAPER_SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bin
 def make_method(cls, B=2, memory=8, sizes=PAPER_SIZES, **method_overrides):
     """The paper's input sizes (so the paper's token counts) on a narrow, shallow model."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ModelConfig(preset="tiny"), **MODEL_PRESETS["tiny"])
+    cfg = resolve_model_preset(ModelConfig(preset="tiny"))
     backbone = CAVMAE(cfg, **sizes)
     return cls(backbone, MethodConfig(name="stella", **method_overrides), avm_cfg=AVMConfig(), batch_size=B,
                memory_per_rank=memory, seed=0, rank=0, device=torch.device("cpu"))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import math
 
 import pytest
@@ -10,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import stella_cli.model as M
-from stella_cli.config import MODEL_PRESETS, ModelConfig
+from stella_cli.config import MODEL_PRESETS, ModelConfig, resolve_model_preset
 from stella_cli.model import (AVM, CAVMAE, Classifier, audio_patches, convert_mae, load_authors_checkpoint,
                               matching_loss, matching_pairs, model_summary, parameter_count, video_patches)
 
@@ -20,7 +19,7 @@ LOSSES = ("loss_mae_a", "loss_mae_v", "loss_con")
 
 
 def preset(name: str, **overrides) -> ModelConfig:
-    return dataclasses.replace(ModelConfig(preset=name), **{**MODEL_PRESETS[name], **overrides})
+    return resolve_model_preset(ModelConfig(preset=name, **overrides))
 
 
 def tiny_model(seed: int = 0, **overrides) -> CAVMAE:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import socket
 
@@ -10,7 +9,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from stella_cli.config import MODEL_PRESETS, ModelConfig
+from stella_cli.config import ModelConfig, resolve_model_preset
 from stella_cli.model import CAVMAE
 
 B, N_A, N_V = 6, 5, 7  # whole batch; visible audio / video tokens fed to the contrastive path
@@ -19,8 +18,7 @@ B, N_A, N_V = 6, 5, 7  # whole batch; visible audio / video tokens fed to the co
 def setup(faithful_contrast_grad: bool = False):
     """The same tiny model and visible tokens on every process."""
     torch.manual_seed(0)
-    cfg = dataclasses.replace(ModelConfig(preset="tiny", faithful_contrast_grad=faithful_contrast_grad),
-                              **MODEL_PRESETS["tiny"])
+    cfg = resolve_model_preset(ModelConfig(preset="tiny", faithful_contrast_grad=faithful_contrast_grad))
     model = CAVMAE(cfg, 2, 64, 128, 64)
     g = torch.Generator().manual_seed(1)
     return model, torch.randn(B, N_A, 64, generator=g), torch.randn(B, N_V, 64, generator=g)
