@@ -42,6 +42,7 @@ def test_model_prints_the_paper_model(capsys):
     assert "video 784, audio 512" in out and "156 / 102" in out and "core 392 / 256" in out
     synthetic = plain(runner.invoke(app, ["model", "--recipe", str(ROOT / "recipes" / "synthetic.yaml")]).output)
     assert "video 64, audio 192" in synthetic and "core 32 / 96" in synthetic
+    assert "mask ratios 0.75 / 0.75: 16 / 48" in synthetic  # the recipe's ratios, not the paper's 0.8
 
 
 def test_print_config_shows_the_resolved_recipe():
