@@ -336,7 +336,11 @@ def shard_indices(n: int, *, shuffle: bool, seed: int, epoch: int, drop_last: bo
 def num_batches(n: int, batch_size: int, *, drop_last: bool, world_size: int = 1) -> int:
     """Batches per epoch on each rank."""
     per_rank = len(shard_indices(n, shuffle=False, seed=0, epoch=0, drop_last=drop_last, world_size=world_size))
-    return per_rank // batch_size if drop_last else math.ceil(per_rank / batch_size)
+    return _count_batches(per_rank, batch_size, drop_last)
+
+
+def _count_batches(num_items: int, batch_size: int, drop_last: bool) -> int:
+    return num_items // batch_size if drop_last else math.ceil(num_items / batch_size)
 
 
 class EpochBatchSampler(Sampler[list[int]]):
@@ -349,7 +353,7 @@ class EpochBatchSampler(Sampler[list[int]]):
         self.indices = shard_indices(n, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=drop_last, rank=rank,
                                      world_size=world_size)
         self.batch_size, self.drop_last = batch_size, drop_last
-        self.total = len(self.indices) // batch_size if drop_last else math.ceil(len(self.indices) / batch_size)
+        self.total = _count_batches(len(self.indices), batch_size, drop_last)
         if not 0 <= start_batch <= self.total:
             raise ValueError(f"start_batch={start_batch} outside the {self.total} batches of this epoch")
         self.start_batch = start_batch

@@ -25,10 +25,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 
 from stella_cli import evaluate
-from stella_cli.cache import read_meta
 from stella_cli.config import (OptimConfig, Recipe, load_recipe, per_rank_batch, per_rank_memory,
                                recipe_to_dict, recipe_to_yaml)
-from stella_cli.data import AVDataset, build_loader, check_prepared
+from stella_cli.data import AVDataset, build_loader, check_prepared, num_batches
 from stella_cli.methods import METHODS, Method
 from stella_cli.model import CAVMAE, load_authors_checkpoint
 from stella_cli.replay import merge_state_dicts, split_state_dict
@@ -204,12 +203,12 @@ class Trainer:
 
     def load(self, path: Path) -> None:
         state = torch.load(path, map_location="cpu", weights_only=False)
-        method = unwrap(self.method)
-        method.load_state_dict({**state["method"], **{f"backbone.{k}": v for k, v in state["model"].items()}})
-        extra = state["method_extra"]
         if state["world_size"] != self.world:  # the generators are per rank
             raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {self.world}; "
                              "resume with the same number of processes")
+        method = unwrap(self.method)
+        method.load_state_dict({**state["method"], **{f"backbone.{k}": v for k, v in state["model"].items()}})
+        extra = state["method_extra"]
         if self.world > 1:
             rank_extra = dict(extra["per_rank"][self.rank])
             if "buffer" in extra:
@@ -236,7 +235,7 @@ class Trainer:
         r = self.recipe
         dataset = AVDataset(r.data, "train", tasks=tasks, train=True, seed=r.train.seed)
         batch = per_rank_batch(r.train, self.world)
-        steps_per_epoch = len(dataset) // r.train.batch_size
+        steps_per_epoch = num_batches(len(dataset), batch, drop_last=True, world_size=self.world)
         if steps_per_epoch == 0:
             raise ValueError(f"task {name!r}: {len(dataset)} training clips, fewer than train.batch_size="
                              f"{r.train.batch_size}")
@@ -320,8 +319,7 @@ class Trainer:
             loader = build_loader(gallery, r.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
                                   num_workers=r.data.num_workers)
             z_a, z_v, task = evaluate.embed_gallery(unwrap(self.method).backbone, loader, self.device, self.amp)
-            gallery_tasks = read_meta(Path(r.data.root))["tasks"]
-            scores = evaluate.retrieval_scores(z_a, z_v, task, gallery_tasks, r.eval.recall_at)
+            scores = evaluate.retrieval_scores(z_a, z_v, task, gallery.task_names, r.eval.recall_at)
             self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
             summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
                                              r.eval.recall_at)
@@ -388,12 +386,8 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
             if ignored:
                 log(f"[yellow]--resume continues with {saved}; ignoring the differing {', '.join(ignored)}")
             recipe = run_recipe
-    check_prepared(recipe.data)
-    meta = read_meta(Path(recipe.data.root))
+    meta = check_prepared(recipe.data)  # also refuses data.tasks that the prepared folder does not have
     tasks = recipe.data.tasks or meta["tasks"]
-    unknown = [t for t in tasks if t not in meta["tasks"]]
-    if unknown:
-        raise ValueError(f"data.tasks: {unknown} not in {recipe.data.root}/meta.json tasks {meta['tasks']}")
     run_dir = prepare_run_dir(recipe, resume)
     method = build_method(recipe, rank, world, device)
     optimizer = build_optimizer(method, recipe.optim)
