@@ -29,14 +29,25 @@ def patch_importance(S: Tensor, tau: float) -> Tensor:
     return A.mean(dim=(1, 2))  # (B, L_k)
 
 
-def candidates(I: Tensor, K: int) -> Tensor:
-    """Candidate set C = the K most important tokens (stella_spec §3.2: π = argsort(I, descending), C = π[:K]).
+def importance_ranking(I: Tensor) -> Tensor:
+    """π = argsort(I, descending) (stella_spec §3.2), ties broken by token index (stable sort).  (B, L) long"""
+    return torch.sort(I, dim=1, descending=True, stable=True).indices  # (B, L)
 
-    I: (B, L).  Returns C: (B, K) long, most important first (ties broken by token index: stable sort).
+
+def candidates(I: Tensor, K: int) -> Tensor:
+    """Candidate set C = the K most important tokens (stella_spec §3.2: C = π[:K]).
+
+    I: (B, L).  Returns C: (B, K) long, most important first.
     """
     if not 0 < K <= I.shape[1]:
         raise ValueError(f"candidates: K={K} must be in 1..L={I.shape[1]}")
-    return torch.sort(I, dim=1, descending=True, stable=True).indices[:, :K]  # (B, K)
+    return importance_ranking(I)[:, :K]  # (B, K)
+
+
+def gather_tokens(x: Tensor, C: Tensor) -> Tensor:
+    """Per-head rows of the tokens in C: x (B, H, L, d_h), C (B, K) long -> (B, H, K, d_h) float32."""
+    B, H, _, d_h = x.shape
+    return x.float().gather(2, C[:, None, :, None].expand(B, H, C.shape[1], d_h))
 
 
 def query_prototypes(q: Tensor, I: Tensor, C: Tensor) -> Tensor:
@@ -45,8 +56,7 @@ def query_prototypes(q: Tensor, I: Tensor, C: Tensor) -> Tensor:
     q̄[b, h] = Σ_{j∈C_b} I[b, j]·q[b, h, j] / Σ_{j∈C_b} I[b, j].
     q: (B, H, L, d_h) queries, I: (B, L) importance, C: (B, K) candidates.  Returns q̄: (B, H, d_h) float32.
     """
-    B, H, L, d_h = q.shape
-    q_C = q.float().gather(2, C[:, None, :, None].expand(B, H, C.shape[1], d_h))  # (B, H, K, d_h)
+    q_C = gather_tokens(q, C)  # (B, H, K, d_h)
     w = I.float().gather(1, C)  # (B, K)
     return torch.einsum("bhkd,bk->bhd", q_C, w) / w.sum(dim=1)[:, None, None]  # (B, H, d_h)
 
@@ -80,13 +90,8 @@ def correlation_probs(k: Tensor, q_bar_cur_other: Tensor, q_bar_past_other: Tens
     k: (B, H, L, d_h); q_bar_cur_other: (B, H, d_h); q_bar_past_other: (R, H, d_h), paired by `pair_with_replay`;
     C: (B, K).  Returns p: (B, L) float32.
     """
-    B, H, L, d_h = k.shape
-    q_past = pair_with_replay(q_bar_past_other, B).float()  # (B, H, d_h)
-    k_C = k.float().gather(2, C[:, None, :, None].expand(B, H, C.shape[1], d_h))  # (B, H, K, d_h)
-    s_past = scale * torch.einsum("bhkd,bhd->bhk", k_C, q_past)  # (B, H, K)
-    s_cur = scale * torch.einsum("bhkd,bhd->bhk", k_C, q_bar_cur_other.float())  # (B, H, K)
-    p_C = torch.sigmoid(s_past - s_cur).mean(dim=1)  # (B, K)
-    return torch.zeros(B, L, device=k.device).scatter(1, C, p_C)  # (B, L)
+    s_cur = scale * torch.einsum("bhkd,bhd->bhk", gather_tokens(k, C), q_bar_cur_other.float())  # (B, H, K)
+    return _probs_against_replay(k, s_cur, q_bar_past_other, C, scale)  # (B, L)
 
 
 def correlation_probs_from_logits(S_other: Tensor, rows: Tensor, row_weights: Tensor, k: Tensor,
@@ -100,14 +105,22 @@ def correlation_probs_from_logits(S_other: Tensor, rows: Tensor, row_weights: Te
     `correlation_probs`; STELLA+ as released passes rows that no longer match the weights (spec §9.3 B8, see
     `select.select_plus_current`). Returns p: (B, L) float32.
     """
-    B, H, L, d_h = k.shape
+    B, H, L, _ = k.shape
     K, R = C.shape[1], rows.shape[1]
     S_rows = S_other.gather(2, rows[:, None, :, None].expand(B, H, R, L))  # (B, H, R, L)
     S_rows = S_rows.gather(3, C[:, None, None, :].expand(B, H, R, K)).float()  # (B, H, R, K)
     w = row_weights.float()  # (B, R)
     s_cur = torch.einsum("bhrk,br->bhk", S_rows, w) / w.sum(dim=1)[:, None, None]  # (B, H, K)
+    return _probs_against_replay(k, s_cur, q_bar_past_other, C, scale)  # (B, L)
+
+
+def _probs_against_replay(k: Tensor, s_cur: Tensor, q_bar_past_other: Tensor, C: Tensor, scale: float) -> Tensor:
+    """p = mean_h σ(s_past − s_cur) on the candidates, 0 elsewhere; s_past from the paired replayed prototype.
+
+    k: (B, H, L, d_h); s_cur: (B, H, K); q_bar_past_other: (R, H, d_h); C: (B, K).  Returns (B, L) float32.
+    """
+    B, L = k.shape[0], k.shape[2]
     q_past = pair_with_replay(q_bar_past_other, B).float()  # (B, H, d_h)
-    k_C = k.float().gather(2, C[:, None, :, None].expand(B, H, K, d_h))  # (B, H, K, d_h)
-    s_past = scale * torch.einsum("bhkd,bhd->bhk", k_C, q_past)  # (B, H, K)
+    s_past = scale * torch.einsum("bhkd,bhd->bhk", gather_tokens(k, C), q_past)  # (B, H, K)
     p_C = torch.sigmoid(s_past - s_cur).mean(dim=1)  # (B, K)
     return torch.zeros(B, L, device=k.device).scatter(1, C, p_C)  # (B, L)

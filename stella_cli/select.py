@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from stella_cli.scoring import correlation_probs, correlation_probs_from_logits
+from stella_cli.scoring import correlation_probs, correlation_probs_from_logits, importance_ranking
 
 
 def prune_mask(p: Tensor, generator: torch.Generator) -> Tensor:
@@ -58,7 +58,7 @@ def first_iteration_order(I: Tensor, K: int) -> Tensor:
     """
     if not 0 < K <= I.shape[1]:
         raise ValueError(f"first_iteration_order: K={K} must be in 1..L={I.shape[1]}")
-    return torch.sort(I, dim=1, descending=True, stable=True).indices  # (B, L) long
+    return importance_ranking(I)  # (B, L) long
 
 
 def gather_patches(patches: Tensor, order: Tensor, K: int) -> Tensor:
