@@ -20,8 +20,10 @@ runs in float64 (filters built in float32, as Kaldi does) and returns float32; p
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import numpy as np
 import torch
@@ -175,3 +177,15 @@ def clip_fbank(
 def normalize_fbank(x: Tensor | np.ndarray, mean: float = FBANK_MEAN, std: float = FBANK_STD) -> Tensor | np.ndarray:
     """(x - mean) / std; with the defaults (x + 5.081) / 4.4849 (spec §7.2)."""
     return (x - mean) / std
+
+
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """Run torch on one thread: a clip's fbank is too small to share (extra threads only wait on each other), and
+    one thread makes it bit-identical in a parent process and in its workers."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)

@@ -31,6 +31,7 @@ from typing import Any, Iterable
 import av
 import numpy as np
 
+SPLITS = ("train", "test", "retrieval")
 PENDING, DONE, FAILED = 0, 1, 2
 MANIFEST_COLUMNS = ["clip_id", "row", "label", "labels", "category", "task", "duration", "source",
                     "event_start", "event_end"]
@@ -56,7 +57,7 @@ class CacheSpec:
 
 def write_meta(root: Path, meta: dict[str, Any]) -> None:
     """meta.json: {'dataset', 'tasks': [...], 'classes': [{'index','name','category','task'}], 'spec': {...}}."""
-    _atomic_write_text(Path(root) / "meta.json", json.dumps(meta, indent=2))
+    atomic_write_text(Path(root) / "meta.json", json.dumps(meta, indent=2))
 
 
 def read_meta(root: Path) -> dict[str, Any]:
@@ -119,13 +120,13 @@ class SplitWriter:
         self.spec = spec
         self.dir.mkdir(parents=True, exist_ok=True)
         F, S, T, M = spec.num_frames, spec.frame_size, spec.target_length, spec.num_mel_bins
-        self.status = _open_or_create(self.dir / "status.npy", np.uint8, (num_clips,))
-        self.fbank = _open_or_create(self.dir / "fbank.npy", np.float16, (num_clips, T, M))
-        self.boxes = _open_or_create(self.dir / "boxes.npy", np.float32, (num_clips, F, 4)) if with_boxes else None
+        self.status = open_or_create(self.dir / "status.npy", np.uint8, (num_clips,))
+        self.fbank = open_or_create(self.dir / "fbank.npy", np.float16, (num_clips, T, M))
+        self.boxes = open_or_create(self.dir / "boxes.npy", np.float32, (num_clips, F, 4)) if with_boxes else None
         if spec.frames_format == "raw":
-            self.frames = _open_or_create(self.dir / "frames.npy", np.uint8, (num_clips, F, S, S, 3))
+            self.frames = open_or_create(self.dir / "frames.npy", np.uint8, (num_clips, F, S, S, 3))
         elif spec.frames_format == "jpeg":
-            self.offsets = _open_or_create(self.dir / "jpeg_offsets.npy", np.int64, (num_clips, F + 1))
+            self.offsets = open_or_create(self.dir / "jpeg_offsets.npy", np.int64, (num_clips, F + 1))
             (self.dir / "jpeg").mkdir(exist_ok=True)
         else:
             raise ValueError(f"frames_format must be 'raw' or 'jpeg', got {spec.frames_format!r}")
@@ -150,7 +151,7 @@ class SplitWriter:
             blobs = [encode_jpeg(f) for f in frames]
             self.offsets[row] = np.cumsum([0] + [len(b) for b in blobs])
             self.offsets.flush()
-            _atomic_write_bytes(self.dir / "jpeg" / f"{row}.bin", b"".join(blobs))
+            atomic_write_bytes(self.dir / "jpeg" / f"{row}.bin", b"".join(blobs))
         if self.boxes is not None and boxes is not None:
             self.boxes[row] = boxes
             self.boxes.flush()
@@ -162,7 +163,8 @@ class SplitWriter:
         self.status.flush()
 
 
-def _open_or_create(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+def open_or_create(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
+    """A memory-mapped .npy of this dtype and shape: the existing one (a resumed prep) or a new zeroed one."""
     if path.exists():
         arr = np.load(path, mmap_mode="r+")
         if arr.shape != shape or arr.dtype != np.dtype(dtype):
@@ -229,11 +231,17 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return frames[0].to_ndarray(format="rgb24")
 
 
-def _atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Temp file + rename: readers never see a half-written file."""
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
 
 
-def _atomic_write_text(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def disk_bytes(root: Path) -> int:
+    """Total size of the files under root (the prep summary's "size on disk")."""
+    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

@@ -10,13 +10,15 @@ a(l, k) = R@K of task k's queries against the whole gallery after training task 
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import Tensor
+
+from stella_cli.cache import atomic_write_text
 
 DIRECTIONS = ("a2v", "v2a")  # audio queries -> video candidates, and the reverse
 
@@ -150,21 +152,14 @@ def _fmt(value: float | None) -> str:
 def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int]) -> dict:
     """results/retrieval.json (every row so far) and summary.{json,md,csv}; each file written atomically."""
     results_dir.mkdir(parents=True, exist_ok=True)
-    _atomic_text(results_dir / "retrieval.json", json.dumps({"tasks": tasks, "rows": history}, indent=1))
+    atomic_write_text(results_dir / "retrieval.json", json.dumps({"tasks": tasks, "rows": history}, indent=1))
     summary = summarize(history, tasks, ks)
-    _atomic_text(results_dir / "summary.json", json.dumps(summary, indent=1))
+    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=1))
     table = summary_table(summary)
     md = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     md += ["| " + " | ".join(r) + " |" for r in table[1:]]
-    _atomic_text(results_dir / "summary.md", "\n".join(md) + "\n")
-    tmp = results_dir / "summary.csv.tmp"
-    with open(tmp, "w", newline="") as fh:
-        csv.writer(fh).writerows(table)
-    os.replace(tmp, results_dir / "summary.csv")
+    atomic_write_text(results_dir / "summary.md", "\n".join(md) + "\n")
+    rows = io.StringIO(newline="")
+    csv.writer(rows).writerows(table)
+    atomic_write_text(results_dir / "summary.csv", rows.getvalue())
     return summary
-
-
-def _atomic_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)

@@ -32,10 +32,10 @@ import torch
 from tqdm import tqdm
 
 from stella_cli import media
-from stella_cli.audio import clip_fbank
-from stella_cli.cache import DONE, FAILED, CacheSpec, SplitWriter, spec_to_dict, write_manifest, write_meta
+from stella_cli.audio import clip_fbank, one_torch_thread
+from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk_bytes, open_or_create, spec_to_dict,
+                              write_manifest, write_meta)
 
-SPLITS = ("train", "test", "retrieval")
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
 VGGSOUND_CATEGORIES = {"sports", "music", "vehicle", "people", "animals", "home", "nature", "tools", "others"}
 OTHERS_PART1 = ["fireworks banging", "slot machine", "machine gun shooting", "civil defense siren", "missile launch",
@@ -526,7 +526,7 @@ def prepare_real(dataset: str, *, out: Path, list_file: Any = None, root: Path |
                                    "excluded": dict(plan.excluded[split])}
     (out / "prep_report.json").write_text(json.dumps(report, indent=2))
     summary["seconds"] = time.perf_counter() - t0
-    summary["bytes"] = sum(p.stat().st_size for p in out.rglob("*") if p.is_file())
+    summary["bytes"] = disk_bytes(out)
     return summary
 
 
@@ -539,7 +539,7 @@ def prepare_split(out: Path, split: str, clips: list[ClipSource], spec: CacheSpe
     out = Path(out)
     _check_rows(out, split, clips, spec)
     writer = SplitWriter(out, split, len(clips), spec)
-    durations = _open_array(out / "cache" / split / "duration.npy", len(clips))
+    durations = open_or_create(out / "cache" / split / "duration.npy", np.float32, (len(clips),))
     pending = writer.pending_rows()
     skipped = []
     bar = tqdm(total=len(pending), desc=f"prep {split}", unit="clip", disable=not progress, leave=False)
@@ -589,12 +589,6 @@ def _check_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec)
     path.write_text(json.dumps(rows))
 
 
-def _open_array(path: Path, n: int) -> np.memmap:
-    if path.exists():
-        return np.load(path, mmap_mode="r+")
-    return np.lib.format.open_memmap(path, mode="w+", dtype=np.float32, shape=(n,))
-
-
 _WORKER: dict[str, Any] = {}
 
 
@@ -624,12 +618,10 @@ def _decode_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec
         return
     if workers <= 1:
         _init_worker(str(out), split, len(clips), spec, 0)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # a clip's fbank is too small to share; extra threads only wait on each other
         try:
-            yield from map(_prepare_row, jobs)
+            with one_torch_thread():
+                yield from map(_prepare_row, jobs)
         finally:
-            torch.set_num_threads(threads)
             _WORKER.clear()
         return
     threads = max(1, (os.cpu_count() or 1) // workers)

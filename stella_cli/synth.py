@@ -23,7 +23,6 @@ class or -1).  `--format mp4` writes real H.264/AAC files and prepares them thro
 
 from __future__ import annotations
 
-import contextlib
 import json
 import multiprocessing
 import os
@@ -35,13 +34,12 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
-from stella_cli.audio import clip_fbank
-from stella_cli.cache import (DONE, CacheSpec, SplitWriter, read_meta, spec_to_dict, write_manifest, write_meta)
+from stella_cli.audio import clip_fbank, one_torch_thread
+from stella_cli.cache import (DONE, SPLITS, CacheSpec, SplitWriter, disk_bytes, read_meta, spec_to_dict, write_manifest,
+                              write_meta)
 
-SPLITS = ("train", "test", "retrieval")
 SPLIT_CODE = {"train": 0, "test": 1, "retrieval": 2}
 GENERATOR_VERSION = 2  # bump when a change alters the generated clips
 
@@ -405,7 +403,7 @@ def synth_clip(cfg: SynthConfig, seed: int, split: str, label: int, k: int,
 
 def synth_fbank(clip: SynthClip, cfg: SynthConfig) -> np.ndarray:
     """float32 (target_length, num_mel_bins) fbank of a clip, as the cache stores it (audio.clip_fbank)."""
-    with _one_thread():
+    with one_torch_thread():
         return clip_fbank(clip.wave, cfg.sample_rate, cfg.target_length, cfg.num_mel_bins)
 
 
@@ -611,25 +609,9 @@ def _run_jobs(fn: Any, jobs: list[tuple], workers: int) -> Iterator[Any]:
             yield fn(*job)
         return
     # fork starts in milliseconds (spawn re-imports torch in every worker: seconds); it is safe here because the
-    # workers run torch on one thread (_one_thread), so they never enter an OpenMP region inherited from the parent
+    # workers run torch on one thread (one_torch_thread), so they never enter an OpenMP region inherited from the parent
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         for fut in as_completed(futures):
             yield fut.result()
-
-
-@contextlib.contextmanager
-def _one_thread() -> Iterator[None]:
-    """torch on one thread, so the fbank is bit-identical in the parent and in workers."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def disk_bytes(root: Path) -> int:
-    """Total size of the files under root."""
-    return sum(p.stat().st_size for p in Path(root).rglob("*") if p.is_file())

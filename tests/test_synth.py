@@ -9,9 +9,10 @@ import shutil
 import numpy as np
 import pytest
 
-from stella_cli.cache import DONE, PENDING, CacheSpec, SplitReader, read_manifest, read_meta, spec_from_meta
-from stella_cli.synth import (SPLITS, SynthConfig, class_identities, clip_boxes, disk_bytes, plan_clip,
-                              prepare_synthetic, render_video, synth_clip, synth_fbank)
+from stella_cli.cache import (DONE, PENDING, SPLITS, CacheSpec, SplitReader, disk_bytes, read_manifest, read_meta,
+                              spec_from_meta)
+from stella_cli.synth import (SynthConfig, class_identities, clip_boxes, plan_clip, prepare_synthetic, render_video,
+                              synth_clip, synth_fbank)
 
 TINY = SynthConfig(num_classes=4, num_tasks=2, train_per_class=3, test_per_class=2, retrieval_per_class=2)
 
