@@ -225,7 +225,7 @@ def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, 
     d_h, p = embed_dim // num_heads, patch_size
     f32 = torch.float32
     return {
-        "video": ((K_V, 3, p, p), f32), "audio": ((K_A, 1, p, p), f32),
+        "core_v": ((K_V, 3, p, p), f32), "core_a": ((K_A, 1, p, p), f32),
         "order_v": ((L_V,), torch.long), "order_a": ((L_A,), torch.long),
         "z_a": ((embed_dim,), f32), "z_v": ((embed_dim,), f32),
         "q_bar_v": ((num_heads, d_h), f32), "q_bar_a": ((num_heads, d_h), f32),

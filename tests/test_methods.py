@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, resolve_model_preset
 from stella_cli.methods import Finetune, Stella, StellaPlus
 from stella_cli.model import CAVMAE
-from stella_cli.replay import summarize_buffer
+from stella_cli.replay import stella_fields, stella_plus_fields, summarize_buffer
 
 PAPER_SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # L_V 784, L_A 512
 
@@ -111,6 +111,13 @@ def test_stella_plus_stores_half_the_bytes_and_replays_as_stored():
     assert plus.buffer.fields["core_v"].shape[1:] == (392, 3, 16, 16)
     assert plus.buffer.fields["core_a"].shape[1:] == (256, 1, 16, 16)
     assert "video" not in plus.buffer.fields and "I_v" not in plus.buffer.fields
+    # what the methods store is what replay.stella_fields / stella_plus_fields describe (+ the bookkeeping ids)
+    sizes = dict(**PAPER_SIZES, patch_size=16, embed_dim=stella.backbone.embed_dim,
+                 num_heads=stella.backbone.num_heads)
+    for method, spec in ((stella, stella_fields(**sizes)),
+                         (plus, stella_plus_fields(**sizes, K_V=plus.K_V, K_A=plus.K_A))):
+        stored = {k: (tuple(v.shape[1:]), v.dtype) for k, v in method.buffer.fields.items()}
+        assert stored == {**spec, "task": ((), torch.long), "label": ((), torch.long), "index": ((), torch.long)}
 
 
 def test_finetune_is_the_plain_backbone_objective():

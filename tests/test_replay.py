@@ -188,7 +188,7 @@ def test_nbytes_matches_the_field_spec_and_dtype_option():
     assert buf.nbytes() == 7 * bytes_per_clip(spec)
     half = ReservoirBuffer(7, dtype=torch.float16)
     half.add(generator=gen(12), **batch)
-    assert half.fields["video"].dtype == torch.float16 and half.fields["order_v"].dtype == torch.long
+    assert half.fields["core_v"].dtype == torch.float16 and half.fields["order_v"].dtype == torch.long
     n_long = 7 * (8 + 8) * 8  # orderings: L_V = 2·4 = 8, L_A = 4·2 = 8 tokens
     assert half.nbytes() - n_long == (buf.nbytes() - n_long) // 2
     restored = ReservoirBuffer(1)
