@@ -128,7 +128,8 @@ def model(
     console.print(table)
     t = info["tokens"]
     console.print(f"tokens: video {t['video']}, audio {t['audio']}; visible at mask ratios "
-                  f"{cfg.mask_ratio_v:g} / {cfg.mask_ratio_a:g}: {t['visible_video']} / {t['visible_audio']}; STELLA core {t['core_video']} / {t['core_audio']} "
+                  f"{cfg.mask_ratio_v:g} / {cfg.mask_ratio_a:g}: {t['visible_video']} / {t['visible_audio']}; "
+                  f"STELLA core {t['core_video']} / {t['core_audio']} "
                   f"(decoder {t['decoder_video']['core']} / {t['decoder_audio']['core']} instead of "
                   f"{t['decoder_video']['random']} / {t['decoder_audio']['random']})")
 

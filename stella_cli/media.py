@@ -73,8 +73,9 @@ def decode_clip(
 
     `fps` is the nominal cache rate (num_frames / clip_seconds); the sampling itself is defined by num_frames and
     clip_seconds. Frame i is source frame floor(i·N/F) as the spec states; the authors' OpenCV loop seeks to that
-    index minus one, i.e. reads one frame (1/fps s) earlier, which is not reproduced. downmix "ffmpeg" is swresample's mono downmix, what the authors' `ffmpeg -ac 1` applies
-    (stereo: 0.707·(L + R); 5.1: FC + 0.707·(FL + FR) + 0.5·(BL + BR), LFE dropped); "mean" averages the channels.
+    index minus one, i.e. reads one frame (1/fps s) earlier, which is not reproduced. downmix "ffmpeg" is
+    swresample's mono downmix, what the authors' `ffmpeg -ac 1` applies (stereo: 0.707·(L + R); 5.1: FC +
+    0.707·(FL + FR) + 0.5·(BL + BR), LFE dropped); "mean" averages the channels.
     threads: decoder threads (0 = FFmpeg's choice). Raises ClipError: cannot open / no video stream / no audio
     stream / cannot decode / too short (less than min_seconds of video or of audio).
     """
