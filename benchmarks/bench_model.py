@@ -25,6 +25,7 @@ import torch
 
 from stella_cli.config import MODEL_PRESETS, ModelConfig, num_core_tokens, resolve_model_preset
 from stella_cli.model import CAVMAE, audio_patches, video_patches
+from stella_cli.select import gather_patches
 
 SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # the paper's inputs
 
@@ -52,9 +53,8 @@ def run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float
         L_A, L_V = model.num_audio_tokens, model.num_video_tokens
         ids_a = torch.stack([torch.randperm(L_A, generator=g) for _ in range(batch)])
         ids_v = torch.stack([torch.randperm(L_V, generator=g) for _ in range(batch)])
-        rows = torch.arange(batch)[:, None]
-        audio = audio_patches(audio, 16)[rows, ids_a[:, : num_core_tokens(L_A, core_ratio)]].contiguous()
-        video = video_patches(video, 16)[rows, ids_v[:, : num_core_tokens(L_V, core_ratio)]].contiguous()
+        audio = gather_patches(audio_patches(audio, 16), ids_a, num_core_tokens(L_A, core_ratio))
+        video = gather_patches(video_patches(video, 16), ids_v, num_core_tokens(L_V, core_ratio))
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
 
