@@ -100,12 +100,60 @@ class StellaConfig:
 
 
 @dataclass
+class LumpConfig:
+    mixup_alpha: float = 0.1  # baselines_spec §2.5: lambda ~ Beta(a, a); VGGSound 0.1, AudioSet 0.05 (config 0.5)
+
+
+@dataclass
+class MirConfig:
+    candidates_factor: int = 5  # baselines_spec §2.6: 5 x per-rank replay batch candidates (60 / 45 per GPU)
+    same_masks: bool = False  # faithful: pre and post scores use different random masks; true = the same masks
+    fix_virtual_step: bool = False  # faithful: local, unscaled virtual gradient; true = GradScaler + DDP average
+
+
+@dataclass
+class GmedConfig:
+    gamma: float = 0.1  # baselines_spec §2.7: edit stride (grad_stride)
+    beta: float = 0.05  # regularisation strength (reg_strength); VGGSound 0.05, AudioSet 0.01
+    decay: float = 1.0  # edit decay d: the step is scaled by (1 - d) ** age
+    age_samples: bool = False  # faithful: ages never grow, so d is inert; true = each edit ages the slot by 1
+    fix_virtual_step: bool = False  # as method.mir.fix_virtual_step
+
+
+@dataclass
+class ClsErConfig:
+    reg_weight: float = 0.1  # baselines_spec §2.8: consistency weight r
+    plastic_update_prob: float = 0.8  # probability of an EMA update of the plastic teacher per step
+    plastic_alpha: float = 0.999  # EMA decay cap (a = min(1 - 1/(t+1), alpha))
+    stable_update_prob: float = 0.6
+    stable_alpha: float = 0.999
+    temperature: float = 0.05  # of the teachers' diagonal contrastive probabilities (clser.py compute_vacon)
+    ema_after_step: bool = False  # faithful: EMA inside the forward, before the optimiser step; true = after it
+
+
+@dataclass
+class EsmerConfig:
+    reg_weight: float = 0.15  # baselines_spec §2.9 (STELLA@8ed637f configs/cl_algo/esmer.yaml)
+    ema_update_prob: float = 0.2
+    ema_alpha: float = 0.999
+    loss_margin: float = 2.5  # clips with teacher loss >= margin x running mean are down-weighted (> : not stored)
+    loss_alpha: float = 0.99  # EMA rate cap of the running loss statistics
+    std_margin: float = 1.0  # losses above mean + std_margin x std are left out of the running statistics
+    ema_after_step: bool = False  # as method.clser.ema_after_step
+
+
+@dataclass
 class MethodConfig:
-    name: str = "stella"  # finetune | multitask | stella | stella+
+    name: str = "stella"  # finetune | multitask | stella | stella+ | er | derpp | lump | mir | gmed | clser | esmer
     memory_size: int = 2000  # total replay slots over all ranks (spec §3.9); 5000 on AudioSet
     replay_batch_size: int | None = None  # None = the per-rank training batch (spec §9.2)
-    alpha: float = 0.5  # DER-style logit replay weight (spec §3.8)
+    alpha: float = 0.5  # DER-style logit replay weight (spec §3.8; DER++ baselines_spec §2.4)
     stella: StellaConfig = field(default_factory=StellaConfig)
+    lump: LumpConfig = field(default_factory=LumpConfig)
+    mir: MirConfig = field(default_factory=MirConfig)
+    gmed: GmedConfig = field(default_factory=GmedConfig)
+    clser: ClsErConfig = field(default_factory=ClsErConfig)
+    esmer: EsmerConfig = field(default_factory=EsmerConfig)
 
 
 @dataclass
@@ -154,7 +202,8 @@ REQUIRED_KEYS = ("data.dataset", "data.root", "output.dir")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "vggsound", "audioset"),
     "model.preset": tuple(MODEL_PRESETS),
-    "method.name": ("finetune", "multitask", "stella", "stella+"),
+    "method.name": ("finetune", "multitask", "stella", "stella+", "er", "derpp", "lump", "mir", "gmed", "clser",
+                    "esmer"),
     "optim.amp": ("auto", "bf16", "fp16", "none"),
     "train.device": ("auto", "cpu", "cuda"),
 }

@@ -52,6 +52,13 @@ class Method(nn.Module):
     def end_task(self, task: str) -> None:
         """See begin_task."""
 
+    def attach_optimizer(self, optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler) -> None:
+        """train.py hands over the optimiser and the AMP scaler (MIR and GMED take a virtual step with them)."""
+        self.optimizer, self.scaler = optimizer, scaler
+
+    def after_optimizer_step(self) -> None:
+        """Called by train.py after each optimiser step (the CLS-ER / ESMER `ema_after_step` fix)."""
+
     def extra_state(self) -> dict[str, Any]:
         """Everything a checkpoint needs beyond parameters: generator states, buffers."""
         return {"generators": {k: g.get_state() for k, g in self.generators.items()}}
@@ -213,3 +220,5 @@ METHODS: dict[str, type[Method]] = {
     "stella": Stella,
     "stella+": StellaPlus,
 }
+
+import stella_cli.baselines  # noqa: E402,F401  (ER, DER++, LUMP, MIR, GMED, CLS-ER, ESMER add themselves)

@@ -487,6 +487,14 @@ class CAVMAE(nn.Module):
         loss = info_nce(z_a, z_v, self.contrast_tau, reduction, remote_grad=self.contrast_remote_grad)
         return self.contrast_weight * loss, z_a, z_v
 
+    def encode_pooled(self, audio: Tensor, video: Tensor,
+                      generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Encoder-only pass of the CLS-ER / ESMER teachers (baselines_spec §2.8): random masking, the modality
+        layers and the per-modality fusion path, no decoder.  -> pooled z_a, z_v (B, D) as in forward."""
+        a, v = self.forward_encoder(audio, video, None, None, generator)
+        lat_a, lat_v = self.modality_embed(a.x, v.x)
+        return lat_a.mean(1).float(), lat_v.mean(1).float()
+
     def forward(self, audio: Tensor, video: Tensor, ids_a: Tensor | None = None, ids_v: Tensor | None = None,
                 reduction: str = "mean", generator: torch.Generator | None = None) -> dict[str, Tensor]:
         """MAE + contrastive pass (spec §1.4-1.7).

@@ -287,6 +287,7 @@ class Trainer:
                 logged[k] = logged.get(k, 0.0) + v.item() / len(chunks)
         self.scaler.step(opt)
         self.scaler.update()
+        unwrap(method).after_optimizer_step()
         return logged
 
     def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
@@ -393,6 +394,7 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     optimizer = build_optimizer(method, recipe.optim)
     amp = amp_dtype(recipe.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    method.attach_optimizer(optimizer, scaler)
     wrapped = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else method
     schedule = [("all", tasks)] if recipe.method.name == "multitask" else [(t, [t]) for t in tasks]
