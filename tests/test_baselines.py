@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from torch import nn
 
 from stella_cli.baselines import (ER, ClsEr, DERpp, Esmer, Gmed, Lump, Mir, clser_targets, esmer_weights,
                                   running_loss_stats, virtual_adam_step)
-from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, resolve_model_preset
+from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.methods import METHODS
 from stella_cli.model import CAVMAE
 from stella_cli.train import build_optimizer
@@ -363,3 +364,55 @@ def test_passes_per_step(name):
             model.decoder_embed.register_forward_hook(lambda m, i, out: calls[-1].__setitem__(3, True))
     method.step(real_batch(seed=2))
     assert [tuple(c) for c in calls] == PASSES[name]
+
+
+# ----------------------------------------------------------------------------------------------------------
+# defaults and recipes
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
+# spec §3: per dataset, what each method's recipe sets (everything else inherited from the stream's base)
+PER_DATASET = {
+    "vggsound": {"memory": 2000, "batch": 48, "epochs": 10, "lump": 0.1, "gmed_beta": 0.05, "temperature": 0.4,
+                 "big_memory": 2000, "candidates_per_gpu": 60},
+    "audioset": {"memory": 5000, "batch": 36, "epochs": 15, "lump": 0.05, "gmed_beta": 0.01, "temperature": 0.1,
+                 "big_memory": 6000, "candidates_per_gpu": 45},
+}
+METHOD_NAMES = {"multitask": "multitask", "finetune": "finetune", "er": "er", "mir": "mir", "derpp": "derpp",
+                "gmed": "gmed", "clser": "clser", "esmer": "esmer", "lump": "lump", "stella": "stella",
+                "stella_plus": "stella+"}
+
+
+def test_method_defaults_are_the_authors_vggsound_values():
+    m = MethodConfig()
+    assert m.alpha == 0.5 and m.lump.mixup_alpha == 0.1 and m.mir.candidates_factor == 5
+    assert (m.gmed.gamma, m.gmed.beta, m.gmed.decay) == (0.1, 0.05, 1.0)
+    c = m.clser
+    assert (c.reg_weight, c.plastic_update_prob, c.plastic_alpha, c.stable_update_prob, c.stable_alpha) == \
+        (0.1, 0.8, 0.999, 0.6, 0.999)
+    e = m.esmer
+    assert (e.reg_weight, e.ema_update_prob, e.ema_alpha, e.loss_margin, e.loss_alpha, e.std_margin) == \
+        (0.15, 0.2, 0.999, 2.5, 0.99, 1.0)
+    faithful = (m.mir.same_masks, m.mir.fix_virtual_step, m.gmed.age_samples, m.gmed.fix_virtual_step,
+                c.ema_after_step, e.ema_after_step)
+    assert not any(faithful)
+
+
+def test_every_recipe_loads_and_per_dataset_recipes_carry_the_authors_values():
+    for path in sorted(RECIPES.glob("*.yaml")):
+        recipe = load_recipe(path)  # raises on any unknown key or bad value
+        assert recipe.output.dir.startswith("runs/"), path.name
+    for method, name in METHOD_NAMES.items():
+        synthetic = load_recipe(RECIPES / f"synthetic_{method}.yaml")
+        assert synthetic.method.name == name and synthetic.output.dir == f"runs/synthetic_{method}"
+        assert (synthetic.train.epochs, synthetic.train.batch_size, synthetic.method.memory_size) == (20, 16, 200)
+        for dataset, v in PER_DATASET.items():
+            r = load_recipe(RECIPES / f"{dataset}_{method}.yaml")
+            assert r.method.name == name and r.output.dir == f"runs/{dataset}_{method}"
+            assert r.data.dataset == dataset and (r.train.epochs, r.train.batch_size) == (v["epochs"], v["batch"])
+            assert r.method.memory_size == (v["big_memory"] if method in ("derpp", "clser") else v["memory"])
+            assert r.method.lump.mixup_alpha == v["lump"] or method != "lump"
+            assert r.method.gmed.beta == v["gmed_beta"] or method != "gmed"
+            assert r.method.stella.att_temperature == v["temperature"] or method not in ("stella", "stella_plus")
+            per_gpu = r.train.batch_size // 4  # the paper's 4 GPUs
+            assert r.method.mir.candidates_factor * per_gpu == v["candidates_per_gpu"] or method != "mir"
