@@ -5,11 +5,15 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch import nn
 
 from stella_cli.baselines import (ER, ClsEr, DERpp, Esmer, Gmed, Lump, Mir, clser_targets, esmer_weights,
@@ -251,6 +255,34 @@ def test_virtual_updates_leave_weights_and_optimiser_state_bit_for_bit(name, opt
     for i, state in opt_state["state"].items():
         assert all(torch.equal(after["state"][i][k], v) for k, v in state.items()), i
     assert all(p.grad is None for p in method.parameters())  # the virtual gradient never lands in .grad
+
+
+def virtual_weight_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    """Rank r trains on x = +2 (r = 0) or −2 (r = 1); the weight inside the virtual update, faithful and fixed."""
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        inside = {}
+        for fix in (False, True):
+            method = toy_method(Mir, "mir")
+            with method.virtually_updated(clips([2.0 - 4 * rank] * 2), fix):
+                inside[fix] = method.backbone.w.item()
+        torch.save(inside, os.path.join(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_virtual_step_gradient_is_local_as_the_authors_or_averaged_over_ranks(tmp_path):
+    """spec §2.6: inside DDP's forward the authors' virtual step sees each rank's own gradient (w' = ±lr on the
+    two ranks); fix_virtual_step averages it (−4 and +4 cancel: w' = 0 on both)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    mp.spawn(virtual_weight_worker, args=(2, port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    assert [r[False] for r in ranks] == pytest.approx([0.5, -0.5], abs=1e-6)
+    assert [r[True] for r in ranks] == [0.0, 0.0]
 
 
 # ----------------------------------------------------------------------------------------------------------
