@@ -257,6 +257,20 @@ def test_virtual_updates_leave_weights_and_optimiser_state_bit_for_bit(name, opt
     assert all(p.grad is None for p in method.parameters())  # the virtual gradient never lands in .grad
 
 
+def test_fixed_virtual_step_unscales_the_gradient_and_skips_a_non_finite_one():
+    """With a GradScaler (scale 2^16) the fixed step divides the scale out before Adam: at w = 1, x = 1.5 the loss
+    gradient −1 and the L2 term +1 cancel (w' = w); left scaled it would be −65535 (w' = w + lr). At x = 1e34 the
+    scaled gradient overflows float32: the step is skipped (w' = w; taken, it would make w NaN)."""
+    inside = {}
+    for x in (1.5, 1e34):
+        method = toy_method(Mir, "mir", w=1.0)
+        method.optimizer = torch.optim.Adam(method.parameters(), lr=0.5, betas=(0.95, 0.999), weight_decay=1.0)
+        method.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16)
+        with method.virtually_updated(clips([x, x]), fix=True):
+            inside[x] = method.backbone.w.item()
+    assert inside == {1.5: 1.0, 1e34: 1.0}
+
+
 def virtual_weight_worker(rank: int, world: int, port: int, out_dir: str) -> None:
     """Rank r trains on x = +2 (r = 0) or −2 (r = 1); the weight inside the virtual update, faithful and fixed."""
     os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
