@@ -160,15 +160,14 @@ class Lump(ER):
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
-        if self.memory_per_rank < self.batch_size:
-            raise ValueError(f"method.memory_size: LUMP pairs each current clip with a stored one, so every rank "
-                             f"needs at least {self.batch_size} slots (has {self.memory_per_rank})")
         self.mix_rng = np.random.default_rng(kwargs["seed"] * 1000 + kwargs["rank"] + 5)  # λ, as np.random.beta
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         audio, video = batch["audio"], batch["video"]
         if not self.buffer.is_empty():
-            replay = self.sample(video.shape[0], video.device)  # row i is mixed with replay row i
+            replay = self.sample(video.shape[0], video.device)  # row i is mixed with replay row i ...
+            pair = torch.arange(video.shape[0], device=video.device) % replay["video"].shape[0]  # ... mod R
+            replay = {k: v[pair] for k, v in replay.items()}  # (the authors' code crashes with R < B)
             lam = float(self.mix_rng.beta(self.cfg.lump.mixup_alpha, self.cfg.lump.mixup_alpha))
             audio, video = lam * audio + (1 - lam) * replay["audio"], lam * video + (1 - lam) * replay["video"]
         out = self.backbone(audio, video, generator=self.generators["mask"])

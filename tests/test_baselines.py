@@ -141,9 +141,15 @@ def test_lump_trains_on_b_mixed_rows_and_stores_the_clean_clips():
     torch.testing.assert_close(method.buffer.fields["audio"][2:4], current["audio"])
 
 
-def test_lump_refuses_a_memory_smaller_than_the_batch():
-    with pytest.raises(ValueError, match="at least 4 slots"):
-        toy_method(Lump, "lump", B=4, memory=2)
+def test_lump_with_fewer_stored_clips_than_the_batch_pairs_row_b_with_stored_row_b_mod_r():
+    method = toy_method(Lump, "lump", B=3, memory=2)
+    method.step(clips([1.0, 2.0, 3.0]))  # 2 slots: the reservoir keeps two of the three
+    slots = replay_order(method, 2, 2)
+    stored = feature(method.buffer.fields["video"])[slots][torch.tensor([0, 1, 0])]  # R = 2 rows for B = 3
+    lam = np.random.default_rng(5).beta(0.1, 0.1)
+    method.step(clips([4.0, 5.0, 6.0]))
+    torch.testing.assert_close(feature(method.backbone.calls[-1][4]), lam * torch.tensor([4.0, 5.0, 6.0])
+                               + (1 - lam) * stored)
 
 
 # ----------------------------------------------------------------------------------------------------------
