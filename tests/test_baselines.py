@@ -17,7 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from stella_cli.baselines import (ER, ClsEr, DERpp, Esmer, Gmed, Lump, Mir, clser_targets, esmer_weights,
-                                  running_loss_stats, virtual_adam_step)
+                                  per_sample_loss, running_loss_stats, virtual_adam_step)
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.methods import METHODS
 from stella_cli.model import CAVMAE
@@ -261,6 +261,23 @@ def test_virtual_updates_leave_weights_and_optimiser_state_bit_for_bit(name, opt
     for i, state in opt_state["state"].items():
         assert all(torch.equal(after["state"][i][k], v) for k, v in state.items()), i
     assert all(p.grad is None for p in method.parameters())  # the virtual gradient never lands in .grad
+
+
+@pytest.mark.parametrize("same_masks", [False, True])
+def test_mir_pre_and_post_scores_use_fresh_or_the_same_masks(same_masks):
+    """With lr 0 the virtual step leaves θ' = θ, so pre and post per-sample losses differ only by their masks:
+    faithful (fresh masks) they differ, with `mir.same_masks` they are equal bit for bit."""
+    method, optimizer = real_method("mir", mir={"same_masks": same_masks})
+    for seed in range(2):
+        train_step(method, optimizer, real_batch(seed=seed))
+    for group in optimizer.param_groups:
+        group["lr"] = 0.0
+    scores = []
+    method.backbone.register_forward_hook(lambda m, args, kwargs, out: scores.append(
+        per_sample_loss(out)) if kwargs.get("reduction") == "none" else None, with_kwargs=True)
+    method.step(real_batch(seed=2))
+    pre, post = scores
+    assert pre.shape == (4,) and torch.equal(pre, post) == same_masks
 
 
 def test_fixed_virtual_step_unscales_the_gradient_and_skips_a_non_finite_one():
