@@ -282,7 +282,9 @@ class Teachers(ER):
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
-        self.generators["ema"] = torch.Generator().manual_seed(kwargs["seed"] * 1000 + kwargs["rank"] + 4)
+        # the same draws on every rank: DDP keeps the backbones equal, so the teachers stay equal too (and rank 0's
+        # checkpoint restores every rank); the authors' unseeded workers draw per rank and their teachers drift apart
+        self.generators["ema"] = torch.Generator().manual_seed(kwargs["seed"] * 1000 + 4)
         self.global_step = 0
 
     def teachers(self) -> list[tuple[nn.Module, float, float]]:
