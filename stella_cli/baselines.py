@@ -201,22 +201,22 @@ class VirtualUpdate(ER):
             raise RuntimeError(f"{type(self).__name__} needs the optimiser: call attach_optimizer first")
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
         saved = [p.detach().clone() for p in params]
-        out = self.backbone(batch["audio"], batch["video"], generator=self.generators["mask"])
-        loss = sum(self.backbone_losses(out).values())
-        scale = self.scaler.get_scale() if fix and self.scaler is not None and self.scaler.is_enabled() else 1.0
-        grads = [g if g is None else g / scale
-                 for g in torch.autograd.grad(loss * scale, params, allow_unused=True)]
-        finite = True
-        if fix:
-            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-            if dist.is_initialized():
-                for g in grads:
-                    dist.all_reduce(g)
-                    g /= dist.get_world_size()
-            finite = all(bool(torch.isfinite(g).all()) for g in grads)
-        if finite:
-            virtual_adam_step(self.optimizer, grads)
         try:
+            out = self.backbone(batch["audio"], batch["video"], generator=self.generators["mask"])
+            loss = sum(self.backbone_losses(out).values())
+            scale = self.scaler.get_scale() if fix and self.scaler is not None and self.scaler.is_enabled() else 1.0
+            grads = [g if g is None else g / scale
+                     for g in torch.autograd.grad(loss * scale, params, allow_unused=True)]
+            finite = True
+            if fix:
+                grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+                if dist.is_initialized():
+                    for g in grads:
+                        dist.all_reduce(g)
+                        g /= dist.get_world_size()
+                finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
+            if finite:
+                virtual_adam_step(self.optimizer, grads)
             yield
         finally:
             with torch.no_grad():
