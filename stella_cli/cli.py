@@ -220,8 +220,9 @@ def bench(
     for name in ("method", "s / iter", "x", "activations MiB", "x", "peak MiB", "x"):
         table.add_column(name, justify="left" if name == "method" else "right")
     for r in rows:
-        table.add_row(r["method"], f"{r['iter_s']:.3f}", f"{r['iter_ratio']:.2f}", f"{r['activation_bytes'] / unit:,.1f}",
-                      f"{r['activation_ratio']:.2f}", f"{r['peak_bytes'] / unit:,.1f}", f"{r['peak_ratio']:.2f}")
+        table.add_row(r["method"], f"{r['iter_s']:.3f}", f"{r['iter_ratio']:.2f}",
+                      f"{r['activation_bytes'] / unit:,.1f}", f"{r['activation_ratio']:.2f}",
+                      f"{r['peak_bytes'] / unit:,.1f}", f"{r['peak_ratio']:.2f}")
     console.print(table)
     peak = "CUDA max allocated" if device == "cuda" else "growth of the peak RSS over the size before training"
     console.print(f"activations = bytes saved for backward (distinct storages, parameters excluded); peak = {peak}; "
