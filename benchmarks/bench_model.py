@@ -8,14 +8,14 @@ backward in the warm-up step (activation memory, fp32), the RSS growth after its
 RSS growth over it (this includes the parameter gradients, 4 bytes x parameters, the same in both cases). The last
 column gives core / full. Spec §8 explains where the saving comes from (the decoder runs on K instead of L tokens).
 --attention math replaces scaled_dot_product_attention by the authors' explicit softmax(q·kᵀ)·v, which keeps the
-attention maps for backward (the setting of spec §8's measurement).
+attention maps for backward (the setting of spec §8's measurement). The kernel switch, the saved-bytes count and
+the input sizes are `stella bench`'s (stella_cli/bench.py), which compares whole training iterations of methods.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -23,26 +23,22 @@ import time
 
 import torch
 
+from stella_cli.bench import SIZES, SavedBytes, attention_kernel, peak_rss_bytes, rss_bytes
 from stella_cli.config import MODEL_PRESETS, ModelConfig, num_core_tokens, resolve_model_preset
 from stella_cli.model import CAVMAE, audio_patches, video_patches
 from stella_cli.select import gather_patches
 
-SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # the paper's inputs
-
 
 def rss_mib() -> float:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 2**20
-
-
-def math_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The authors' attention (cav.py:651-656): materialises softmax(q·kᵀ·scale), saved for backward."""
-    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1) @ v
+    return rss_bytes() / 2**20
 
 
 def run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float, attention: str) -> dict:
-    if attention == "math":
-        torch.nn.functional.scaled_dot_product_attention = math_attention
+    with attention_kernel(attention):
+        return _run_case(case, preset, batch, repeats, core_ratio)
+
+
+def _run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float) -> dict:
     torch.manual_seed(0)
     cfg = resolve_model_preset(ModelConfig(preset=preset))
     model = CAVMAE(cfg, **SIZES)
@@ -55,15 +51,6 @@ def run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float
         ids_v = torch.stack([torch.randperm(L_V, generator=g) for _ in range(batch)])
         audio = gather_patches(audio_patches(audio, 16), ids_a, num_core_tokens(L_A, core_ratio))
         video = gather_patches(video_patches(video, 16), ids_v, num_core_tokens(L_V, core_ratio))
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved: dict[int, int] = {}
-
-    def pack(t: torch.Tensor) -> torch.Tensor:
-        storage = t.untyped_storage()
-        if storage.data_ptr() not in params:
-            saved[storage.data_ptr()] = storage.nbytes()
-        return t
-
     rss: list[float] = []
 
     def step() -> float:
@@ -75,11 +62,11 @@ def run_case(case: str, preset: str, batch: int, repeats: int, core_ratio: float
         return time.perf_counter() - start
 
     rss_before = rss_mib()
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    with SavedBytes(exclude=model.parameters()) as saved:
         step()  # warm-up, also the one whose saved tensors and RSS are measured
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB on Linux
+    peak = peak_rss_bytes() / 2**20
     times = [step() for _ in range(repeats)]
-    return {"case": case, "seconds": statistics.median(times), "saved_mib": sum(saved.values()) / 2**20,
+    return {"case": case, "seconds": statistics.median(times), "saved_mib": saved.total / 2**20,
             "forward_rss_growth_mib": rss[0] - rss_before, "peak_rss_growth_mib": peak - rss_before,
             "audio_input": list(audio.shape), "video_input": list(video.shape), "threads": torch.get_num_threads()}
 

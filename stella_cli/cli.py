@@ -190,6 +190,45 @@ def buffer(
             console.print(f"{name} (pruning probability of the candidate patches): {info[name]:.3f}")
 
 
+@app.command()
+def bench(
+    methods: str = typer.Option("all", help="all, or a comma-separated list, e.g. stella,derpp,finetune."),
+    preset: str = typer.Option("base", help="Model size: base (the paper's) | small | tiny."),
+    batch: int = typer.Option(2, help="Current clips per iteration (replaying methods add their replay rows)."),
+    device: str = typer.Option("cpu", help="cpu | cuda."),
+    attention: str = typer.Option("sdpa", help="sdpa (default kernel) | math (the authors' explicit softmax(q k^T) v, "
+                                               "which keeps the attention maps for backward)."),
+    steps: int = typer.Option(2, help="Timed iterations per method (after the buffer-filling steps)."),
+    memory: Optional[int] = typer.Option(None, help="Replay slots, filled before timing (default 5 x batch: "
+                                                    "MIR's candidate pool)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the rows as JSON instead of the table."),
+) -> None:
+    """Time and memory of one training iteration of each method, as ratios to DER++ (paper input sizes)."""
+    import json
+
+    from stella_cli.bench import parse_methods, reference_note, run_bench
+
+    names = parse_methods(methods)
+    status = Console(stderr=True)
+    rows = run_bench(names, preset=preset, batch=batch, device=device, attention=attention, steps=steps,
+                     memory=memory, progress=lambda text: status.print(f"[dim]measuring {text}"))
+    if as_json:
+        print(json.dumps(rows, indent=1))
+        return
+    unit = 2**20
+    table = Table(title=f"stella bench: preset {preset}, batch {batch}, {attention} attention, {device}")
+    for name in ("method", "s / iter", "x", "activations MiB", "x", "peak MiB", "x"):
+        table.add_column(name, justify="left" if name == "method" else "right")
+    for r in rows:
+        table.add_row(r["method"], f"{r['iter_s']:.3f}", f"{r['iter_ratio']:.2f}",
+                      f"{r['activation_bytes'] / unit:,.1f}", f"{r['activation_ratio']:.2f}",
+                      f"{r['peak_bytes'] / unit:,.1f}", f"{r['peak_ratio']:.2f}")
+    console.print(table)
+    peak = "CUDA max allocated" if device == "cuda" else "growth of the peak RSS over the size before training"
+    console.print(f"activations = bytes saved for backward (distinct storages, parameters excluded); peak = {peak}; "
+                  f"{reference_note(rows)}")
+
+
 def print_summary(run_dir: Path) -> None:
     """The paper's table layout for one run: A and F (both definitions) per direction and R@K."""
     import json

@@ -97,6 +97,9 @@ class StellaConfig:
     att_temperature: float = 0.4  # tau of the importance softmax (spec §3.2)
     matching_loss_weight: float = 1.0  # L_vam weight (spec §2.4)
     faithful_plus_rca_rows: bool = False  # STELLA+ only: reproduce bug B8 (spec §9.3); false = fixed
+    # patch-selection ablation (baselines_spec §2.13): full (the paper's method) | random (uniform patches and
+    # audio chunks, no AVM) | importance (AVM importance, no RCA pruning) | correlation (RCA pruning, uniform choice)
+    selection: str = "full"
 
 
 @dataclass
@@ -204,6 +207,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "model.preset": tuple(MODEL_PRESETS),
     "method.name": ("finetune", "multitask", "stella", "stella+", "er", "derpp", "lump", "mir", "gmed", "clser",
                     "esmer"),
+    "method.stella.selection": ("full", "random", "importance", "correlation"),
     "optim.amp": ("auto", "bf16", "fp16", "none"),
     "train.device": ("auto", "cpu", "cuda"),
 }

@@ -18,8 +18,9 @@ from stella_cli.config import AVMConfig, MethodConfig, num_core_tokens
 from stella_cli.model import AVM, CAVMAE, audio_patches, load_authors_checkpoint, matching_loss, video_patches
 from stella_cli.replay import ReservoirBuffer
 from stella_cli.scoring import candidates, correlation_probs, patch_importance, query_prototypes
-from stella_cli.select import (first_iteration_order, gather_patches, prune_mask, select_audio_chunks,
-                               select_plus_current, select_video_patches)
+from stella_cli.select import (PlusSelection, first_iteration_order, gather_patches, prune_mask, select_audio_chunks,
+                               select_plus_current, select_video_patches, select_video_patches_plus,
+                               uniform_importance)
 
 
 class Method(nn.Module):
@@ -88,10 +89,17 @@ class Stella(Method):
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
-        self.avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=self.avm_cfg.fix_head_reshape)
-        if self.avm_cfg.checkpoint:  # spec §2.5: an AVM pre-trained on a frozen backbone; "" = random (B2)
-            load_authors_checkpoint(self.avm, self.avm_cfg.checkpoint)
         s = cfg.stella
+        # Patch-selection ablations (baselines_spec §2.13, README "Ablations"): without RCA p ≡ 0; without importance
+        # the choice is uniform among the unpruned patches. `random` uses neither, so it has no AVM at all: no frozen
+        # scoring passes, no matching loss, no AVM parameters (DDP would otherwise wait for their gradients).
+        self.uses_rca = s.selection in ("full", "correlation")
+        self.uses_importance = s.selection in ("full", "importance")
+        self.avm = None
+        if s.selection != "random":
+            self.avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=self.avm_cfg.fix_head_reshape)
+            if self.avm_cfg.checkpoint:  # spec §2.5: an AVM pre-trained on a frozen backbone; "" = random (B2)
+                load_authors_checkpoint(self.avm, self.avm_cfg.checkpoint)
         self.K_V = num_core_tokens(backbone.num_video_tokens, s.core_video_ratio)
         self.K_A = num_core_tokens(backbone.num_audio_tokens, s.core_audio_ratio)
         self.replay_batch = cfg.replay_batch_size or self.batch_size
@@ -100,19 +108,22 @@ class Stella(Method):
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         video, audio = batch["video"], batch["audio"]  # (B, F, 3, S, S), (B, 1, T, M)
         B = video.shape[0]
-        scores = self.score(audio, video)  # steps A-D
+        scores = self.score(audio, video) if self.avm is not None else self.uniform_scores(B, video.device)  # A-D
         replay = None if len(self.buffer) == 0 else self.sample_replay(video.device)
         core = self.select(audio, video, scores, replay)  # steps E-F
         # Step G (spec §3.7): MAE + contrastive on the core patches with modality-guided masking
         out = self.backbone(core["audio"], core["video"], ids_a=core["order_a"], ids_v=core["order_v"],
                             generator=self.generators["mask"])
-        losses = {**self.backbone_losses(out), "loss_vam": scores["loss_vam"]}
+        losses = self.backbone_losses(out)
+        if self.avm is not None:
+            losses["loss_vam"] = scores["loss_vam"]
         # Step H (spec §3.8): DER-style penalty on the replayed clips' stored pooled embeddings
         if replay is not None:
             losses["loss_pen"] = self.cfg.alpha * (F.mse_loss(out["z_a"][B:], replay["z_a"])
                                                    + F.mse_loss(out["z_v"][B:], replay["z_v"]))
         # Step I (spec §3.9): offer every current clip to the reservoir
-        self.buffer.add(generator=self.generators["replay"], **self.memory_fields(batch, scores, core, out))
+        fields = self.memory_fields(batch, scores, core, out)
+        self.buffer.add(generator=self.generators["replay"], **{k: v for k, v in fields.items() if v is not None})
         return losses
 
     def score(self, audio: Tensor, video: Tensor) -> dict[str, Any]:
@@ -135,24 +146,37 @@ class Stella(Method):
         return dict(att=att, I_v=I_v, I_a=I_a, C_v=C_v, C_a=C_a, q_bar_v=q_bar_v, q_bar_a=q_bar_a, loss_vam=loss_vam,
                     scale=att["q_v"].shape[-1] ** -0.5)
 
+    def uniform_scores(self, B: int, device: torch.device) -> dict[str, Any]:
+        """The `random` ablation's stand-in for steps A-D: I = 1/L for every patch, no prototypes, no AVM loss."""
+        return dict(I_v=uniform_importance(B, self.backbone.num_video_tokens, device),
+                    I_a=uniform_importance(B, self.backbone.num_audio_tokens, device), q_bar_v=None, q_bar_a=None)
+
     def select(self, audio: Tensor, video: Tensor, sc: dict[str, Any], replay: dict[str, Tensor] | None) -> dict:
         """Steps E-F: core patches and orderings of the current clips, then the replayed ones (2B rows)."""
         g, p = self.generators["select"], self.backbone.patch_size
-        if replay is None:  # first iteration (spec §9.3 B9): plain top-K, no chunking, stored p = 0
+        if replay is None and self.uses_importance:  # first iteration (spec §9.3 B9): top-K, no chunking, p = 0
             p_v, p_a = torch.zeros_like(sc["I_v"]), torch.zeros_like(sc["I_a"])
             order_v, order_a = first_iteration_order(sc["I_v"], self.K_V), first_iteration_order(sc["I_a"], self.K_A)
         else:
-            # Step E (spec §3.5): replay-guided correlation; current clip b is paired with replay item b
-            att = sc["att"]
-            p_v = correlation_probs(att["k_v"], sc["q_bar_a"], replay["q_bar_a"], sc["C_v"], sc["scale"])  # (B, L_V)
-            p_a = correlation_probs(att["k_a"], sc["q_bar_v"], replay["q_bar_v"], sc["C_a"], sc["scale"])  # (B, L_A)
-            # Step F (spec §3.6): replayed clips are re-pruned with their stored p and re-selected with stored I
-            z_v = prune_mask(torch.cat([p_v, replay["p_v"]]), g)  # (2B, L_V) bool
-            z_a = prune_mask(torch.cat([p_a, replay["p_a"]]), g)  # (2B, L_A) bool
-            order_v = select_video_patches(torch.cat([sc["I_v"], replay["I_v"]]), z_v, self.K_V, g)  # (2B, L_V)
-            order_a = select_audio_chunks(torch.cat([sc["I_a"], replay["I_a"]]), z_a, self.K_A,
-                                          self.backbone.num_freq_tokens, self.cfg.stella.num_core_audio_times, g)
-            video, audio = torch.cat([video, replay["video"]]), torch.cat([audio, replay["audio"]])
+            I_v, I_a = sc["I_v"], sc["I_a"]  # (B, L_V), (B, L_A)
+            p_v, p_a = torch.zeros_like(I_v), torch.zeros_like(I_a)  # no RCA: nothing is pruned
+            if replay is not None and self.uses_rca:
+                # Step E (spec §3.5): replay-guided correlation; current clip b is paired with replay item b
+                att = sc["att"]
+                p_v = correlation_probs(att["k_v"], sc["q_bar_a"], replay["q_bar_a"], sc["C_v"], sc["scale"])
+                p_a = correlation_probs(att["k_a"], sc["q_bar_v"], replay["q_bar_v"], sc["C_a"], sc["scale"])
+            P_v, P_a = p_v, p_a
+            if replay is not None:  # replayed clips are re-pruned with their stored p and re-selected with stored I
+                I_v, I_a = torch.cat([I_v, replay["I_v"]]), torch.cat([I_a, replay["I_a"]])  # (2B, L)
+                P_v, P_a = torch.cat([p_v, replay["p_v"]]), torch.cat([p_a, replay["p_a"]])  # (2B, L)
+                video, audio = torch.cat([video, replay["video"]]), torch.cat([audio, replay["audio"]])
+            if not self.uses_importance:
+                I_v, I_a = uniform_importance(*I_v.shape, I_v.device), uniform_importance(*I_a.shape, I_a.device)
+            # Step F (spec §3.6): Bernoulli pruning, then sampling ∝ I·(1 − z) and audio time chunks
+            z_v, z_a = prune_mask(P_v, g), prune_mask(P_a, g)  # (2B, L_V), (2B, L_A) bool
+            order_v = select_video_patches(I_v, z_v, self.K_V, g)  # (2B, L_V)
+            order_a = select_audio_chunks(I_a, z_a, self.K_A, self.backbone.num_freq_tokens,
+                                          self.cfg.stella.num_core_audio_times, g)  # (2B, L_A)
         return dict(video=gather_patches(video_patches(video, p), order_v, self.K_V),  # (2B, K_V, 3, p, p)
                     audio=gather_patches(audio_patches(audio, p), order_a, self.K_A),  # (2B, K_A, 1, p, p)
                     order_v=order_v, order_a=order_a, p_v=p_v, p_a=p_a)
@@ -188,12 +212,21 @@ class StellaPlus(Stella):
         p = self.backbone.patch_size
         if replay is None:
             return super().select(audio, video, sc, None)
-        att, s = sc["att"], self.cfg.stella
-        plus = select_plus_current(sc["I_v"], sc["I_a"], sc["C_v"], sc["C_a"], att["S_va"], att["k_v"], att["k_a"],
-                                   sc["q_bar_v"], sc["q_bar_a"], replay["q_bar_v"], replay["q_bar_a"], K_A=self.K_A,
-                                   num_freq_tokens=self.backbone.num_freq_tokens, chunk_times=s.num_core_audio_times,
-                                   scale=sc["scale"], generator=self.generators["select"],
-                                   faithful_plus_rca_rows=s.faithful_plus_rca_rows)
+        s, g = self.cfg.stella, self.generators["select"]
+        if self.uses_rca:
+            att = sc["att"]
+            plus = select_plus_current(sc["I_v"], sc["I_a"], sc["C_v"], sc["C_a"], att["S_va"], att["k_v"], att["k_a"],
+                                       sc["q_bar_v"], sc["q_bar_a"], replay["q_bar_v"], replay["q_bar_a"],
+                                       K_A=self.K_A, num_freq_tokens=self.backbone.num_freq_tokens,
+                                       chunk_times=s.num_core_audio_times, scale=sc["scale"], generator=g,
+                                       faithful_plus_rca_rows=s.faithful_plus_rca_rows,
+                                       uniform_choice=not self.uses_importance)
+        else:  # random / importance ablation: p ≡ 0, nothing pruned
+            I_v, I_a = sc["I_v"], sc["I_a"]
+            p_v, p_a = torch.zeros_like(I_v), torch.zeros_like(I_a)
+            plus = PlusSelection(select_video_patches_plus(I_v, p_v.bool(), self.K_V, g),
+                                 select_audio_chunks(I_a, p_a.bool(), self.K_A, self.backbone.num_freq_tokens,
+                                                     s.num_core_audio_times, g), p_v, p_a)
         core_v = gather_patches(video_patches(video, p), plus.order_v, self.K_V)  # (B, K_V, 3, p, p)
         core_a = gather_patches(audio_patches(audio, p), plus.order_a, self.K_A)  # (B, K_A, 1, p, p)
         return dict(video=torch.cat([core_v, replay["core_v"]]), audio=torch.cat([core_a, replay["core_a"]]),

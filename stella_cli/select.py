@@ -50,6 +50,12 @@ def select_video_patches(I_v: Tensor, z_v: Tensor, K_V: int, generator: torch.Ge
     return torch.multinomial(w, w.shape[1], replacement=False, generator=generator)  # (B, L_V) long
 
 
+def uniform_importance(B: int, L: int, device: torch.device | str = "cpu") -> Tensor:
+    """I = 1/L for every token (ablations without importance, baselines_spec §2.13): sampling ∝ I·(1 − z) is then
+    uniform among the unpruned tokens and the audio chunks are drawn uniformly.  Returns (B, L) float32."""
+    return torch.full((B, L), 1.0 / L, device=device)
+
+
 def first_iteration_order(I: Tensor, K: int) -> Tensor:
     """Empty-buffer special case (stella_spec §3.6, B9): deterministic importance ranking, no pruning, no chunking.
 
@@ -241,7 +247,8 @@ class PlusSelection(NamedTuple):
 def select_plus_current(I_v: Tensor, I_a: Tensor, C_v: Tensor, C_a: Tensor, S_va: Tensor, k_v: Tensor,
                         k_a: Tensor, q_bar_v: Tensor, q_bar_a: Tensor, q_bar_v_past: Tensor, q_bar_a_past: Tensor,
                         *, K_A: int, num_freq_tokens: int, chunk_times: int, scale: float,
-                        generator: torch.Generator, faithful_plus_rca_rows: bool = False) -> PlusSelection:
+                        generator: torch.Generator, faithful_plus_rca_rows: bool = False,
+                        uniform_choice: bool = False) -> PlusSelection:
     """STELLA+ selection of the current clips when the buffer is non-empty (stella_spec §3.12, `stella_p.py:101-155`).
 
     1. p_v = RCA on the video candidates; z_v ~ Bernoulli(p_v); order_v = `select_video_patches_plus`.
@@ -254,11 +261,15 @@ def select_plus_current(I_v: Tensor, I_a: Tensor, C_v: Tensor, C_a: Tensor, S_va
     uses the candidates' own rows, i.e. s_cur = scale·⟨k_a, q̄_v⟩ as in STELLA.
     Shapes: I_v (B, L_V), I_a (B, L_A), C_v (B, K_V), C_a (B, K_A), S_va (B, H, L_V, L_A), k_v (B, H, L_V, d_h),
     k_a (B, H, L_A, d_h), q̄ (B, H, d_h), q̄_past (R, H, d_h) (paired b with b).
+    uniform_choice=True (the `correlation` ablation) samples the patches and audio chunks uniformly among the
+    unpruned ones instead of ∝ I; I still gives the candidates and the RCA weights.
     """
     K_V = C_v.shape[1]
     p_v = correlation_probs(k_v, q_bar_a, q_bar_a_past, C_v, scale)  # (B, L_V)
     z_v = prune_mask(p_v, generator)  # (B, L_V)
-    order_v = select_video_patches_plus(I_v, z_v, K_V, generator)  # (B, L_V)
+    W_v, W_a = (uniform_importance(*I_v.shape, I_v.device), uniform_importance(*I_a.shape, I_a.device)) \
+        if uniform_choice else (I_v, I_a)  # selection weights
+    order_v = select_video_patches_plus(W_v, z_v, K_V, generator)  # (B, L_V)
     if faithful_plus_rca_rows:
         # faithful: rows from the overwritten ordering, weights from the original candidates (B8)
         p_a = correlation_probs_from_logits(S_va, order_v[:, :K_V], I_v.gather(1, C_v), k_a, q_bar_v_past, C_a,
@@ -266,5 +277,5 @@ def select_plus_current(I_v: Tensor, I_a: Tensor, C_v: Tensor, C_a: Tensor, S_va
     else:
         p_a = correlation_probs(k_a, q_bar_v, q_bar_v_past, C_a, scale)  # (B, L_A)
     z_a = prune_mask(p_a, generator)  # (B, L_A)
-    order_a = select_audio_chunks(I_a, z_a, K_A, num_freq_tokens, chunk_times, generator)  # (B, L_A)
+    order_a = select_audio_chunks(W_a, z_a, K_A, num_freq_tokens, chunk_times, generator)  # (B, L_A)
     return PlusSelection(order_v, order_a, p_v, p_a)
