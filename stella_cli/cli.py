@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,21 @@ def train(
         console.print(f"[yellow]{stop}")
         raise SystemExit(130)
     print_summary(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        write_run_plots(run_dir)
+
+
+def write_run_plots(run_dir: Path) -> None:
+    """The run's accuracy heatmap and stream plot (RUN/plots/); a plot never fails a finished run."""
+    try:
+        from stella_cli.plots import plot_run
+
+        paths = plot_run(run_dir)
+    except Exception as err:  # noqa: BLE001  (the run is done; a figure problem is only reported)
+        console.print(f"[yellow]plots not written: {escape(str(err))}")
+        return
+    if paths:
+        console.print(f"plots: {', '.join(str(p) for p in paths)}")
 
 
 @app.command()
@@ -157,6 +173,9 @@ def convert_mae_command(
 def buffer(
     run_dir: Path = typer.Argument(..., help="Run directory (output.dir of a `stella train` run)."),
     checkpoint: str = typer.Option("latest.pt", help="Checkpoint file name under RUN/checkpoints."),
+    show: int = typer.Option(0, help="Draw N stored clips (frames, fbank, importance, pruning probability, core "
+                                     "patches) and the buffer's composition by task over the stream."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the --show figures (default: RUN/plots/buffer)."),
 ) -> None:
     """Inspect the replay buffer of a run: fill, stored fields and bytes, clips per task, pruning probabilities."""
     import torch
@@ -188,6 +207,61 @@ def buffer(
     for name in ("mean_p_v", "mean_p_a"):
         if name in info:
             console.print(f"{name} (pruning probability of the candidate patches): {info[name]:.3f}")
+    if show < 0:
+        raise ValueError(f"--show {show}: give a number of clips >= 0")
+    if show:
+        from stella_cli.plots import buffer_figures
+
+        for written in buffer_figures(run_dir, show, out, checkpoint):
+            console.print(f"wrote {written}")
+
+
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., help="Run directories or globs (quoted: 'runs/synthetic_*'); for "
+                                               "--table efficiency, `stella bench --json` files."),
+    table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation"),
+    out: Path = typer.Option(Path("reports"), help="Folder for TABLE.md/.csv/.json and the figures."),
+    forgetting: str = typer.Option("conventional", help="conventional | as-coded (the authors' script, B15)."),
+    plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap and stream per run)."),
+) -> None:
+    """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
+    from stella_cli.report import build_table, expand_runs, table_rows, write_table
+
+    paths = expand_runs(runs)
+    result = build_table(table, paths, forgetting)
+    written = write_table(result, out)
+    rich_table = Table(title=f"{result.name} ({len(result.groups)} rows; bold = best per column)")
+    rows = table_rows(result, bold=("[bold green]", "[/bold green]"))
+    for i, name in enumerate(rows[0]):
+        rich_table.add_column(name, justify="left" if i == 0 else "right")
+    for row in rows[1:]:
+        rich_table.add_row(*row)
+    console.print(rich_table)
+    for note in result.notes:
+        console.print(f"[dim]{escape(note)}")
+    if plots:
+        written += report_plots(result, paths, out)
+    console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def report_plots(result, paths: list[Path], out: Path) -> list[Path]:
+    """Bars for the table; for retrieval and ablation also each run's heatmap and stream plot."""
+    from stella_cli.plots import bench_bars, plot_run, report_bars
+
+    if result.name == "efficiency":
+        return [bench_bars(result, out / "efficiency_bars.png")]
+    written = []
+    if result.name in ("retrieval", "ablation"):
+        bars = report_bars(result, out / f"{result.name}_bars.png")
+        written += [bars] if bars else []
+        names: dict[str, int] = {}
+        for group in result.groups:
+            for run in group.runs:
+                n = names[run.path.name] = names.get(run.path.name, 0) + 1
+                prefix = run.path.name + (f"_{n}" if n > 1 else "") + "_"
+                written += plot_run(run.path, out / "runs", prefix=prefix)
+    return written
 
 
 def print_summary(run_dir: Path) -> None:
