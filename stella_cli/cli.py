@@ -231,18 +231,28 @@ def report(
     paths = expand_runs(runs)
     result = build_table(table, paths, forgetting)
     written = write_table(result, out)
-    rich_table = Table(title=f"{result.name} ({len(result.groups)} rows; bold = best per column)")
     rows = table_rows(result, bold=("[bold green]", "[/bold green]"))
-    for i, name in enumerate(rows[0]):
-        rich_table.add_column(name, justify="left" if i == 0 else "right")
-    for row in rows[1:]:
-        rich_table.add_row(*row)
-    console.print(rich_table)
+    for part, columns in column_parts(rows[0][2:]):  # one direction (or 6 columns) per printed table
+        rich_table = Table(title=f"{result.name}{part} (green = best per column)")
+        for i, name in enumerate(["method", "n", *columns]):
+            rich_table.add_column(name.removeprefix(part.strip(": ") + " "), justify="left" if i == 0 else "right")
+        index = [0, 1, *[2 + rows[0][2:].index(c) for c in columns]]
+        for row in rows[1:]:
+            rich_table.add_row(*[row[i] for i in index])
+        console.print(rich_table)
     for note in result.notes:
         console.print(f"[dim]{escape(note)}")
     if plots:
         written += report_plots(result, paths, out)
     console.print("wrote " + ", ".join(str(p) for p in written))
+
+
+def column_parts(columns: list[str]) -> list[tuple[str, list[str]]]:
+    """Retrieval columns split by direction ('A->V ...', 'V->A ...'); others in chunks of 6 (terminal width)."""
+    prefixes = list(dict.fromkeys(c.split(" ")[0] for c in columns))
+    if all(p in ("A->V", "V->A") for p in prefixes):
+        return [(f": {p}", [c for c in columns if c.startswith(p + " ")]) for p in prefixes]
+    return [("", columns[i:i + 6]) for i in range(0, len(columns), 6)]
 
 
 def report_plots(result, paths: list[Path], out: Path) -> list[Path]:

@@ -58,7 +58,8 @@ def _save(fig: plt.Figure, out: Path) -> Path:
 def avg_matrix(retrieval: dict[str, Any], direction: str) -> np.ndarray:
     """(rows trained so far, tasks) R@K averaged over K (NaN where a task has no queries)."""
     rows, tasks = retrieval["rows"], retrieval["tasks"]
-    metrics = [m for m in rows[0]["scores"][direction]["all"] if m.startswith("R@")]
+    metrics = list(dict.fromkeys(m for entry in rows[0]["scores"][direction].values() for m in entry
+                                 if m.startswith("R@")))  # R@1, R@5, R@10 (eval.recall_at)
     mats = [np.array(accuracy_matrix(rows, tasks, direction, m), dtype=float) for m in metrics]
     return np.mean(mats, axis=0)
 
@@ -99,6 +100,7 @@ def stream_plot(retrieval: dict[str, Any], out: Path, title: str = "") -> Path:
     x = np.arange(len(trained))
     with plt.rc_context(STYLE):
         fig, axes = plt.subplots(1, 2, figsize=(10, 3.6), sharey=True, constrained_layout=True)
+        top = 0.0
         for ax, d in zip(axes, DIRECTIONS):
             m = avg_matrix(retrieval, d)
             for k, task in enumerate(tasks):
@@ -109,13 +111,14 @@ def stream_plot(retrieval: dict[str, Any], out: Path, title: str = "") -> Path:
                 ax.plot(x[learnt:], m[learnt:, k], color=color, lw=1.8, marker="o", ms=3.5, label=task)
                 if task in trained:
                     ax.plot(x[learnt], m[learnt, k], color=color, marker="o", ms=7, mec="black", mew=0.8)
-            ax.plot(x, np.nanmean(m, axis=1), color="black", lw=2.4, label="mean over tasks")
+            ax.plot(x, np.nanmean(m, axis=1), color="black", lw=2.4, marker="s", ms=4, label="mean over tasks")
+            top = max(top, float(np.nanmax(m)))
             ax.set_xticks(x, trained, rotation=30, ha="right")
             ax.set_xlabel("after training task")
             ax.set_title(DIRECTION_TITLES[d])
             ax.grid(True, axis="y")
         axes[0].set_ylabel("R@K avg (%)")
-        axes[0].set_ylim(bottom=0)
+        axes[0].set_ylim(0, max(10.0, top * 1.12))
         axes[1].legend(loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False,
                        title="task (big dot: just learnt;\ndotted: not yet learnt)", title_fontsize=8)
         fig.suptitle(title or "retrieval of each task over the stream")
@@ -154,8 +157,10 @@ def comparison_bars(labels: list[str], series: dict[str, tuple[list[float], list
             for j, name in enumerate(names):
                 means, stds = (np.array(v, dtype=float) for v in series[name])
                 pos = x - 0.4 + bar_w * (j + 0.5)
-                ax.bar(pos, np.nan_to_num(means), bar_w, yerr=np.nan_to_num(stds), capsize=3,
-                       color=plt.get_cmap("tab10")(j), label=name, error_kw={"lw": 1})
+                ax.bar(pos, np.nan_to_num(means), bar_w, color=plt.get_cmap("tab10")(j), label=name)
+                spread = np.isfinite(means) & (np.nan_to_num(stds) > 0)  # n = 1: no error bar
+                ax.errorbar(pos[spread], means[spread], yerr=stds[spread], fmt="none", ecolor="black", capsize=3,
+                            lw=1)
                 for p_, m_ in zip(pos, means):
                     if not np.isfinite(m_):
                         ax.text(p_, 0, "n/a", ha="center", va="bottom", fontsize=7, color="0.4")
