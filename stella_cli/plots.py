@@ -212,9 +212,10 @@ def unnormalize_video(video: np.ndarray) -> np.ndarray:
     return np.clip(rgb, 0.0, 1.0)
 
 
-def heat_overlay(values: np.ndarray, cmap: str, vmax: float) -> np.ndarray:
-    """RGBA image of `values` whose opacity grows with the value: low importance leaves the picture visible."""
-    x = np.clip(values / (vmax or 1.0), 0.0, 1.0)
+def heat_overlay(values: np.ndarray, cmap: str, low: float, high: float) -> np.ndarray:
+    """RGBA image of `values`, transparent at or below `low` and more opaque towards `high`: the picture stays
+    visible where importance is low (callers pass low = the clip's median, so the upper half is coloured)."""
+    x = np.clip((values - low) / ((high - low) or 1.0), 0.0, 1.0)
     rgba = plt.get_cmap(cmap)(x)
     rgba[..., 3] = 0.75 * x
     return rgba
@@ -275,20 +276,21 @@ def buffer_clip_figure(clip: dict[str, np.ndarray], geometry: dict[str, Any], ou
         else:
             frames = unnormalize_video(clip["video"])
         heat = _token_grid(clip["I_v"], F, g) if has_I else None
+        heat_range = (float(np.median(heat)), float(heat.max())) if has_I else None
         for t in range(F):
             ax = fig.add_subplot(grid[0, t])
             ax.set_facecolor("0.85")
             ax.imshow(frames[t])
             if heat is not None:
-                ax.imshow(heat_overlay(np.kron(heat[t], np.ones((p, p))), IMPORTANCE, float(heat.max())))
+                ax.imshow(heat_overlay(np.kron(heat[t], np.ones((p, p))), IMPORTANCE, *heat_range))
             if geometry.get("core_v") is not None and not plus:
                 _outline_video(ax, geometry["core_v"], t, g, p)
             ax.set_title(f"frame {t + 1}")
             ax.set_xticks([])
             ax.set_yticks([])
         if heat is not None:
-            scale = plt.cm.ScalarMappable(plt.Normalize(0, float(heat.max()) or 1.0), IMPORTANCE)
-            fig.colorbar(scale, cax=fig.add_subplot(grid[0, F]), label="importance I_v (overlay)")
+            scale = plt.cm.ScalarMappable(plt.Normalize(*heat_range), IMPORTANCE)
+            fig.colorbar(scale, cax=fig.add_subplot(grid[0, F]), label="importance I_v (overlay\nabove the median)")
         if has_p:
             pv = _token_grid(clip["p_v"], F, g)
             for t in range(F):
@@ -314,11 +316,12 @@ def buffer_clip_figure(clip: dict[str, np.ndarray], geometry: dict[str, Any], ou
         im_s = ax.imshow(spec, origin="lower", aspect="auto", extent=extent, cmap="magma")
         if has_I:
             I_a = _audio_grid(clip["I_a"], n_time, n_freq)
-            ax.imshow(heat_overlay(I_a, "Greens", float(I_a.max())), origin="lower", aspect="auto", extent=extent)
+            ax.imshow(heat_overlay(I_a, "Greens", float(np.median(I_a)), float(I_a.max())), origin="lower",
+                      aspect="auto", extent=extent)
         if geometry.get("core_a") is not None and not plus:
             _outline_audio(ax, geometry["core_a"], n_freq, p)
         what = "stored core patches in place (rest not stored)" if plus else \
-            "fbank" + (", importance I_a (green, opacity ∝ I_a)" if has_I else "") + \
+            "fbank" + (", importance I_a above its median (green)" if has_I else "") + \
             (", core patches outlined" if geometry.get("core_a") is not None else "")
         ax.set_title(f"audio: {what}")
         ax.set_ylabel("mel bin")
