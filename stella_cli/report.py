@@ -198,7 +198,6 @@ class Table:
     columns: list[str]
     groups: list[Group]
     lower_better: dict[str, bool]
-    units: str = ""
     notes: list[str] = field(default_factory=list)
     best: dict[str, set[int]] = field(default_factory=dict)
 
@@ -263,9 +262,9 @@ def retrieval_table(runs: list[Run], forgetting: str = "conventional", ablation:
                         if value is not None:
                             g.values.setdefault(f"{DIRECTION_NAMES[d]} {k} {name}", []).append(float(value))
     table = Table("ablation" if ablation else "retrieval", columns, groups,
-                  {c: c.endswith(" F") for c in columns}, units="%", notes=notes)
-    table.notes.append(f"F = {'conventional forgetting' if forgetting == 'conventional' else 'F as coded by the authors (spec B15)'}"
-                       "; A higher is better, F lower is better; mean ± sample std over seeds")
+                  {c: c.endswith(" F") for c in columns}, notes=notes)
+    f_name = "conventional forgetting" if forgetting == "conventional" else "forgetting as the authors coded it (B15)"
+    table.notes.append(f"F = {f_name}; A higher is better, F lower is better; mean ± sample std over seeds")
     mark_best(table)
     return table
 
@@ -381,6 +380,11 @@ def format_stat(stat: tuple[float, float | None, int] | None, digits: int = 2) -
     return text if std is None else f"{text} ± {std:.{digits}f}"
 
 
+def row_count(g: Group) -> int:
+    """n of a row: its runs (seeds), or for benchmark rows the most values of any column."""
+    return len(g.runs) or max((len(v) for v in g.values.values()), default=0)
+
+
 def table_rows(table: Table, bold: tuple[str, str] = ("**", "**")) -> list[list[str]]:
     """Header + one row per group: row label, n, then the formatted cells (best wrapped in `bold`)."""
     rows = [["method", "n", *table.columns]]
@@ -389,7 +393,7 @@ def table_rows(table: Table, bold: tuple[str, str] = ("**", "**")) -> list[list[
         for col in table.columns:
             text = format_stat(table.stat(i, col))
             cells.append(f"{bold[0]}{text}{bold[1]}" if i in table.best.get(col, ()) else text)
-        rows.append([g.label, str(len(g.runs) or max((len(v) for v in g.values.values()), default=0)), *cells])
+        rows.append([g.label, str(row_count(g)), *cells])
     return rows
 
 
@@ -420,7 +424,7 @@ def to_csv(table: Table) -> str:
             s = table.stat(i, col)
             cells += ["" if s is None else f"{s[0]:.6g}", "" if s is None or s[1] is None else f"{s[1]:.6g}"]
         best = ";".join(c for c in table.columns if i in table.best.get(c, ()))
-        writer.writerow([g.label, g.method, len(g.runs) or "", *cells, best, " ".join(seeds_of(g)),
+        writer.writerow([g.label, g.method, row_count(g), *cells, best, " ".join(seeds_of(g)),
                          " ".join(str(r.path) for r in g.runs), recipe_of(g), command_of(g)])
     return out.getvalue()
 
