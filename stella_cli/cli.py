@@ -228,7 +228,7 @@ def report(
     """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
     from stella_cli.report import build_table, expand_runs, table_rows, write_table
 
-    paths = expand_runs(runs)
+    paths = expand_runs(runs, dirs=table != "efficiency")
     result = build_table(table, paths, forgetting)
     written = write_table(result, out)
     rows = table_rows(result, bold=("[bold green]", "[/bold green]"))

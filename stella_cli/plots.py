@@ -187,7 +187,9 @@ def report_bars(table, out: Path) -> Path | None:
             series[col] = ([s[0] if s else np.nan for s in stats], [s[1] or 0.0 if s else 0.0 for s in stats])
     panels = [("average accuracy A (higher is better)", cols["A"], "R@K avg (%)"),
               ("forgetting F (lower is better)", cols["F"], "R@K avg (%)")]
-    return comparison_bars(labels, series, out, panels, f"{table.name}: mean over seeds, error bars = std")
+    seeds = sorted({len(g.runs) for g in table.groups})
+    return comparison_bars(labels, series, out, panels, f"{table.name}: mean over seeds (n = "
+                           f"{', '.join(map(str, seeds))}), error bars = sample std")
 
 
 def bench_bars(table, out: Path) -> Path:

@@ -83,12 +83,17 @@ class Group:
         return self.runs[0].method if self.runs else str(self.extra.get("method", "?"))
 
 
-def expand_runs(patterns: list[str]) -> list[Path]:
-    """Run directories from paths or globs, in the given order, each once; a pattern matching nothing is an error."""
+def expand_runs(patterns: list[str], dirs: bool = True) -> list[Path]:
+    """Paths or globs, in the given order, each once; a pattern matching nothing is an error. A glob keeps only
+    run directories (with a config.yaml), or only files (dirs=False: bench JSON), so `runs/*` may hold other
+    things; a path named explicitly is kept as given (and refused later if it is not what the table reads)."""
     paths: list[Path] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if Path(m).exists()]
+        if glob.has_magic(pattern):
+            matches = [m for m in sorted(glob.glob(pattern))
+                       if ((Path(m) / "config.yaml").is_file() if dirs else Path(m).is_file())]
+        else:
+            matches = [pattern] if Path(pattern).exists() else []
         if not matches:
             raise FileNotFoundError(f"{pattern}: no such run directory or file")
         paths += [Path(m) for m in matches if Path(m) not in paths]
