@@ -141,13 +141,15 @@ def test_ablation_rows_by_selection_variant(tmp_path):
 
 def test_incomplete_runs_are_skipped_and_globs_expand(tmp_path, runs):
     make_run(runs, "half", "stella", 3, [[50, 10]], [[50, 10]])  # only task 1 trained
+    (runs / "stella_train.log").write_text("a stray file")  # globs keep run directories only
+    (runs / "stella_plots").mkdir()
     table = report.build_table("retrieval", report.expand_runs([str(runs / "stella_*"), str(runs / "half")]))
     assert [g.label for g in table.groups] == ["STELLA (method.memory_size=100)", "STELLA (method.memory_size=200)"]
     assert any("half: 1 of 2 tasks trained" in n for n in table.notes)
     with pytest.raises(FileNotFoundError, match="no such run directory"):
         report.expand_runs([str(tmp_path / "nothing_*")])
     with pytest.raises(FileNotFoundError, match="not a run directory"):
-        report.build_table("retrieval", [tmp_path])
+        report.build_table("retrieval", report.expand_runs([str(runs / "stella_plots")]))  # named: refused
 
 
 def test_efficiency_and_downstream_tables(tmp_path, runs):
