@@ -226,52 +226,14 @@ def report(
     plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap and stream per run)."),
 ) -> None:
     """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
-    from stella_cli.report import build_table, expand_runs, table_rows, write_table
+    from stella_cli.report import build_table, expand_runs, print_table, write_figures, write_table
 
-    paths = expand_runs(runs, dirs=table != "efficiency")
-    result = build_table(table, paths, forgetting)
+    result = build_table(table, expand_runs(runs, dirs=table != "efficiency"), forgetting)
     written = write_table(result, out)
-    rows = table_rows(result, bold=("[bold green]", "[/bold green]"))
-    for part, columns in column_parts(rows[0][2:]):  # one direction (or 6 columns) per printed table
-        rich_table = Table(title=f"{result.name}{part} (green = best per column)")
-        for i, name in enumerate(["method", "n", *columns]):
-            rich_table.add_column(name.removeprefix(part.strip(": ") + " "), justify="left" if i == 0 else "right")
-        index = [0, 1, *[2 + rows[0][2:].index(c) for c in columns]]
-        for row in rows[1:]:
-            rich_table.add_row(*[row[i] for i in index])
-        console.print(rich_table)
-    for note in result.notes:
-        console.print(f"[dim]{escape(note)}")
+    print_table(console, result)
     if plots:
-        written += report_plots(result, paths, out)
+        written += write_figures(result, out)
     console.print("wrote " + ", ".join(str(p) for p in written))
-
-
-def column_parts(columns: list[str]) -> list[tuple[str, list[str]]]:
-    """Retrieval columns split by direction ('A->V ...', 'V->A ...'); others in chunks of 6 (terminal width)."""
-    prefixes = list(dict.fromkeys(c.split(" ")[0] for c in columns))
-    if all(p in ("A->V", "V->A") for p in prefixes):
-        return [(f": {p}", [c for c in columns if c.startswith(p + " ")]) for p in prefixes]
-    return [("", columns[i:i + 6]) for i in range(0, len(columns), 6)]
-
-
-def report_plots(result, paths: list[Path], out: Path) -> list[Path]:
-    """Bars for the table; for retrieval and ablation also each run's heatmap and stream plot."""
-    from stella_cli.plots import bench_bars, plot_run, report_bars
-
-    if result.name == "efficiency":
-        return [bench_bars(result, out / "efficiency_bars.png")]
-    written = []
-    if result.name in ("retrieval", "ablation"):
-        bars = report_bars(result, out / f"{result.name}_bars.png")
-        written += [bars] if bars else []
-        names: dict[str, int] = {}
-        for group in result.groups:
-            for run in group.runs:
-                n = names[run.path.name] = names.get(run.path.name, 0) + 1
-                prefix = run.path.name + (f"_{n}" if n > 1 else "") + "_"
-                written += plot_run(run.path, out / "runs", prefix=prefix)
-    return written
 
 
 def print_summary(run_dir: Path) -> None:

@@ -24,6 +24,9 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table as RichTable
 
 from stella_cli.cache import atomic_write_text
 from stella_cli.evaluate import DIRECTIONS
@@ -456,3 +459,47 @@ def write_table(table: Table, out: Path) -> list[Path]:
     atomic_write_text(paths[1], to_csv(table))
     atomic_write_text(paths[2], json.dumps(to_json(table), indent=1))
     return paths
+
+
+def column_parts(columns: list[str]) -> list[tuple[str, list[str]]]:
+    """Retrieval columns split by direction ('A->V ...', 'V->A ...'); others in chunks of 6 (terminal width)."""
+    prefixes = list(dict.fromkeys(c.split(" ")[0] for c in columns))
+    if all(p in DIRECTION_NAMES.values() for p in prefixes):
+        return [(p, [c for c in columns if c.startswith(p + " ")]) for p in prefixes]
+    return [("", columns[i:i + 6]) for i in range(0, len(columns), 6)]
+
+
+def print_table(console: Console, table: Table) -> None:
+    """rich tables, one per direction (retrieval, ablation) or per 6 columns; best cells in green."""
+    rows = table_rows(table, bold=("[bold green]", "[/bold green]"))
+    header = rows[0][2:]
+    for part, columns in column_parts(header):
+        shown = RichTable(title=f"{table.name}{': ' + part if part else ''} (green = best per column)")
+        for i, name in enumerate(["method", "n", *columns]):
+            shown.add_column(name.removeprefix(part + " ") if part else name, justify="left" if i == 0 else "right")
+        index = [0, 1, *[2 + header.index(c) for c in columns]]
+        for row in rows[1:]:
+            shown.add_row(*[row[i] for i in index])
+        console.print(shown)
+    for note in table.notes:
+        console.print(f"[dim]{escape(note)}")
+
+
+def write_figures(table: Table, out: Path) -> list[Path]:
+    """The table's bars (plots.py); for retrieval and ablation also every run's heatmap and stream plot."""
+    from stella_cli.plots import bench_bars, plot_run, report_bars
+
+    if table.name == "efficiency":
+        return [bench_bars(table, out / "efficiency_bars.png")]
+    if table.name not in ("retrieval", "ablation"):
+        return []
+    bars = report_bars(table, out / f"{table.name}_bars.png")
+    written = [bars] if bars else []
+    seen: dict[str, int] = {}
+    for group in table.groups:
+        for run in group.runs:
+            seen[run.path.name] = seen.get(run.path.name, 0) + 1
+            count = seen[run.path.name]
+            prefix = run.path.name + (f"_{count}" if count > 1 else "") + "_"  # two runs/<name> in other folders
+            written += plot_run(run.path, out / "runs", prefix=prefix)
+    return written
