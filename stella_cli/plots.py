@@ -71,7 +71,8 @@ def accuracy_heatmap(retrieval: dict[str, Any], out: Path, title: str = "") -> P
     vmax = max(10.0, float(np.ceil(np.nanmax([np.nanmax(m) for m in mats.values()]) / 10) * 10))
     with plt.rc_context(STYLE):
         w = 1.0 + 0.55 * len(tasks)
-        fig, axes = plt.subplots(1, 2, figsize=(2 * w + 1.2, 0.5 * len(trained) + 1.6), constrained_layout=True)
+        h = max(2.6, 0.5 * len(trained) + 1.6)  # a Multitask run has one row
+        fig, axes = plt.subplots(1, 2, figsize=(2 * w + 1.2, h), constrained_layout=True)
         for ax, d in zip(axes, DIRECTIONS):
             m = mats[d]
             im = ax.imshow(m, cmap=HEAT, vmin=0, vmax=vmax, aspect="auto")

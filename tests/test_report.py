@@ -179,15 +179,17 @@ def test_efficiency_and_downstream_tables(tmp_path, runs):
 
 def test_cli_writes_tables_and_figures(tmp_path, runs):
     out = tmp_path / "out"
-    proc = cli("report", str(runs / "finetune_*"), str(runs / "stella_s*"), "--out", str(out))
+    proc = cli("report", str(runs / "finetune_*"), str(runs / "stella_s*"), str(runs / "multitask_s1"), "--out",
+               str(out))
     assert proc.returncode == 0, proc.stderr
     assert "Finetune" in proc.stdout and "42.50 ± 3.54" in proc.stdout
     saved = json.loads((out / "retrieval.json").read_text())
-    assert [r["row"] for r in saved["rows"]] == ["Finetune", "STELLA"]
-    assert saved["rows"][0]["values"]["A->V avg F"]["values"] == [20.0, 10.0]
-    assert saved["rows"][1]["command"].startswith("for seed in 1 2; do stella train ")
-    assert (out / "retrieval.md").read_text().count("\n| ") >= 6 and (out / "retrieval.csv").is_file()
-    for png in ["retrieval_bars.png", "runs/finetune_s1_accuracy_matrix.png", "runs/stella_s2_stream.png"]:
+    assert [r["row"] for r in saved["rows"]] == ["Multitask", "Finetune", "STELLA"]
+    assert saved["rows"][1]["values"]["A->V avg F"]["values"] == [20.0, 10.0]
+    assert saved["rows"][2]["command"].startswith("for seed in 1 2; do stella train ")
+    assert (out / "retrieval.md").read_text().count("\n| ") >= 8 and (out / "retrieval.csv").is_file()
+    for png in ["retrieval_bars.png", "runs/finetune_s1_accuracy_matrix.png", "runs/stella_s2_stream.png",
+                "runs/multitask_s1_accuracy_matrix.png", "runs/multitask_s1_stream.png"]:
         assert_png(out / png)
 
 
