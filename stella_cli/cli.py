@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -96,6 +97,21 @@ def train(
         console.print(f"[yellow]{stop}")
         raise SystemExit(130)
     print_summary(run_dir)
+    if os.environ.get("RANK", "0") == "0":
+        write_run_plots(run_dir)
+
+
+def write_run_plots(run_dir: Path) -> None:
+    """The run's accuracy heatmap and stream plot (RUN/plots/); a plot never fails a finished run."""
+    try:
+        from stella_cli.plots import plot_run
+
+        paths = plot_run(run_dir)
+    except Exception as err:  # noqa: BLE001  (the run is done; a figure problem is only reported)
+        console.print(f"[yellow]plots not written: {escape(str(err))}")
+        return
+    if paths:
+        console.print(f"plots: {', '.join(str(p) for p in paths)}")
 
 
 @app.command()
@@ -157,6 +173,9 @@ def convert_mae_command(
 def buffer(
     run_dir: Path = typer.Argument(..., help="Run directory (output.dir of a `stella train` run)."),
     checkpoint: str = typer.Option("latest.pt", help="Checkpoint file name under RUN/checkpoints."),
+    show: int = typer.Option(0, help="Draw N stored clips (frames, fbank, importance, pruning probability, core "
+                                     "patches) and the buffer's composition by task over the stream."),
+    out: Optional[Path] = typer.Option(None, help="Folder for the --show figures (default: RUN/plots/buffer)."),
 ) -> None:
     """Inspect the replay buffer of a run: fill, stored fields and bytes, clips per task, pruning probabilities."""
     import torch
@@ -188,6 +207,33 @@ def buffer(
     for name in ("mean_p_v", "mean_p_a"):
         if name in info:
             console.print(f"{name} (pruning probability of the candidate patches): {info[name]:.3f}")
+    if show < 0:
+        raise ValueError(f"--show {show}: give a number of clips >= 0")
+    if show:
+        from stella_cli.plots import buffer_figures
+
+        for written in buffer_figures(run_dir, show, out, checkpoint):
+            console.print(f"wrote {written}")
+
+
+@app.command()
+def report(
+    runs: list[str] = typer.Argument(..., help="Run directories or globs (quoted: 'runs/synthetic_*'); for "
+                                               "--table efficiency, `stella bench --json` files."),
+    table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation"),
+    out: Path = typer.Option(Path("reports"), help="Folder for TABLE.md/.csv/.json and the figures."),
+    forgetting: str = typer.Option("conventional", help="conventional | as-coded (the authors' script, B15)."),
+    plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap and stream per run)."),
+) -> None:
+    """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
+    from stella_cli.report import build_table, expand_runs, print_table, write_figures, write_table
+
+    result = build_table(table, expand_runs(runs, dirs=table != "efficiency"), forgetting)
+    written = write_table(result, out)
+    print_table(console, result)
+    if plots:
+        written += write_figures(result, out)
+    console.print("wrote " + ", ".join(str(p) for p in written))
 
 
 @app.command()

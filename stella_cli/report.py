@@ -1,0 +1,505 @@
+"""`stella report`: the paper's tables (protocol.md "Tables") over any set of run directories.
+
+A row is one recipe: runs whose resolved recipes (config.yaml) differ only in `train.seed` and `output.dir` are
+seeds of one row, shown as mean ± sample standard deviation over the seeds (n = number of seeds; n = 1 shows the
+mean alone). Rows follow the paper's method order. Each table is written as markdown, CSV and JSON.
+
+    retrieval   rows = methods; columns = A->V, V->A x R@1/5/10/avg x A (higher is better) and F (lower is
+                better), from results/summary.json; best per column marked among the continual methods
+                (Multitask is the upper bound, not a competitor)
+    ablation    the same columns; rows = STELLA / STELLA+ runs by `method.stella.selection`
+    efficiency  rows = methods from `stella bench --json` files (time per iteration, memory, ratios)
+    downstream  rows = pre-training recipes; columns = every metric found in results/<task>.json
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import statistics
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table as RichTable
+
+from stella_cli.cache import atomic_write_text
+from stella_cli.evaluate import DIRECTIONS
+
+PAPER_ORDER = ("multitask", "finetune", "er", "mir", "derpp", "gmed", "clser", "esmer", "lump", "stella", "stella+")
+DISPLAY_NAMES = {"multitask": "Multitask", "finetune": "Finetune", "er": "ER", "mir": "MIR", "derpp": "DER++",
+                 "gmed": "GMED", "clser": "CLS-ER", "esmer": "ESMER", "lump": "LUMP", "stella": "STELLA",
+                 "stella+": "STELLA+"}
+SELECTIONS = ("full", "random", "importance", "correlation")  # method.stella.selection; absent = full
+DOWNSTREAM_TASKS = ("classification", "ave", "avs", "msrvtt", "localisation")
+TABLES = ("retrieval", "efficiency", "downstream", "ablation")
+FORGETTING = {"conventional": "F", "as-coded": "F_as_coded"}  # --forgetting -> key in results/summary.json
+DIRECTION_NAMES = {"a2v": "A->V", "v2a": "V->A"}
+UPPER_BOUND = "multitask"  # never marked best: it sees every task at once
+RUN_KEYS_IGNORED = ("train.seed", "output.dir")  # what may differ between the seeds of one row
+
+
+# ----------------------------------------------------------------------------------------------------------
+# runs and groups
+
+
+@dataclass
+class Run:
+    """One run directory: its resolved recipe (raw YAML, so keys of any branch load) and its results."""
+
+    path: Path
+    config: dict[str, Any]
+
+    @property
+    def method(self) -> str:
+        return str(self.config.get("method", {}).get("name", "?"))
+
+    @property
+    def seed(self) -> Any:
+        return self.config.get("train", {}).get("seed")
+
+    @property
+    def selection(self) -> str:
+        return str(self.config.get("method", {}).get("stella", {}).get("selection") or "full")
+
+    def result(self, name: str) -> dict[str, Any] | None:
+        path = self.path / "results" / name
+        return json.loads(path.read_text()) if path.is_file() else None
+
+
+@dataclass
+class Group:
+    """The runs of one recipe (seeds), and what the table shows for them."""
+
+    runs: list[Run]
+    label: str = ""
+    values: dict[str, list[float]] = field(default_factory=dict)  # column -> one value per run that has it
+    extra: dict[str, Any] = field(default_factory=dict)  # recipe / command override (bench, downstream)
+
+    @property
+    def method(self) -> str:
+        return self.runs[0].method if self.runs else str(self.extra.get("method", "?"))
+
+
+def expand_runs(patterns: list[str], dirs: bool = True) -> list[Path]:
+    """Paths or globs, in the given order, each once; a pattern matching nothing is an error. A glob keeps only
+    run directories (with a config.yaml), or only files (dirs=False: bench JSON), so `runs/*` may hold other
+    things; a path named explicitly is kept as given (and refused later if it is not what the table reads)."""
+    paths: list[Path] = []
+    for pattern in patterns:
+        if glob.has_magic(pattern):
+            matches = [m for m in sorted(glob.glob(pattern))
+                       if ((Path(m) / "config.yaml").is_file() if dirs else Path(m).is_file())]
+        else:
+            matches = [pattern] if Path(pattern).exists() else []
+        if not matches:
+            raise FileNotFoundError(f"{pattern}: no such run directory or file")
+        paths += [Path(m) for m in matches if Path(m) not in paths]
+    return paths
+
+
+def load_run(path: Path) -> Run:
+    config = path / "config.yaml"
+    if not config.is_file():
+        raise FileNotFoundError(f"{path}: not a run directory (no config.yaml; give `stella train` output dirs)")
+    return Run(path, yaml.safe_load(config.read_text()) or {})
+
+
+def flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """{'a': {'b': 1}} -> {'a.b': 1}."""
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_key(run: Run) -> str:
+    """The recipe without the keys that may differ between seeds; runs with equal keys form one row."""
+    flat = {k: v for k, v in flatten(run.config).items() if k not in RUN_KEYS_IGNORED}
+    flat.setdefault("method.stella.selection", "full")
+    if flat["method.stella.selection"] is None:
+        flat["method.stella.selection"] = "full"
+    return json.dumps(flat, sort_keys=True, default=str)
+
+
+def method_rank(method: str) -> tuple[int, str]:
+    """Paper order first, unknown methods after it, alphabetically."""
+    return (PAPER_ORDER.index(method), "") if method in PAPER_ORDER else (len(PAPER_ORDER), method)
+
+
+def display_name(method: str) -> str:
+    return DISPLAY_NAMES.get(method, method)
+
+
+def group_runs(runs: list[Run], ablation: bool = False) -> list[Group]:
+    """One group per recipe, in paper order (ablation: then by selection variant); labels made unique."""
+    by_key: dict[str, list[Run]] = {}
+    for run in runs:
+        by_key.setdefault(recipe_key(run), []).append(run)
+    groups = [Group(sorted(rs, key=lambda r: (str(r.seed), str(r.path)))) for rs in by_key.values()]
+
+    def order(g: Group) -> tuple:
+        sel = g.runs[0].selection
+        sel_rank = SELECTIONS.index(sel) if sel in SELECTIONS else len(SELECTIONS)
+        return (*method_rank(g.method), sel_rank, sel, str(g.runs[0].path)) if ablation else \
+            (*method_rank(g.method), str(g.runs[0].path))
+
+    groups.sort(key=order)
+    for g in groups:
+        g.label = display_name(g.method) + (f" / {g.runs[0].selection}" if ablation else "")
+    _disambiguate(groups)
+    return groups
+
+
+def _disambiguate(groups: list[Group]) -> None:
+    """Groups sharing a label get the recipe keys in which they differ, e.g. 'STELLA (method.memory_size=100)'."""
+    by_label: dict[str, list[Group]] = {}
+    for g in groups:
+        by_label.setdefault(g.label, []).append(g)
+    for same in by_label.values():
+        if len(same) < 2:
+            continue
+        flats = [flatten(g.runs[0].config) for g in same]
+        keys = sorted({k for f in flats for k in f if k not in RUN_KEYS_IGNORED
+                       and len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
+        for g, flat in zip(same, flats):
+            g.label += " (" + ", ".join(f"{k}={flat.get(k)}" for k in keys) + ")"
+
+
+def seeds_of(g: Group) -> list[str]:
+    return [str(r.seed) for r in g.runs]
+
+
+def recipe_of(g: Group) -> str:
+    return g.extra.get("recipe") or str(g.runs[0].path / "config.yaml")
+
+
+def command_of(g: Group) -> str:
+    """The command that reproduces the row's runs from the saved recipe of its first run."""
+    if "command" in g.extra:
+        return g.extra["command"]
+    config = g.runs[0].path / "config.yaml"
+    if len(g.runs) == 1:
+        return f"stella train {config} --set output.dir={g.runs[0].path}_rerun"
+    seeds = " ".join(seeds_of(g))
+    return f"for seed in {seeds}; do stella train {config} --set train.seed=$seed " \
+           f"--set output.dir={g.runs[0].path.parent}/{g.method}_$seed; done"
+
+
+# ----------------------------------------------------------------------------------------------------------
+# tables
+
+
+@dataclass
+class Table:
+    """Rows of groups x columns of mean ± std; `best[col]` = row indices marked best; `lower_better[col]`."""
+
+    name: str
+    columns: list[str]
+    groups: list[Group]
+    lower_better: dict[str, bool]
+    notes: list[str] = field(default_factory=list)
+    best: dict[str, set[int]] = field(default_factory=dict)
+
+    def stat(self, row: int, col: str) -> tuple[float, float | None, int] | None:
+        return mean_std(self.groups[row].values.get(col, []))
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
+    """(mean, sample std or None for one value, n); None for no values."""
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+
+def mark_best(table: Table) -> None:
+    """Best mean per column (max, or min where lower is better) among non-upper-bound rows; ties all marked.
+    Nothing is marked in a column with fewer than two candidates."""
+    for col in table.columns:
+        cand = {i: s[0] for i, g in enumerate(table.groups)
+                if g.method != UPPER_BOUND and (s := table.stat(i, col)) is not None}
+        if len(cand) < 2:
+            continue
+        target = (min if table.lower_better[col] else max)(cand.values())
+        table.best[col] = {i for i, v in cand.items() if round(v, 6) == round(target, 6)}
+
+
+def retrieval_columns(ks: list[str]) -> list[str]:
+    return [f"{DIRECTION_NAMES[d]} {k} {s}" for d in DIRECTIONS for k in ks for s in ("A", "F")]
+
+
+def retrieval_table(runs: list[Run], forgetting: str = "conventional", ablation: bool = False) -> Table:
+    """results/summary.json of every finished run, grouped by recipe; F from --forgetting."""
+    f_key = FORGETTING[forgetting]
+    notes, finished = [], []
+    for run in runs:
+        summary = run.result("summary.json")
+        if summary is None:
+            notes.append(f"skipped {run.path}: no results/summary.json yet")
+            continue
+        complete = len(summary["trained"]) == len(summary["tasks"]) or run.method == UPPER_BOUND
+        if not complete:
+            notes.append(f"skipped {run.path}: {len(summary['trained'])} of {len(summary['tasks'])} tasks trained")
+            continue
+        if ablation and run.method not in ("stella", "stella+"):
+            notes.append(f"skipped {run.path}: method {run.method!r} has no selection variants")
+            continue
+        finished.append((run, summary))
+    if not finished:
+        raise ValueError("stella report: no finished run among the given paths" +
+                         (f" ({'; '.join(notes)})" if notes else ""))
+    ks = [k for k in finished[0][1][DIRECTIONS[0]]]  # R@1, R@5, R@10, avg (whatever eval.recall_at gave)
+    groups = group_runs([r for r, _ in finished], ablation=ablation)
+    summaries = {r.path: s for r, s in finished}
+    columns = retrieval_columns(ks)
+    for g in groups:
+        for run in g.runs:
+            s = summaries[run.path]
+            for d in DIRECTIONS:
+                for k in ks:
+                    for name, key in (("A", "A"), ("F", f_key)):
+                        value = s.get(d, {}).get(k, {}).get(key)
+                        if value is not None:
+                            g.values.setdefault(f"{DIRECTION_NAMES[d]} {k} {name}", []).append(float(value))
+    table = Table("ablation" if ablation else "retrieval", columns, groups,
+                  {c: c.endswith(" F") for c in columns}, notes=notes)
+    f_name = "conventional forgetting" if forgetting == "conventional" else "forgetting as the authors coded it (B15)"
+    table.notes.append(f"F = {f_name}; A higher is better, F lower is better; mean ± sample std over seeds")
+    mark_best(table)
+    return table
+
+
+BENCH_COLUMNS = {  # column -> (bench key, scale, lower is better)
+    "iter (s)": ("iter_s", 1.0, True), "activation (MiB)": ("activation_bytes", 2.0 ** -20, True),
+    "peak (MiB)": ("peak_bytes", 2.0 ** -20, True), "iter ratio": ("iter_ratio", 1.0, True),
+    "activation ratio": ("activation_ratio", 1.0, True), "peak ratio": ("peak_ratio", 1.0, True),
+}
+BENCH_SETTING = ("preset", "batch", "attention", "device")
+
+
+def efficiency_table(files: list[Path]) -> Table:
+    """Rows of `stella bench --json` files, grouped by (method, preset, batch, attention, device)."""
+    by_key: dict[tuple, Group] = {}
+    for path in files:
+        if path.is_dir():
+            raise ValueError(f"{path}: --table efficiency reads `stella bench --json` files, not run directories")
+        try:
+            rows = json.loads(path.read_text())
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
+        if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
+            raise ValueError(f"{path}: expected a `stella bench --json` list of rows with a 'method' key")
+        for row in rows:
+            setting = tuple(row.get(k) for k in BENCH_SETTING)
+            key = (row["method"], *setting)
+            if key not in by_key:
+                desc = ", ".join(f"{k} {v}" for k, v in zip(BENCH_SETTING, setting) if v is not None)
+                by_key[key] = Group([], extra={"method": row["method"], "recipe": desc,
+                                               "command": row.get("command") or f"stella bench --json {path}",
+                                               "setting": setting})
+            g = by_key[key]
+            for col, (src, scale, _) in BENCH_COLUMNS.items():
+                if row.get(src) is not None:
+                    g.values.setdefault(col, []).append(float(row[src]) * scale)
+    groups = sorted(by_key.values(), key=lambda g: (json.dumps(g.extra["setting"], default=str),
+                                                    *method_rank(g.method)))
+    settings = {g.extra["setting"] for g in groups}
+    for g in groups:
+        g.label = display_name(g.method) + (f" ({g.extra['recipe']})" if len(settings) > 1 else "")
+    table = Table("efficiency", list(BENCH_COLUMNS), groups, {c: v[2] for c, v in BENCH_COLUMNS.items()},
+                  notes=["ratios are relative to the benchmark's reference row; lower is better everywhere"])
+    if len(settings) == 1:
+        table.notes.append("setting: " + groups[0].extra["recipe"])
+    mark_best(table)
+    return table
+
+
+def lower_is_better(metric: str) -> bool:
+    """Downstream metrics are scores unless their name says loss, error or rank."""
+    name = metric.lower()
+    return any(word in name for word in ("loss", "err", "medr", "rank"))
+
+
+def downstream_table(runs: list[Run]) -> Table:
+    """results/<task>.json of every run (task in DOWNSTREAM_TASKS), every numeric metric a column."""
+    columns: list[str] = []
+    found = []
+    for run in runs:
+        results = {t: r for t in DOWNSTREAM_TASKS if (r := run.result(f"{t}.json")) is not None}
+        if results:
+            found.append((run, results))
+    if not found:
+        raise ValueError("stella report --table downstream: no results/<task>.json "
+                         f"({', '.join(DOWNSTREAM_TASKS)}) in the given runs (run `stella eval` first)")
+    for task in DOWNSTREAM_TASKS:
+        for _, results in found:
+            for metric, value in results.get(task, {}).get("metrics", {}).items():
+                col = f"{task} {metric}"
+                if isinstance(value, (int, float)) and col not in columns:
+                    columns.append(col)
+    groups = group_runs([r for r, _ in found])
+    by_path = {r.path: res for r, res in found}
+    for g in groups:
+        commands: list[str] = []
+        for run in g.runs:
+            for task, result in by_path[run.path].items():
+                for metric, value in result.get("metrics", {}).items():
+                    if isinstance(value, (int, float)):
+                        g.values.setdefault(f"{task} {metric}", []).append(float(value))
+                if result.get("command") and result["command"] not in commands:
+                    commands.append(result["command"])
+        g.extra["command"] = "; ".join(commands) or command_of(g)
+    table = Table("downstream", columns, groups, {c: lower_is_better(c) for c in columns},
+                  notes=["metrics from results/<task>.json of each run; mean ± sample std over seeds"])
+    mark_best(table)
+    return table
+
+
+def build_table(kind: str, paths: list[Path], forgetting: str = "conventional") -> Table:
+    if kind not in TABLES:
+        raise ValueError(f"--table {kind!r}: choose one of {', '.join(TABLES)}")
+    if forgetting not in FORGETTING:
+        raise ValueError(f"--forgetting {forgetting!r}: choose conventional or as-coded")
+    if kind == "efficiency":
+        return efficiency_table(paths)
+    runs = [load_run(p) for p in paths]
+    if kind == "downstream":
+        return downstream_table(runs)
+    return retrieval_table(runs, forgetting, ablation=kind == "ablation")
+
+
+# ----------------------------------------------------------------------------------------------------------
+# output
+
+
+def format_stat(stat: tuple[float, float | None, int] | None, digits: int = 2) -> str:
+    if stat is None:
+        return "-"
+    mean, std, _ = stat
+    text = f"{mean:.{digits}f}".replace("-0.00", "0.00")
+    return text if std is None else f"{text} ± {std:.{digits}f}"
+
+
+def row_count(g: Group) -> int:
+    """n of a row: its runs (seeds), or for benchmark rows the most values of any column."""
+    return len(g.runs) or max((len(v) for v in g.values.values()), default=0)
+
+
+def table_rows(table: Table, bold: tuple[str, str] = ("**", "**")) -> list[list[str]]:
+    """Header + one row per group: row label, n, then the formatted cells (best wrapped in `bold`)."""
+    rows = [["method", "n", *table.columns]]
+    for i, g in enumerate(table.groups):
+        cells = []
+        for col in table.columns:
+            text = format_stat(table.stat(i, col))
+            cells.append(f"{bold[0]}{text}{bold[1]}" if i in table.best.get(col, ()) else text)
+        rows.append([g.label, str(row_count(g)), *cells])
+    return rows
+
+
+def to_markdown(table: Table) -> str:
+    rows = table_rows(table)
+    lines = [f"## {table.name}", "", "| " + " | ".join(rows[0]) + " |",
+             "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
+    lines += ["", "**bold** = best per column" + (" (Multitask excluded)" if table.name in ("retrieval", "ablation")
+                                                    else ""), ""]
+    lines += [f"- {n}" for n in table.notes]
+    lines += ["", "| row | seeds | runs | recipe | command |", "|---|---|---|---|---|"]
+    for g in table.groups:
+        lines.append(f"| {g.label} | {', '.join(seeds_of(g)) or '-'} | {', '.join(str(r.path) for r in g.runs) or '-'}"
+                     f" | `{recipe_of(g)}` | `{command_of(g)}` |")
+    return "\n".join(lines) + "\n"
+
+
+def to_csv(table: Table) -> str:
+    """Numbers, not strings: per column the mean and the std; then best columns, seeds, recipe, command."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)
+    writer.writerow(["row", "method", "n", *[h for c in table.columns for h in (c, f"{c} std")],
+                     "best", "seeds", "runs", "recipe", "command"])
+    for i, g in enumerate(table.groups):
+        cells = []
+        for col in table.columns:
+            s = table.stat(i, col)
+            cells += ["" if s is None else f"{s[0]:.6g}", "" if s is None or s[1] is None else f"{s[1]:.6g}"]
+        best = ";".join(c for c in table.columns if i in table.best.get(c, ()))
+        writer.writerow([g.label, g.method, row_count(g), *cells, best, " ".join(seeds_of(g)),
+                         " ".join(str(r.path) for r in g.runs), recipe_of(g), command_of(g)])
+    return out.getvalue()
+
+
+def to_json(table: Table) -> dict[str, Any]:
+    rows = []
+    for i, g in enumerate(table.groups):
+        values = {}
+        for col in table.columns:
+            s = table.stat(i, col)
+            values[col] = None if s is None else {"mean": s[0], "std": s[1], "n": s[2], "values": g.values[col]}
+        rows.append({"row": g.label, "method": g.method, "seeds": seeds_of(g), "runs": [str(r.path) for r in g.runs],
+                     "recipe": recipe_of(g), "command": command_of(g), "values": values,
+                     "best": [c for c in table.columns if i in table.best.get(c, ())]})
+    return {"table": table.name, "columns": table.columns,
+            "lower_is_better": [c for c in table.columns if table.lower_better[c]], "notes": table.notes, "rows": rows}
+
+
+def write_table(table: Table, out: Path) -> list[Path]:
+    """OUT/<table>.md, .csv, .json (each written atomically)."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [out / f"{table.name}.{ext}" for ext in ("md", "csv", "json")]
+    atomic_write_text(paths[0], to_markdown(table))
+    atomic_write_text(paths[1], to_csv(table))
+    atomic_write_text(paths[2], json.dumps(to_json(table), indent=1))
+    return paths
+
+
+def column_parts(columns: list[str]) -> list[tuple[str, list[str]]]:
+    """Retrieval columns split by direction ('A->V ...', 'V->A ...'); others in chunks of 6 (terminal width)."""
+    prefixes = list(dict.fromkeys(c.split(" ")[0] for c in columns))
+    if all(p in DIRECTION_NAMES.values() for p in prefixes):
+        return [(p, [c for c in columns if c.startswith(p + " ")]) for p in prefixes]
+    return [("", columns[i:i + 6]) for i in range(0, len(columns), 6)]
+
+
+def print_table(console: Console, table: Table) -> None:
+    """rich tables, one per direction (retrieval, ablation) or per 6 columns; best cells in green."""
+    rows = table_rows(table, bold=("[bold green]", "[/bold green]"))
+    header = rows[0][2:]
+    for part, columns in column_parts(header):
+        shown = RichTable(title=f"{table.name}{': ' + part if part else ''} (green = best per column)")
+        for i, name in enumerate(["method", "n", *columns]):
+            shown.add_column(name.removeprefix(part + " ") if part else name, justify="left" if i == 0 else "right")
+        index = [0, 1, *[2 + header.index(c) for c in columns]]
+        for row in rows[1:]:
+            shown.add_row(*[row[i] for i in index])
+        console.print(shown)
+    for note in table.notes:
+        console.print(f"[dim]{escape(note)}")
+
+
+def write_figures(table: Table, out: Path) -> list[Path]:
+    """The table's bars (plots.py); for retrieval and ablation also every run's heatmap and stream plot."""
+    from stella_cli.plots import bench_bars, plot_run, report_bars
+
+    if table.name == "efficiency":
+        return [bench_bars(table, out / "efficiency_bars.png")]
+    if table.name not in ("retrieval", "ablation"):
+        return []
+    bars = report_bars(table, out / f"{table.name}_bars.png")
+    written = [bars] if bars else []
+    seen: dict[str, int] = {}
+    for group in table.groups:
+        for run in group.runs:
+            seen[run.path.name] = seen.get(run.path.name, 0) + 1
+            count = seen[run.path.name]
+            prefix = run.path.name + (f"_{count}" if count > 1 else "") + "_"  # two runs/<name> in other folders
+            written += plot_run(run.path, out / "runs", prefix=prefix)
+    return written

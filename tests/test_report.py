@@ -1,0 +1,291 @@
+"""`stella report` tables on hand-made result files (exact numbers) and every figure from tiny real runs."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import struct
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from stella_cli import report
+from stella_cli.evaluate import write_results
+from stella_cli.synth import SynthConfig, prepare_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "250"}  # rich: no wrapping
+TASKS = ["t1", "t2"]
+
+
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stella_cli", *args], capture_output=True, text=True, env=ENV,
+                          cwd=cwd or ROOT)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# hand-made runs: 2 tasks, every R@K equal, so R@K avg = the matrix entry
+
+
+def make_run(root: Path, name: str, method: str, seed: int, a2v: list[list[float]], v2a: list[list[float]],
+             **method_keys) -> Path:
+    """A run directory as `stella train` leaves it: config.yaml and results written by evaluate.write_results.
+    a2v / v2a: a[l][k] for l = rows trained (one row 'all' for multitask)."""
+    run = root / name
+    config = {"data": {"dataset": "synthetic", "root": "data/synthetic"}, "model": {"preset": "tiny"},
+              "method": {"name": method, "memory_size": 200, **method_keys}, "train": {"seed": seed},
+              "output": {"dir": str(run)}}
+    (run / "results").mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+    trained = ["all"] if method == "multitask" else TASKS[:len(a2v)]
+    history = [{"after_task": t, "step": l, "scores": {
+        d: {"all": {}, **{task: {f"R@{k}": m[l][i] for k in (1, 5, 10)} for i, task in enumerate(TASKS)}}
+        for d, m in (("a2v", a2v), ("v2a", v2a))}} for l, t in enumerate(trained)]
+    write_results(run / "results", history, TASKS, [1, 5, 10])
+    return run
+
+
+# a[l][k]; conventional F (T = 2) = a[0][0] - a[1][0]; as coded = that + (a[0][1] - a[1][1])
+FT1 = [[50, 10], [30, 60]]  # A 45, F 20, F_as_coded -30
+FT2 = [[40, 10], [30, 50]]  # A 40, F 10, F_as_coded 10 - 40 = -30
+ST1 = [[50, 10], [48, 56]]  # A 52, F 2, F_as_coded -44
+ST2 = [[50, 10], [46, 54]]  # A 50, F 4, F_as_coded -40
+
+
+@pytest.fixture
+def runs(tmp_path) -> Path:
+    """Finetune and STELLA with 2 seeds each (V->A with the roles swapped), Multitask, STELLA with another
+    memory size, and an unknown method; created in an order unlike the paper's."""
+    root = tmp_path / "runs"
+    make_run(root, "stella_s2", "stella", 2, ST2, FT2)
+    make_run(root, "zzz_s1", "zzz", 1, FT1, FT1)
+    make_run(root, "finetune_s1", "finetune", 1, FT1, ST1)
+    make_run(root, "stella_s1", "stella", 1, ST1, FT1)
+    make_run(root, "multitask_s1", "multitask", 1, [[70, 80]], [[70, 80]])
+    make_run(root, "finetune_s2", "finetune", 2, FT2, ST2)
+    make_run(root, "stella_mem100", "stella", 1, ST1, ST1, memory_size=100)
+    return root
+
+
+def row(table: report.Table, label: str) -> int:
+    return [g.label for g in table.groups].index(label)
+
+
+def test_seeds_are_grouped_with_mean_and_std_in_paper_order(runs):
+    table = report.build_table("retrieval", report.expand_runs([str(runs / "*")]))
+    assert [g.label for g in table.groups] == ["Multitask", "Finetune", "STELLA (method.memory_size=100)",
+                                               "STELLA (method.memory_size=200)", "zzz"]  # same method: by path
+    ft, st = row(table, "Finetune"), row(table, "STELLA (method.memory_size=200)")
+    assert [str(r.path.name) for r in table.groups[ft].runs] == ["finetune_s1", "finetune_s2"]
+    assert table.stat(ft, "A->V avg A") == pytest.approx((42.5, 2.5 * 2 ** 0.5, 2))  # mean, sample std, n
+    assert table.stat(ft, "A->V avg F") == pytest.approx((15.0, 5 * 2 ** 0.5, 2))
+    assert table.stat(st, "A->V R@5 A") == pytest.approx((51.0, 2 ** 0.5, 2))
+    assert table.stat(st, "A->V R@10 F") == pytest.approx((3.0, 2 ** 0.5, 2))
+    assert table.stat(st, "V->A avg A") == pytest.approx((42.5, 2.5 * 2 ** 0.5, 2))
+    mt = row(table, "Multitask")
+    assert table.stat(mt, "A->V avg A") == (75.0, None, 1) and table.stat(mt, "A->V avg F") is None
+    assert len(table.columns) == 16 and table.columns[:3] == ["A->V R@1 A", "A->V R@1 F", "A->V R@5 A"]
+    rows = report.table_rows(table)
+    assert rows[1 + ft][:3] == ["Finetune", "2", "42.50 ± 3.54"]
+    assert rows[1 + mt][2:4] == ["75.00", "-"]
+
+
+def test_best_per_column_max_for_A_min_for_F_multitask_excluded(runs):
+    table = report.build_table("retrieval", report.expand_runs([str(runs / "*")]))
+    ft, st, st100 = row(table, "Finetune"), row(table, "STELLA (method.memory_size=200)"), \
+        row(table, "STELLA (method.memory_size=100)")
+    assert table.best["A->V avg A"] == {st100}  # 52 > 51 > 45 (zzz) > 42.5; Multitask's 75 is not a candidate
+    assert table.best["A->V avg F"] == {st100}  # 2 < 3
+    assert table.best["V->A avg A"] == {st100}  # 52 > 51 (Finetune's swapped roles)
+    assert table.best["V->A avg F"] == {st100}
+    ft_only = report.build_table("retrieval", [runs / "finetune_s1", runs / "finetune_s2", runs / "stella_s1",
+                                               runs / "stella_s2", runs / "multitask_s1"])
+    ft, st = row(ft_only, "Finetune"), row(ft_only, "STELLA")
+    assert ft_only.best["A->V avg A"] == {st} and ft_only.best["V->A avg A"] == {ft}
+    assert ft_only.best["A->V R@1 F"] == {st} and ft_only.best["V->A R@1 F"] == {ft}
+    md = report.to_markdown(ft_only)
+    assert "| STELLA | 2 | **51.00 ± 1.41** | **3.00 ± 1.41** |" in md
+    assert "| Multitask | 1 | 75.00 | - |" in md  # higher A, never bold
+    parsed = list(csv.DictReader(io.StringIO(report.to_csv(ft_only))))
+    assert parsed[ft]["V->A avg A"] == "51" and parsed[ft]["V->A avg A std"] == "1.41421"
+    assert "V->A avg A" in parsed[ft]["best"].split(";") and parsed[ft]["seeds"] == "1 2"
+
+
+def test_forgetting_as_coded(runs):
+    table = report.build_table("retrieval", [runs / "finetune_s1", runs / "finetune_s2", runs / "stella_s1",
+                                             runs / "stella_s2"], forgetting="as-coded")
+    assert table.stat(row(table, "Finetune"), "A->V avg F") == (-30.0, 0.0, 2)
+    assert table.stat(row(table, "STELLA"), "A->V avg F") == pytest.approx((-42.0, 2 * 2 ** 0.5, 2))
+    assert table.best["A->V avg F"] == {row(table, "STELLA")}
+
+
+def test_ablation_rows_by_selection_variant(tmp_path):
+    root = tmp_path / "abl"
+    for i, sel in enumerate(["correlation", None, "random", "importance"]):
+        keys = {"stella": {"selection": sel}} if sel else {}
+        make_run(root, f"s_{i}", "stella", 1, [[50, 10], [40 + i, 50]], ST1, **keys)
+    make_run(root, "ft", "finetune", 1, FT1, FT1)
+    table = report.build_table("ablation", report.expand_runs([str(root / "*")]))
+    assert [g.label for g in table.groups] == ["STELLA / full", "STELLA / random", "STELLA / importance",
+                                               "STELLA / correlation"]
+    assert table.stat(0, "A->V R@1 F") == (9.0, None, 1)  # absent selection = full = s_1: 50 - 41
+    assert table.stat(3, "A->V R@1 F") == (10.0, None, 1)  # correlation = s_0: 50 - 40
+    assert table.best["A->V R@1 F"] == {2}  # importance = s_3: 50 - 43 = 7, the least forgetting
+    assert any("has no selection variants" in n for n in table.notes)
+
+
+def test_incomplete_runs_are_skipped_and_globs_expand(tmp_path, runs):
+    make_run(runs, "half", "stella", 3, [[50, 10]], [[50, 10]])  # only task 1 trained
+    (runs / "stella_train.log").write_text("a stray file")  # globs keep run directories only
+    (runs / "stella_plots").mkdir()
+    table = report.build_table("retrieval", report.expand_runs([str(runs / "stella_*"), str(runs / "half")]))
+    assert [g.label for g in table.groups] == ["STELLA (method.memory_size=100)", "STELLA (method.memory_size=200)"]
+    assert any("half: 1 of 2 tasks trained" in n for n in table.notes)
+    with pytest.raises(FileNotFoundError, match="no such run directory"):
+        report.expand_runs([str(tmp_path / "nothing_*")])
+    with pytest.raises(FileNotFoundError, match="not a run directory"):
+        report.build_table("retrieval", report.expand_runs([str(runs / "stella_plots")]))  # named: refused
+
+
+def test_efficiency_and_downstream_tables(tmp_path, runs):
+    bench = tmp_path / "bench.json"
+    common = {"preset": "tiny", "batch": 2, "attention": "sdpa", "device": "cpu"}
+    bench.write_text(json.dumps([
+        {"method": "stella", "iter_s": 0.5, "activation_bytes": 2 ** 21, "peak_bytes": 2 ** 22, "iter_ratio": 0.5,
+         "activation_ratio": 0.5, "peak_ratio": 0.8, **common},
+        {"method": "finetune", "iter_s": 1.0, "activation_bytes": 2 ** 22, "peak_bytes": 2 ** 23, "iter_ratio": 1.0,
+         "activation_ratio": 1.0, "peak_ratio": 1.0, **common}]))
+    table = report.build_table("efficiency", [bench])
+    assert [g.label for g in table.groups] == ["Finetune", "STELLA"]
+    assert table.stat(1, "activation (MiB)") == (2.0, None, 1) and table.best["peak (MiB)"] == {1}
+    for name, value in (("finetune_s1", 60.0), ("finetune_s2", 70.0), ("stella_s1", 80.0)):
+        (runs / name / "results" / "classification.json").write_text(json.dumps(
+            {"task": "classification", "checkpoint": "latest.pt", "recipe": "r", "command": f"stella eval {name}",
+             "metrics": {"top1": value, "loss": 100 - value}}))
+    (runs / "stella_s1" / "results" / "ave.json").write_text(json.dumps(
+        {"task": "ave", "checkpoint": "latest.pt", "recipe": "r", "command": "e", "metrics": {"accuracy": 33.0}}))
+    down = report.build_table("downstream", report.expand_runs([str(runs / "*")]))
+    assert down.columns == ["classification top1", "classification loss", "ave accuracy"]
+    ft, st = row(down, "Finetune"), row(down, "STELLA")
+    assert down.stat(ft, "classification top1") == pytest.approx((65.0, 50 ** 0.5, 2))
+    assert down.best["classification top1"] == {st} and down.best["classification loss"] == {st}
+    assert report.command_of(down.groups[ft]) == "stella eval finetune_s1; stella eval finetune_s2"
+
+
+def test_cli_writes_tables_and_figures(tmp_path, runs):
+    out = tmp_path / "out"
+    proc = cli("report", str(runs / "finetune_*"), str(runs / "stella_s*"), str(runs / "multitask_s1"), "--out",
+               str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert "Finetune" in proc.stdout and "42.50 ± 3.54" in proc.stdout
+    saved = json.loads((out / "retrieval.json").read_text())
+    assert [r["row"] for r in saved["rows"]] == ["Multitask", "Finetune", "STELLA"]
+    assert saved["rows"][1]["values"]["A->V avg F"]["values"] == [20.0, 10.0]
+    assert saved["rows"][2]["command"].startswith("for seed in 1 2; do stella train ")
+    assert (out / "retrieval.md").read_text().count("\n| ") >= 8 and (out / "retrieval.csv").is_file()
+    for png in ["retrieval_bars.png", "runs/finetune_s1_accuracy_matrix.png", "runs/stella_s2_stream.png",
+                "runs/multitask_s1_accuracy_matrix.png", "runs/multitask_s1_stream.png"]:
+        assert_png(out / png)
+
+
+def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
+    for args, message in [(["report", str(tmp_path / "missing_run")], "no such run directory"),
+                          (["report", str(tmp_path), "--table", "speed"], "--table 'speed'")]:
+        proc = cli(*args)
+        assert proc.returncode == 2, proc.stdout + proc.stderr
+        lines = proc.stdout.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0] and "Traceback" not in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# figures from tiny real runs
+
+
+def assert_png(path: Path, min_side: int = 250, max_side: int = 3000) -> tuple[int, int]:
+    """A PNG file (signature) whose IHDR width and height are of a readable figure."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    width, height = struct.unpack(">II", data[16:24])
+    assert min_side <= width <= max_side and min_side <= height <= max_side, (path, width, height)
+    return width, height
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory) -> dict[str, Path]:
+    """STELLA trained through the CLI (so its end-of-run plots are `stella train`'s) and STELLA+ in-process:
+    tiny preset, 2 tasks x 1 epoch x 4 steps."""
+    from stella_cli.config import load_recipe
+    from stella_cli.train import run
+
+    tmp = tmp_path_factory.mktemp("report_runs")
+    data = tmp / "data"
+    prepare_synthetic(data, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
+                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
+                                         retrieval_per_class=3))
+    tiny = [f"data.root={data}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
+            "train.epochs=1", "train.batch_size=4"]
+    runs = {"stella": tmp / "stella", "stella+": tmp / "stella_plus"}
+    proc = cli("train", "recipes/synthetic.yaml", "--quiet", *[a for o in tiny for a in ("--set", o)],
+               "--set", f"output.dir={runs['stella']}")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "plots: " in proc.stdout
+    run(load_recipe(ROOT / "recipes" / "synthetic.yaml", [*tiny, "method.name=stella+",
+                                                          f"output.dir={runs['stella+']}"]), quiet=True)
+    return runs
+
+
+def test_train_writes_the_heatmap_and_stream_plot(tiny_runs):
+    run = tiny_runs["stella"]
+    w, h = assert_png(run / "plots" / "accuracy_matrix.png")
+    assert w > h  # two panels side by side
+    assert_png(run / "plots" / "stream.png")
+
+
+def test_buffer_show_draws_clips_and_composition(tiny_runs, tmp_path):
+    from stella_cli.plots import buffer_figures
+
+    proc = cli("buffer", str(tiny_runs["stella"]), "--show", "2", "--out", str(tmp_path / "stella"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    written = {"stella": sorted((tmp_path / "stella").glob("*.png")),
+               "stella+": buffer_figures(tiny_runs["stella+"], 2, tmp_path / "plus")}
+    for method, paths in written.items():
+        assert sorted(p.name for p in paths)[-1] == "composition.png"
+        assert len([p for p in paths if p.name.startswith("clip_slot")]) == 2, method
+        sizes = [assert_png(p) for p in paths]
+        assert sizes[0][1] > 500  # a clip figure: frames, p_v, fbank, p_a rows (STELLA+: frames and fbank)
+
+
+def test_buffer_composition_counts_and_replay_core(tiny_runs):
+    import numpy as np
+    import torch
+
+    from stella_cli.plots import pick_slots, replay_core, task_checkpoints
+
+    ckpts = task_checkpoints(tiny_runs["stella"])
+    assert [c.name for c in ckpts] == ["task01_task1.pt", "task02_task2.pt"]
+    fields = torch.load(ckpts[-1], map_location="cpu", weights_only=False)["method_extra"]["buffer"]["fields"]
+    task = fields["task"].numpy()
+    slots = pick_slots(task, len(task), 3)
+    assert len(set(slots)) == 3 and {int(task[s]) for s in slots} == {0, 1}  # both stored tasks shown
+    clip = {k: v[slots[0]].numpy() for k, v in fields.items()}
+    core_v, core_a = replay_core(clip, K_V=32, K_A=96, n_freq=8, chunk_times=4)
+    assert len(set(core_v.tolist())) == 32 and len(set(core_a.tolist())) == 96  # distinct tokens, exactly K
+    p_v = clip["p_v"]
+    assert not np.isin(np.flatnonzero(p_v >= 1.0), core_v).any()  # a certainly-pruned patch is never core
+
+
+def test_report_and_bench_bars_from_tables(tmp_path, runs):
+    from stella_cli.plots import bench_bars, report_bars
+
+    table = report.build_table("retrieval", report.expand_runs([str(runs / "*")]))
+    w, _ = assert_png(report_bars(table, tmp_path / "bars.png"))
+    bench = tmp_path / "bench.json"
+    bench.write_text(json.dumps([{"method": m, "iter_s": s, "activation_bytes": 2 ** 20 * s, "peak_bytes": 2 ** 21 * s,
+                                  "preset": "tiny", "batch": 2, "attention": "sdpa", "device": "cpu"}
+                                 for m, s in (("finetune", 1.0), ("stella", 0.6), ("er", 1.1))]))
+    assert_png(bench_bars(report.build_table("efficiency", [bench]), tmp_path / "bench.png"))
