@@ -170,6 +170,24 @@ def convert_mae_command(
 
 
 @app.command()
+def reproduce(
+    table: str = typer.Argument("synthetic", help="synthetic | synthetic-ablation | vggsound-retrieval | "
+                                                  "audioset-retrieval | efficiency | downstream | ablation"),
+    seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the table's)."),
+    methods: Optional[str] = typer.Option(None, help="Only these methods, e.g. finetune,er,stella."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key in every run (repeatable)."),
+    full: bool = typer.Option(False, help="Synthetic tables: 3 seeds at the recipes' own budget."),
+    runs: Path = typer.Option(Path("runs"), help="Runs go to RUNS/TABLE/<recipe>_s<seed>."),
+    recipes: Path = typer.Option(Path("recipes"), help="Folder holding the tables' recipes."),
+) -> None:
+    """Run every recipe a paper table needs (methods x seeds), resumably, then print the table."""
+    from stella_cli.reproduce import reproduce as reproduce_table
+
+    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs,
+                    recipes=recipes, console=console)
+
+
+@app.command()
 def buffer(
     run_dir: Path = typer.Argument(..., help="Run directory (output.dir of a `stella train` run)."),
     checkpoint: str = typer.Option("latest.pt", help="Checkpoint file name under RUN/checkpoints."),

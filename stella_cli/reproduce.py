@@ -1,0 +1,216 @@
+"""`stella reproduce`: every run a paper table needs (methods x seeds), resumable, then its report.
+
+A table is a list of recipes (`recipes/<prefix>_<method>.yaml`) run once per seed. Each run goes through the real
+`stella train` in a child process, so a reproduction behaves exactly like the commands README shows, and an
+interrupted reproduction is continued by running the same command again:
+
+- a run whose `reproduce.json` marker exists is finished and skipped;
+- a run with `checkpoints/latest.pt` is continued with `--resume`;
+- any other run starts.
+
+Run directories: `{runs}/{table}/{recipe stem}_s{seed}`. After the runs, `stella report` writes the table into
+`{runs}/{table}/report/` and prints it; this module then prints each run's wall time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from stella_cli.cache import atomic_write_text
+
+PAPER_METHODS = ("multitask", "finetune", "er", "mir", "derpp", "gmed", "clser", "esmer", "lump", "stella",
+                 "stella_plus")  # recipe suffixes in the paper's row order (protocol.md "Tables")
+ABLATION_VARIANTS = ("random", "importance", "correlation", "full")
+MARKER = "reproduce.json"
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """What a table runs: recipes `recipes/{prefix}_{name}.yaml` for each name, the report layout, defaults."""
+
+    prefix: str
+    names: tuple[str, ...]
+    report: str  # stella report --table
+    seeds: tuple[int, ...] = (2021,)
+    full_seeds: tuple[int, ...] = (2021, 2022, 2023)
+    overrides: tuple[str, ...] = ()  # --set applied to every run of the default (laptop) budget only
+    synthetic: bool = False  # prepare the synthetic benchmark when it is missing
+    bench: bool = False  # the efficiency table: `stella bench` instead of training runs
+    downstream: bool = False  # `stella eval --task all` on every finished run
+
+
+TABLES: dict[str, TableSpec] = {
+    # The laptop default: every method of the paper on the synthetic stream, one seed at a reduced budget
+    # (README "Reproducing the tables" states what it runs and what it shows); --full: 3 seeds, recipe budget.
+    "synthetic": TableSpec("synthetic", PAPER_METHODS, "retrieval", synthetic=True,
+                           overrides=("train.epochs=5",)),
+    "synthetic-ablation": TableSpec("synthetic_ablation", ABLATION_VARIANTS, "ablation", synthetic=True,
+                                    overrides=("train.epochs=5",)),
+    "vggsound-retrieval": TableSpec("vggsound", PAPER_METHODS, "retrieval", seeds=(2021, 2022, 2023)),
+    "audioset-retrieval": TableSpec("audioset", PAPER_METHODS, "retrieval", seeds=(2021, 2022, 2023)),
+    "ablation": TableSpec("vggsound_ablation", ABLATION_VARIANTS, "ablation", seeds=(2021, 2022, 2023)),
+    "downstream": TableSpec("vggsound", PAPER_METHODS, "downstream", downstream=True),
+    "efficiency": TableSpec("", PAPER_METHODS, "efficiency", bench=True),
+}
+
+
+@dataclass
+class RunOutcome:
+    recipe: Path
+    seed: int
+    run_dir: Path
+    status: str  # finished | skipped (finished before) | resumed | failed
+    seconds: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def select_names(spec: TableSpec, methods: str | None) -> tuple[str, ...]:
+    """`--methods er,stella` keeps those (in the table's order); unknown names are one-line errors."""
+    if not methods:
+        return spec.names
+    wanted = [m.strip().replace("+", "_plus") for m in methods.split(",") if m.strip()]
+    unknown = [m for m in wanted if m not in spec.names]
+    if unknown:
+        raise ValueError(f"--methods: {', '.join(unknown)} not in this table; choose from {', '.join(spec.names)}")
+    return tuple(n for n in spec.names if n in wanted)
+
+
+def parse_seeds(text: str | None, spec: TableSpec, full: bool) -> tuple[int, ...]:
+    if not text:
+        return spec.full_seeds if full else spec.seeds
+    try:
+        seeds = tuple(int(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 2021,2022,2023") from None
+    if not seeds:
+        raise ValueError("--seeds: give at least one seed")
+    return seeds
+
+
+def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: str | None = None,
+              overrides: list[str] | None = None, full: bool = False, runs: Path = Path("runs"),
+              recipes: Path = Path("recipes"), console: Console | None = None) -> list[RunOutcome]:
+    """Run (or continue) every run of `table`, then report it. Returns one outcome per run."""
+    console = console or Console()
+    if table not in TABLES:
+        raise ValueError(f"stella reproduce: unknown table {table!r}; choose one of {', '.join(TABLES)}")
+    spec = TABLES[table]
+    names = select_names(spec, methods)
+    out_dir = runs / table
+    if spec.bench:
+        return [run_bench(names, out_dir, console)]
+    seed_list = parse_seeds(seeds, spec, full)
+    sets = [*(() if full else spec.overrides), *(overrides or [])]
+    recipe_paths = [recipes / f"{spec.prefix}_{name}.yaml" for name in names]
+    missing = [str(p) for p in recipe_paths if not p.is_file()]
+    if missing:
+        raise FileNotFoundError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
+                                f"recipes under {recipes})")
+    if spec.synthetic:
+        ensure_synthetic(recipe_paths[0], sets, console)
+    outcomes = []
+    total = len(recipe_paths) * len(seed_list)
+    for i, (recipe, seed) in enumerate(((r, s) for r in recipe_paths for s in seed_list), start=1):
+        run_dir = out_dir / f"{recipe.stem}_s{seed}"
+        console.rule(f"[{i}/{total}] {recipe.stem}, seed {seed}")
+        outcome = train_once(recipe, seed, run_dir, sets)
+        outcomes.append(outcome)
+        if outcome.status == "failed":
+            raise SystemExit(outcome.extra["returncode"])
+        if spec.downstream:
+            evaluate_downstream(run_dir)
+    report_cmd = [sys.executable, "-m", "stella_cli", "report", *(str(o.run_dir) for o in outcomes),
+                  "--table", spec.report, "--out", str(out_dir / "report")]
+    subprocess.run(report_cmd, check=True)
+    print_times(outcomes, console)
+    if spec.report in ("retrieval", "ablation"):
+        console.print(chance_line(outcomes[0].run_dir))
+    return outcomes
+
+
+def train_once(recipe: Path, seed: int, run_dir: Path, sets: list[str]) -> RunOutcome:
+    """One run through the real CLI: skipped when finished, `--resume`d when a checkpoint exists."""
+    marker = run_dir / MARKER
+    if marker.is_file():
+        done = json.loads(marker.read_text())
+        return RunOutcome(recipe, seed, run_dir, "skipped", done["seconds"])
+    resume = (run_dir / "checkpoints" / "latest.pt").is_file()
+    cmd = [sys.executable, "-m", "stella_cli", "train", str(recipe), "--set", f"output.dir={run_dir}",
+           "--set", f"train.seed={seed}", *[a for s in sets for a in ("--set", s)]]
+    if resume:
+        cmd.append("--resume")
+    tic = time.perf_counter()
+    proc = subprocess.run(cmd, env=os.environ.copy())
+    seconds = time.perf_counter() - tic
+    if proc.returncode != 0:
+        return RunOutcome(recipe, seed, run_dir, "failed", seconds, {"returncode": proc.returncode})
+    atomic_write_text(marker, json.dumps({"recipe": str(recipe), "seed": seed, "seconds": seconds,
+                                          "resumed": resume, "command": " ".join(cmd)}, indent=2))
+    return RunOutcome(recipe, seed, run_dir, "resumed" if resume else "finished", seconds)
+
+
+def ensure_synthetic(recipe: Path, sets: list[str], console: Console) -> None:
+    """Prepare the synthetic benchmark where the recipe looks for it, if it is not there yet."""
+    from stella_cli.config import load_recipe
+
+    root = Path(load_recipe(recipe, [s for s in sets if s.startswith("data.")]).data.root)
+    if (root / "meta.json").is_file() and (root / "retrieval.csv").is_file():
+        return
+    console.print(f"preparing the synthetic benchmark in {root}")
+    subprocess.run([sys.executable, "-m", "stella_cli", "prep", "synthetic", "--out", str(root)], check=True)
+
+
+def evaluate_downstream(run_dir: Path) -> None:
+    if not (run_dir / "results" / "classification.json").is_file():
+        subprocess.run([sys.executable, "-m", "stella_cli", "eval", str(run_dir), "--task", "all"], check=True)
+
+
+def run_bench(names: tuple[str, ...], out_dir: Path, console: Console) -> RunOutcome:
+    """The efficiency table: `stella bench` at the paper's size, both attention kernels, then the report."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    methods = ",".join(n.replace("_plus", "+") for n in names)
+    tic = time.perf_counter()
+    files = []
+    for kernel in ("sdpa", "math"):
+        path = out_dir / f"bench_{kernel}.json"
+        cmd = [sys.executable, "-m", "stella_cli", "bench", "--methods", methods, "--preset", "base",
+               "--attention", kernel, "--json"]
+        text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        atomic_write_text(path, text)
+        files.append(str(path))
+    subprocess.run([sys.executable, "-m", "stella_cli", "report", *files, "--table", "efficiency", "--out",
+                    str(out_dir / "report")], check=True)
+    return RunOutcome(Path("-"), 0, out_dir, "finished", time.perf_counter() - tic)
+
+
+def chance_line(run_dir: Path) -> str:
+    """Chance level of the retrieval table: R@K = K / N for a gallery of N clips, averaged over the recipe's K."""
+    from stella_cli.config import load_recipe
+
+    recipe = load_recipe(run_dir / "config.yaml")
+    with open(Path(recipe.data.root) / "retrieval.csv") as f:
+        n = sum(1 for _ in f) - 1  # minus the header
+    ks = recipe.eval.recall_at
+    per_k = ", ".join(f"R@{k} {100 * k / n:.1f}" for k in ks)
+    return f"chance with a gallery of {n} clips: {per_k}, avg {100 * sum(ks) / len(ks) / n:.2f}"
+
+
+def print_times(outcomes: list[RunOutcome], console: Console) -> None:
+    table = Table(title="wall time per run")
+    for column in ("recipe", "seed", "run", "status", "time"):
+        table.add_column(column, justify="right" if column == "time" else "left")
+    for o in outcomes:
+        table.add_row(o.recipe.stem, str(o.seed), str(o.run_dir), o.status, f"{o.seconds:.0f} s")
+    console.print(table)
+    console.print(f"total {sum(o.seconds for o in outcomes) / 60:.1f} min of training over {len(outcomes)} runs "
+                  "(skipped runs show the time they took when they ran)")

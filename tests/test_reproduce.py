@@ -1,0 +1,89 @@
+"""`stella reproduce`: the runs of a table, skip finished runs, resume interrupted ones, then the report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from stella_cli.config import load_recipe, recipe_to_yaml
+from stella_cli.reproduce import PAPER_METHODS, TABLES, chance_line, select_names
+from stella_cli.synth import SynthConfig, prepare_synthetic
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def stella(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stella_cli", *args], capture_output=True, text=True, cwd=cwd,
+                          env=ENV, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    """Tiny synthetic data and a recipes folder whose synthetic_<method>.yaml extend the real ones."""
+    tmp = tmp_path_factory.mktemp("reproduce")
+    prepare_synthetic(tmp / "data", seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
+                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
+                                         retrieval_per_class=3))
+    (tmp / "recipes").mkdir()
+    for method in ("finetune", "stella"):
+        real = ROOT / "recipes" / ("synthetic.yaml" if method == "stella" else f"synthetic_{method}.yaml")
+        (tmp / "recipes" / f"synthetic_{method}.yaml").write_text(
+            f"extends: {real}\ndata: {{root: {tmp / 'data'}, num_workers: 0}}\nmodel: {{preset: tiny}}\n"
+            "method: {memory_size: 12}\ntrain: {epochs: 1, batch_size: 4}\n")
+    return tmp
+
+
+def test_every_table_names_its_recipes():
+    for name, spec in TABLES.items():
+        if spec.bench:
+            continue
+        for method in spec.names:
+            path = ROOT / "recipes" / f"{spec.prefix}_{method}.yaml"
+            assert path.is_file(), f"table {name} needs {path}"
+    assert select_names(TABLES["synthetic"], "stella+,finetune") == ("finetune", "stella_plus")  # paper order
+    assert TABLES["synthetic"].names == PAPER_METHODS and len(PAPER_METHODS) == 11
+
+
+@pytest.mark.parametrize("args, message", [
+    (["nope"], "unknown table 'nope'"),
+    (["synthetic", "--methods", "bogus"], "--methods: bogus not in this table"),
+    (["synthetic", "--seeds", "a,b"], "--seeds 'a,b': expected comma-separated integers"),
+])
+def test_bad_arguments_are_one_line(workspace, args, message):
+    proc = stella("reproduce", *args, "--recipes", str(workspace / "recipes"), cwd=workspace)
+    assert proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_skips_finished_runs_and_resumes_interrupted_ones(workspace):
+    common = ["--recipes", str(workspace / "recipes"), "--runs", str(workspace / "runs"), "--set", "train.epochs=1"]
+    first = stella("reproduce", "synthetic", "--methods", "finetune", "--seeds", "1", *common, cwd=workspace)
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    finetune = workspace / "runs" / "synthetic" / "synthetic_finetune_s1"
+    assert json.loads((finetune / "reproduce.json").read_text())["seed"] == 1
+    assert "chance with a gallery of 12 clips: R@1 8.3, R@5 41.7, R@10 83.3" in first.stdout
+
+    # an interrupted STELLA run where reproduce will look for it
+    stella_dir = workspace / "runs" / "synthetic" / "synthetic_stella_s1"
+    stopped = stella("train", str(workspace / "recipes" / "synthetic_stella.yaml"), "--set", f"output.dir={stella_dir}",
+                     "--set", "train.seed=1", "--set", "train.epochs=1", "--stop-after", "2", "--quiet", cwd=workspace)
+    assert stopped.returncode == 130 and not (stella_dir / "reproduce.json").exists()
+
+    second = stella("reproduce", "synthetic", "--methods", "finetune,stella", "--seeds", "1", *common, cwd=workspace)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resumed" in second.stdout and "skipped" in second.stdout
+    assert f"resumed {stella_dir} at step 2" in second.stdout
+    rows = json.loads((stella_dir / "results" / "retrieval.json").read_text())["rows"]
+    assert [r["after_task"] for r in rows] == ["task1", "task2"]
+    assert (workspace / "runs" / "synthetic" / "report").is_dir()
+
+
+def test_chance_line_counts_the_gallery(workspace, tmp_path):
+    recipe = load_recipe(workspace / "recipes" / "synthetic_finetune.yaml", [f"output.dir={tmp_path}"])
+    (tmp_path / "config.yaml").write_text(recipe_to_yaml(recipe))
+    assert chance_line(tmp_path) == "chance with a gallery of 12 clips: R@1 8.3, R@5 41.7, R@10 83.3, avg 44.44"
