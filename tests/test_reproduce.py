@@ -15,7 +15,7 @@ from stella_cli.reproduce import PAPER_METHODS, TABLES, chance_line, select_name
 from stella_cli.synth import SynthConfig, prepare_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
-ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
 
 
 def stella(*args: str, cwd: Path) -> subprocess.CompletedProcess:
