@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from stella_cli.config import load_recipe
+from stella_cli.errors import DivergenceError
 from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import TrainingInterrupted, run
 
@@ -154,8 +155,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
     monkeypatch.setattr(methods.Stella, "step", step_with_nan)
     recipe = tiny_recipe(tmp_path, data_root)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at task 'task2', epoch 0, step 6 .*loss_mae_v=nan"
-                                                 r".*the last good checkpoint is .*task01_task1.pt"):
+    with pytest.raises(DivergenceError, match=r"non-finite loss_mae_v at task 'task2', epoch 0, step 6 .*loss_mae_v=nan"
+                                              r".*the last good checkpoint is .*task01_task1.pt"):
         run(recipe, quiet=True)
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["position"] == {"task": 1, "epoch": 0, "batch": 0, "step": 4, "history": state["position"]["history"]}
