@@ -44,7 +44,8 @@ def read_checkpoint(path: Path) -> dict[str, Any]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # truncated zip, a text file, a pickle of something else: torch raises many types
-        reason = str(err).strip().splitlines()[0][:120] if str(err).strip() else type(err).__name__
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
         raise CheckpointError(f"{path}: cannot be read ({size:,} bytes; truncated or damaged: {reason}); "
                               f"{what_to_do(path)}") from err
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]

@@ -184,15 +184,12 @@ def buffer(
     checkpoint: str = typer.Option("latest.pt", help="Checkpoint file name under RUN/checkpoints."),
 ) -> None:
     """Inspect the replay buffer of a run: fill, stored fields and bytes, clips per task, pruning probabilities."""
-    import torch
-
+    from stella_cli.checkpoint import read_checkpoint
     from stella_cli.config import load_recipe
     from stella_cli.replay import summarize_buffer
 
     path = run_dir / "checkpoints" / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)  # one line for a missing, empty, truncated or foreign file
     if "buffer" not in state["method_extra"]:
         raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
     from stella_cli.cache import read_meta
