@@ -11,6 +11,7 @@ value 3 (the divergence guard, which every method goes through), a saved stop 13
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -447,7 +448,8 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     if resume:  # the saved recipe is the run's recipe
         saved = Path(recipe.output.dir) / "config.yaml"
         if saved.is_file():
-            run_recipe = load_recipe(saved)
+            # the folder given is the run, wherever it was first written (a moved or copied run resumes in place)
+            run_recipe = dataclasses.replace(load_recipe(saved), output=recipe.output)
             ignored = changed_keys(recipe_to_dict(run_recipe), recipe_to_dict(recipe))
             if ignored:
                 log(f"[yellow]--resume continues with {saved}; ignoring the differing {', '.join(ignored)}")
