@@ -34,7 +34,7 @@ def what_to_do(path: Path) -> str:
 
 
 def read_checkpoint(path: Path) -> dict[str, Any]:
-    """torch.load a `stella train` checkpoint, refusing (CheckpointError) a missing, empty, truncated or foreign file."""
+    """torch.load a `stella train` checkpoint; a missing, empty, truncated or foreign file is a CheckpointError."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")

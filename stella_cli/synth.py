@@ -609,8 +609,8 @@ def _run_jobs(fn: Any, jobs: list[tuple], workers: int) -> Iterator[Any]:
             yield fn(*job)
         return
     # fork starts in milliseconds (spawn re-imports torch in every worker: seconds); it is safe here because the
-    # workers run torch on one thread (one_torch_thread), so they never enter an OpenMP region inherited from the parent.
-    # Leaving the `with` (done, error, Ctrl-C) terminates the workers at once; a killed parent takes them along
+    # workers run torch on one thread (one_torch_thread), so they never enter an OpenMP region inherited from the parent
+    # Leaving the `with` (done, error, Ctrl-C) terminates the workers at once; a killed parent takes them along.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
     with ctx.Pool(workers, die_with_parent, (os.getpid(),)) as pool:
         yield from pool.imap_unordered(_call, [(fn, job) for job in jobs])
