@@ -112,6 +112,8 @@ def train(
     from stella_cli.config import load_recipe, recipe_to_yaml
 
     resolved = load_recipe(recipe, overrides)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
     if print_config:
         console.print(recipe_to_yaml(resolved), markup=False, highlight=False)
         return

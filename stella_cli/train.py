@@ -83,6 +83,13 @@ def unwrap(module: torch.nn.Module) -> Method:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+def all_reduced(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over ranks of a small CPU tensor, on the CPU (NCCL reduces CUDA tensors only)."""
+    flags = flags.to(device)
+    dist.all_reduce(flags)
+    return flags.cpu()
+
+
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
@@ -344,7 +351,7 @@ class Trainer:
                           + [~torch.isfinite(v.detach().float()).all() for v in losses.values()]).cpu()  # one sync
         flags = bad.float()
         if self.world > 1:
-            dist.all_reduce(flags)
+            flags = all_reduced(flags, self.device)
         if flags.sum().item() > 0:
             name, _ = self.schedule[self.pos.task]
             which = [n for n, f in zip(names, flags.tolist()) if f > 0]
@@ -364,7 +371,7 @@ class Trainer:
         flags = torch.tensor([float(self.stop_requested or self.pos.step == self.stop_after),
                               float(due or (timed and is_main()))])
         if self.world > 1:
-            dist.all_reduce(flags)
+            flags = all_reduced(flags, self.device)
         stop, save = flags.tolist()
         if stop > 0:
             self.save("latest.pt")
