@@ -69,8 +69,8 @@ def prep(
         raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound or audioset")
     elif out is None:
         raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
-    if workers < 1:
-        raise ValueError(f"stella prep: --workers must be at least 1, got {workers}")
+    if workers < 0:
+        raise ValueError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
     fresh = not out.exists() or not any(out.iterdir())
     try:
         if dataset == "synthetic":
