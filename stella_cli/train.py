@@ -356,9 +356,10 @@ class Trainer:
             name, _ = self.schedule[self.pos.task]
             which = [n for n, f in zip(names, flags.tolist()) if f > 0]
             terms = ", ".join(f"{k}={losses[k].item():.4g}" for k in losses)
-            kept = (f"the last good checkpoint is {self.last_good} (resume from it with --resume, or start again with "
-                    f"a lower optim.lr)" if self.last_good else
-                    "no checkpoint was written yet (start again with a lower optim.lr; the run directory is reused)")
+            # --resume would replay the same steps bit for bit (it keeps the run's recipe), so the advice is a new lr
+            kept = (f"the last good checkpoint is {self.last_good}; start again with a lower optim.lr in a new "
+                    f"output.dir" if self.last_good else
+                    "no checkpoint was written yet; start again with a lower optim.lr (the run directory is reused)")
             raise DivergenceError(f"non-finite {', '.join(which)} at task {name!r}, epoch {self.pos.epoch}, step "
                                   f"{self.pos.step + 1} ({terms}); stopping: training diverged, {kept}")
 
