@@ -278,3 +278,23 @@ def test_prep_ctrl_c_stops_at_once_and_says_how_to_continue(tmp_path):
     assert f"stella prep interrupted; the clips prepared so far are kept in {tmp_path / 'out'}: run the same " \
            "command again to continue" in out
     assert not any(map(is_alive, workers))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.embed_dim=66", "model.embed_dim: 66 must be divisible by model.num_heads=4"),
+    ("model.patch_size=24", "data.image_size: 64 must be a multiple of model.patch_size=24"),
+    ("optim.betas=[0.9,1.0]", "optim.betas: [0.9, 1.0] must be two numbers in [0, 1)"),
+    ("eval.recall_at=[]", "eval.recall_at: [] must be a non-empty list of K >= 1"),
+    ("method.memory_size=0", "method.memory_size: 0 must be at least 1 for stella"),
+    ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: -1.0 must be >= 0"),
+    ("method.stella.att_temperature=inf", "method.stella.att_temperature: inf must be a finite number > 0"),
+])
+def test_every_value_is_checked_when_the_recipe_is_loaded(override, message):
+    """The same check as the CLI cases above, for the keys they do not run (config.check_values)."""
+    from stella_cli.config import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes" / "synthetic.yaml", ["model.preset=tiny", override])
+    assert str(err.value) == f"{ROOT / 'recipes' / 'synthetic.yaml'}: {message}"
+    load_recipe(ROOT / "recipes" / "synthetic.yaml", ["model.preset=tiny", "method.name=finetune",
+                                                      "method.memory_size=0"])  # finetune keeps no memory
