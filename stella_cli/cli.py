@@ -26,12 +26,18 @@ def _root() -> None:
 
 
 def main() -> None:
+    """Run the CLI; an expected failure is one line and its exit code (errors.py), anything else a traceback."""
+    from stella_cli.errors import Interrupted, StellaError, rank_prefix
+
     try:
         app()
-    except (ValueError, FileNotFoundError, FileExistsError) as err:
-        # bad input: one clear line, no traceback
-        console.print(f"[red]error:[/red] {err}")
-        raise SystemExit(2)
+    except Interrupted as stop:  # a saved stop: what was kept and how to continue, exit 130
+        console.print(f"{escape(rank_prefix())}[yellow]{escape(str(stop))}", soft_wrap=True)
+        raise SystemExit(stop.exit_code)
+    except (StellaError, ValueError, FileNotFoundError, FileExistsError) as err:
+        # bad input (2) or divergence (3): one line, never wrapped, no traceback
+        console.print(f"{escape(rank_prefix())}[red]error:[/red] {escape(str(err))}", soft_wrap=True)
+        raise SystemExit(getattr(err, "exit_code", 2))
 
 
 @app.command()
@@ -54,20 +60,40 @@ def prep(
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet)."""
+    import shutil
+
+    from stella_cli.errors import Interrupted, StellaError
+
     if dataset == "synthetic":
-        from stella_cli.synth import prepare_synthetic
-
-        summary = prepare_synthetic(out or DEFAULT_SYNTHETIC_OUT, seed=seed, fmt=fmt, workers=workers,
-                                    frames_format=frames_format, progress=not quiet)
-    elif dataset in ("vggsound", "audioset"):
-        from stella_cli.prep import prepare_real
-
-        if out is None:
-            raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
-        summary = prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories,
-                               labels=labels, workers=workers, frames_format=frames_format, progress=not quiet)
-    else:
+        out = out or DEFAULT_SYNTHETIC_OUT
+    elif dataset not in ("vggsound", "audioset"):
         raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound or audioset")
+    elif out is None:
+        raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
+    if workers < 0:
+        raise ValueError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
+    fresh = not out.exists() or not any(out.iterdir())
+    try:
+        if dataset == "synthetic":
+            from stella_cli.synth import prepare_synthetic
+
+            summary = prepare_synthetic(out, seed=seed, fmt=fmt, workers=workers, frames_format=frames_format,
+                                        progress=not quiet)
+        else:
+            from stella_cli.prep import prepare_real
+
+            summary = prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories,
+                                   labels=labels, workers=workers, frames_format=frames_format, progress=not quiet)
+    except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
+        raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
+                          f"command again to continue") from None
+    if not sum(summary["splits"].get("train", {}).values()):  # nothing usable: fail, and leave nothing behind
+        skipped = summary.get("skipped_clips", {}).get("train", [])
+        example = f", e.g. {skipped[0]['clip_id']}: {skipped[0]['reason']}" if skipped else ""
+        if fresh:
+            shutil.rmtree(out, ignore_errors=True)
+        raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
+                          f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
     print_prep_summary(summary)
 
 
@@ -78,7 +104,8 @@ def train(
                                                           "(repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in output.dir from its latest checkpoint."),
     print_config: bool = typer.Option(False, help="Print the resolved recipe and exit."),
-    quiet: bool = typer.Option(False, help="No progress bars, log lines only."),
+    quiet: bool = typer.Option(False, help="No progress bars (the per-task retrieval lines and the final table "
+                                           "are still printed)."),
     stop_after: Optional[int] = typer.Option(None, help="Stop with a checkpoint after this many optimiser steps "
                                                         "in total (e.g. a time-limited job); continue with --resume."),
 ) -> None:
@@ -86,18 +113,17 @@ def train(
     from stella_cli.config import load_recipe, recipe_to_yaml
 
     resolved = load_recipe(recipe, overrides)
+    if stop_after is not None and stop_after < 1:
+        raise ValueError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
     if print_config:
         console.print(recipe_to_yaml(resolved), markup=False, highlight=False)
         return
-    from stella_cli.train import TrainingInterrupted, run
+    from stella_cli.errors import is_rank_zero
+    from stella_cli.train import run
 
-    try:
-        run_dir = run(resolved, resume=resume, quiet=quiet, stop_after=stop_after)
-    except TrainingInterrupted as stop:
-        console.print(f"[yellow]{stop}")
-        raise SystemExit(130)
-    print_summary(run_dir)
-    if os.environ.get("RANK", "0") == "0":
+    run_dir = run(resolved, resume=resume, quiet=quiet, stop_after=stop_after)  # TrainingInterrupted: exit 130
+    if is_rank_zero():  # under torchrun only rank 0 prints the table and draws the plots
+        print_summary(run_dir)
         write_run_plots(run_dir)
 
 
@@ -196,15 +222,12 @@ def buffer(
     out: Optional[Path] = typer.Option(None, help="Folder for the --show figures (default: RUN/plots/buffer)."),
 ) -> None:
     """Inspect the replay buffer of a run: fill, stored fields and bytes, clips per task, pruning probabilities."""
-    import torch
-
+    from stella_cli.checkpoint import read_checkpoint
     from stella_cli.config import load_recipe
     from stella_cli.replay import summarize_buffer
 
     path = run_dir / "checkpoints" / checkpoint
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    state = read_checkpoint(path)  # one line for a missing, empty, truncated or foreign file
     if "buffer" not in state["method_extra"]:
         raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
     from stella_cli.cache import read_meta

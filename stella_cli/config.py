@@ -17,9 +17,11 @@ from typing import Any
 
 import yaml
 
+from stella_cli.errors import StellaError
 
-class RecipeError(ValueError):
-    """A recipe problem, with the file and the key path in the message."""
+
+class RecipeError(StellaError, ValueError):
+    """A recipe problem, with the file and the key path in the message (exit code 2)."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -175,6 +177,8 @@ class TrainConfig:
     seed: int = 2021
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 0  # steps between 'latest' checkpoints inside a task; 0 = only at task ends
+    checkpoint_minutes: float = 10.0  # also a 'latest' checkpoint once this many minutes passed (the authors'
+    # save_freq_mints = 10); 0 = off. Either way a crash loses at most this much work.
     device: str = "auto"  # auto | cpu | cuda
 
 
@@ -225,7 +229,7 @@ def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
         _set_path(raw, key.split("."), value, source=f"--set {item}")
     recipe = _build(Recipe, raw, prefix="", source=str(path))
     _check_required_and_choices(recipe, source=str(path))
-    return resolve_preset(recipe)
+    return check_values(resolve_preset(recipe), source=str(path))
 
 
 def resolve_preset(recipe: Recipe) -> Recipe:
@@ -251,7 +255,7 @@ def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
     """Rebuild a recipe from `recipe_to_dict` output (e.g. the config saved in a run directory)."""
     recipe = _build(Recipe, raw, prefix="", source=source)
     _check_required_and_choices(recipe, source=source)
-    return resolve_preset(recipe)
+    return check_values(resolve_preset(recipe), source=source)
 
 
 def _read_with_extends(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
@@ -358,6 +362,61 @@ def _check_required_and_choices(recipe: Recipe, source: str) -> None:
             close = difflib.get_close_matches(str(value), allowed, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
             raise RecipeError(f"{source}: {key}: {value!r} is not one of {', '.join(allowed)}{hint}")
+
+
+# every numeric key with its allowed range, checked when a recipe is loaded, so a run that would fail (or train
+# nothing) fails before its first step, naming the key
+POSITIVE_INTS = ("data.num_frames", "data.frame_stride", "data.image_size", "data.target_length", "data.num_mel_bins",
+                 "model.embed_dim", "model.num_heads", "model.modality_depth", "model.fusion_depth",
+                 "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "model.patch_size",
+                 "method.stella.num_core_audio_times", "method.replay_batch_size", "optim.micro_batch_size",
+                 "train.epochs", "train.batch_size", "train.log_every", "eval.batch_size")
+NON_NEGATIVE = ("data.num_workers", "method.memory_size", "method.alpha", "method.stella.matching_loss_weight",
+                "model.contrast_weight", "model.mae_weight", "optim.weight_decay", "train.checkpoint_every",
+                "train.checkpoint_minutes")
+POSITIVE_FLOATS = ("model.mlp_ratio", "model.contrast_tau", "method.stella.att_temperature", "optim.lr",
+                   "data.fbank_std")
+UNIT_INTERVAL_OPEN = ("model.mask_ratio_v", "model.mask_ratio_a", "method.stella.core_video_ratio",
+                      "method.stella.core_audio_ratio")  # [0, 1): some tokens must stay
+
+
+def check_values(recipe: Recipe, source: str) -> Recipe:
+    """Refuse values no run can use (sizes, counts, ratios, rates); the message names the key and the range."""
+    def bad(key: str, value: Any, want: str) -> RecipeError:
+        return RecipeError(f"{source}: {key}: {value!r} {want}")
+
+    for key in POSITIVE_INTS:
+        value = get_path(recipe, key)
+        if value is not None and value < 1:
+            raise bad(key, value, "must be at least 1")
+    for key in NON_NEGATIVE:
+        value = get_path(recipe, key)
+        if not value >= 0:  # also NaN
+            raise bad(key, value, "must be >= 0")
+    for key in POSITIVE_FLOATS:
+        value = get_path(recipe, key)
+        if not 0 < value < float("inf"):
+            raise bad(key, value, "must be a finite number > 0")
+    for key in UNIT_INTERVAL_OPEN:
+        value = get_path(recipe, key)
+        if not 0 <= value < 1:
+            raise bad(key, value, "must be in [0, 1)")
+    if len(recipe.optim.betas) != 2 or not all(0 <= b < 1 for b in recipe.optim.betas):
+        raise bad("optim.betas", recipe.optim.betas, "must be two numbers in [0, 1)")
+    if not recipe.eval.recall_at or min(recipe.eval.recall_at) < 1:
+        raise bad("eval.recall_at", recipe.eval.recall_at, "must be a non-empty list of K >= 1")
+    m = recipe.model
+    if m.embed_dim % m.num_heads:
+        raise bad("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
+    if m.decoder_embed_dim % m.decoder_num_heads:
+        raise bad("model.decoder_embed_dim", m.decoder_embed_dim,
+                  f"must be divisible by model.decoder_num_heads={m.decoder_num_heads}")
+    for key in ("data.image_size", "data.target_length", "data.num_mel_bins"):
+        if get_path(recipe, key) % m.patch_size:
+            raise bad(key, get_path(recipe, key), f"must be a multiple of model.patch_size={m.patch_size}")
+    if recipe.method.name in ("stella", "stella+") and recipe.method.memory_size < 1:
+        raise bad("method.memory_size", recipe.method.memory_size, f"must be at least 1 for {recipe.method.name}")
+    return recipe
 
 
 def get_path(obj: Any, key: str) -> Any:

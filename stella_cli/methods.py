@@ -40,6 +40,23 @@ class Method(nn.Module):
             "select": torch.Generator(device=device).manual_seed(base + 2),  # pruning, multinomial, chunk sides
             "replay": torch.Generator().manual_seed(base + 3),  # reservoir slots and replay sampling (CPU)
         }
+        self.non_finite: dict[str, Tensor] = {}  # name -> 0-d bool, read by train.py's divergence guard
+
+    def check_finite(self, name: str, x: Tensor, fill: float | None = None) -> Tensor:
+        """Flag non-finite values of an intermediate `name` for train.py's divergence guard (which reports them with
+        the step and the loss terms), without a device sync. With `fill`, every row (first dim) holding one is
+        replaced by `fill`, so the sampling that follows (torch.bernoulli / multinomial, which raise on NaN) runs
+        and the step reaches the guard; finite rows are returned unchanged (bit-identical)."""
+        ok = torch.isfinite(x.detach()).reshape(x.shape[0], -1).all(dim=1)  # (B,)
+        self.non_finite[name] = ~ok.all()
+        if fill is None:
+            return x
+        return torch.where(ok.reshape(-1, *[1] * (x.dim() - 1)), x, torch.full_like(x, fill))
+
+    def pop_non_finite(self) -> dict[str, Tensor]:
+        """The flags of the last forward, cleared for the next one."""
+        flags, self.non_finite = self.non_finite, {}
+        return flags
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         return self.step(batch)
@@ -135,8 +152,13 @@ class Stella(Method):
             # Step B (spec §3.2): localized patch importance from the AVM's attention logits
             e_a, e_v = self.backbone.joint_codes(c_a, c_v)
             att = self.avm.attention_logits(e_a, e_v)
-        I_v = patch_importance(att["S_av"], s.att_temperature)  # (B, L_V)
-        I_a = patch_importance(att["S_va"], s.att_temperature)  # (B, L_A)
+        self.check_finite("AVM logits S_av", att["S_av"])
+        self.check_finite("AVM logits S_va", att["S_va"])
+        # a diverged row becomes uniform importance, so the multinomial draws below still run (the guard stops)
+        I_v = self.check_finite("importance I_v", patch_importance(att["S_av"], s.att_temperature),
+                                1 / att["S_av"].shape[-1])  # (B, L_V)
+        I_a = self.check_finite("importance I_a", patch_importance(att["S_va"], s.att_temperature),
+                                1 / att["S_va"].shape[-1])  # (B, L_A)
         C_v, C_a = candidates(I_v, self.K_V), candidates(I_a, self.K_A)  # (B, K_V), (B, K_A)
         # Step C (spec §3.3): train the AVM on the current clips, backbone frozen
         loss_vam = s.matching_loss_weight * matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"])
@@ -165,6 +187,8 @@ class Stella(Method):
                 att = sc["att"]
                 p_v = correlation_probs(att["k_v"], sc["q_bar_a"], replay["q_bar_a"], sc["C_v"], sc["scale"])
                 p_a = correlation_probs(att["k_a"], sc["q_bar_v"], replay["q_bar_v"], sc["C_a"], sc["scale"])
+                p_v = self.check_finite("RCA probabilities p_v", p_v, 0.0)  # a diverged row prunes nothing
+                p_a = self.check_finite("RCA probabilities p_a", p_a, 0.0)
             P_v, P_a = p_v, p_a
             if replay is not None:  # replayed clips are re-pruned with their stored p and re-selected with stored I
                 I_v, I_a = torch.cat([I_v, replay["I_v"]]), torch.cat([I_a, replay["I_a"]])  # (2B, L)
@@ -221,6 +245,9 @@ class StellaPlus(Stella):
                                        chunk_times=s.num_core_audio_times, scale=sc["scale"], generator=g,
                                        faithful_plus_rca_rows=s.faithful_plus_rca_rows,
                                        uniform_choice=not self.uses_importance)
+            # the Bernoulli draws inside ran on them already (select.prune_mask reads NaN as 0); the guard reports
+            self.check_finite("RCA probabilities p_v", plus.p_v)
+            self.check_finite("RCA probabilities p_a", plus.p_a)
         else:  # random / importance ablation: p ≡ 0, nothing pruned
             I_v, I_a = sc["I_v"], sc["I_a"]
             p_v, p_a = torch.zeros_like(I_v), torch.zeros_like(I_a)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from stella_cli import media
 from stella_cli.audio import clip_fbank, one_torch_thread
+from stella_cli.errors import die_with_parent
 from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk_bytes, open_or_create, spec_to_dict,
                               write_manifest, write_meta)
 
@@ -625,12 +626,15 @@ def _decode_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec
             _WORKER.clear()
         return
     threads = max(1, (os.cpu_count() or 1) // workers)
-    # fork, like torch's DataLoader: the workers inherit the imports; each sets torch to one thread
-    with mp.get_context("fork").Pool(workers, _init_pool_worker, (str(out), split, len(clips), spec, threads)) as pool:
+    # fork, like torch's DataLoader: the workers inherit the imports; each sets torch to one thread. Leaving the
+    # `with` (done, error, Ctrl-C) terminates the workers; a killed parent takes them along (die_with_parent)
+    with mp.get_context("fork").Pool(workers, _init_pool_worker,
+                                     (str(out), split, len(clips), spec, threads, os.getpid())) as pool:
         yield from pool.imap_unordered(_prepare_row, jobs)
 
 
-def _init_pool_worker(out: str, split: str, n: int, spec: CacheSpec, threads: int) -> None:
+def _init_pool_worker(out: str, split: str, n: int, spec: CacheSpec, threads: int, parent_pid: int) -> None:
+    die_with_parent(parent_pid)
     torch.set_num_threads(1)  # one fbank per process; the processes are the parallelism
     _init_worker(out, split, n, spec, threads)
 

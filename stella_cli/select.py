@@ -30,8 +30,9 @@ def prune_mask(p: Tensor, generator: torch.Generator) -> Tensor:
     """Bernoulli pruning z ~ Bernoulli(p) (stella_spec §3.6, `stella.py:120, 143, 146, 156`).
 
     p: (B, L) probabilities (0 outside the candidates).  Returns z: (B, L) bool, True = pruned.
+    A NaN p (a diverged step, which train.py's guard then stops) is read as 0 instead of raising inside bernoulli.
     """
-    return torch.bernoulli(p.float(), generator=generator).bool()  # (B, L) bool
+    return torch.bernoulli(p.float().nan_to_num(0.0), generator=generator).bool()  # (B, L) bool
 
 
 def select_video_patches(I_v: Tensor, z_v: Tensor, K_V: int, generator: torch.Generator) -> Tensor:

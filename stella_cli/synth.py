@@ -28,7 +28,6 @@ import multiprocessing
 import os
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -39,6 +38,7 @@ from tqdm import tqdm
 from stella_cli.audio import clip_fbank, one_torch_thread
 from stella_cli.cache import (DONE, SPLITS, CacheSpec, SplitWriter, disk_bytes, read_meta, spec_to_dict, write_manifest,
                               write_meta)
+from stella_cli.errors import die_with_parent
 
 SPLIT_CODE = {"train": 0, "test": 1, "retrieval": 2}
 GENERATOR_VERSION = 2  # bump when a change alters the generated clips
@@ -610,8 +610,12 @@ def _run_jobs(fn: Any, jobs: list[tuple], workers: int) -> Iterator[Any]:
         return
     # fork starts in milliseconds (spawn re-imports torch in every worker: seconds); it is safe here because the
     # workers run torch on one thread (one_torch_thread), so they never enter an OpenMP region inherited from the parent
+    # Leaving the `with` (done, error, Ctrl-C) terminates the workers at once; a killed parent takes them along.
     ctx = multiprocessing.get_context("fork" if sys.platform == "linux" else "spawn")
-    with ProcessPoolExecutor(max_workers=workers, mp_context=ctx) as pool:
-        futures = [pool.submit(fn, *job) for job in jobs]
-        for fut in as_completed(futures):
-            yield fut.result()
+    with ctx.Pool(workers, die_with_parent, (os.getpid(),)) as pool:
+        yield from pool.imap_unordered(_call, [(fn, job) for job in jobs])
+
+
+def _call(fn_job: tuple[Any, tuple]) -> Any:
+    fn, job = fn_job
+    return fn(*job)

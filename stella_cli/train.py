@@ -2,12 +2,16 @@
 
 run() -> train_task() -> train_step(), top to bottom. One optimiser (Adam, constant LR) for the whole stream;
 the method's state (AVM, replay buffer, generators) carries across tasks. A checkpoint is one flat dict written
-atomically; a run directory is never overwritten without --resume; SIGINT/SIGTERM save a checkpoint at the next
-step boundary, so a resumed run continues the same stream and ends with the same weights.
+atomically, at task ends, every train.checkpoint_every steps and every train.checkpoint_minutes; a run directory
+is claimed by its first checkpoint and never overwritten without --resume (an earlier start that stopped before
+that is reused); SIGINT/SIGTERM save a checkpoint at the next step boundary, so a resumed run continues the same
+stream and ends with the same weights. Expected failures are errors.py types: bad input exits 2, a non-finite
+value 3 (the divergence guard, which every method goes through), a saved stop 130.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -25,9 +29,12 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.nn.parallel import DistributedDataParallel
 
 from stella_cli import evaluate
+from stella_cli.cache import read_manifest
+from stella_cli.checkpoint import check_compatible, read_checkpoint
 from stella_cli.config import (OptimConfig, Recipe, load_recipe, per_rank_batch, per_rank_memory,
                                recipe_to_dict, recipe_to_yaml)
 from stella_cli.data import AVDataset, build_loader, check_prepared, num_batches
+from stella_cli.errors import DivergenceError, Interrupted, StellaError
 from stella_cli.methods import METHODS, Method
 from stella_cli.model import CAVMAE, load_authors_checkpoint
 from stella_cli.replay import merge_state_dicts, split_state_dict
@@ -35,8 +42,8 @@ from stella_cli.replay import merge_state_dicts, split_state_dict
 console = Console()
 
 
-class TrainingInterrupted(RuntimeError):
-    """Raised after a checkpoint has been saved because a stop was requested (signal or stop_after)."""
+class TrainingInterrupted(Interrupted, RuntimeError):
+    """Raised after a checkpoint has been saved because a stop was requested (signal or stop_after); exit 130."""
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -49,6 +56,12 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise StellaError(f"train.device=cuda: no CUDA device is available here (torch {torch.__version__}, "
+                          f"CUDA build {torch.version.cuda or 'none'}); use train.device=auto or cpu")
+    if use_cuda and local_rank >= torch.cuda.device_count():
+        raise StellaError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
+                          f"visible; start at most that many processes per node")
     device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     if use_cuda:
         torch.cuda.set_device(device)
@@ -63,11 +76,18 @@ def is_main() -> bool:
 
 def log(message: str) -> None:
     if is_main():
-        console.print(message)
+        console.print(message, soft_wrap=True)  # one line each, whatever the terminal width
 
 
 def unwrap(module: torch.nn.Module) -> Method:
     return module.module if isinstance(module, DistributedDataParallel) else module
+
+
+def all_reduced(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The sum over ranks of a small CPU tensor, on the CPU (NCCL reduces CUDA tensors only)."""
+    flags = flags.to(device)
+    dist.all_reduce(flags)
+    return flags.cpu()
 
 
 def barrier() -> None:
@@ -103,17 +123,49 @@ def amp_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype | None:
 # run directory and checkpoints
 
 
+RUN_FILES = {"config.yaml", "checkpoints", "results", "metrics.jsonl"}  # what a start writes before any checkpoint
+
+
+def is_claimed(run_dir: Path) -> bool:
+    """A run directory belongs to a run once it holds a checkpoint (temp files of a killed save do not count)."""
+    return any((run_dir / "checkpoints").glob("*.pt"))
+
+
+def is_empty_claim(run_dir: Path) -> bool:
+    """A start that stopped before its first checkpoint: only the files a start writes, and no checkpoint."""
+    return run_dir.is_dir() and not is_claimed(run_dir) and {p.name for p in run_dir.iterdir()} <= RUN_FILES
+
+
 def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
-    """Refuse to overwrite a run (every rank checks before rank 0 writes anything), then create its folders."""
+    """Refuse to overwrite a run (every rank checks before rank 0 writes anything), then create its folders.
+
+    A folder left by a start that wrote no checkpoint is not a run: it is emptied and reused, saying so.
+    """
     run_dir = Path(recipe.output.dir)
     latest = run_dir / "checkpoints" / "latest.pt"
+    reuse = False
     if resume and not latest.is_file():
+        if is_claimed(run_dir):
+            others = sorted((run_dir / "checkpoints").glob("*.pt"))
+            raise StellaError(f"{latest}: missing, but {run_dir / 'checkpoints'} holds {others[-1].name}; copy it to "
+                              f"latest.pt to resume from it, or start a new output.dir")
         raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        raise FileExistsError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
-                              f"output.dir (e.g. --set output.dir={run_dir}_2)")
+        if is_claimed(run_dir):
+            raise FileExistsError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
+                                  f"output.dir (e.g. --set output.dir={run_dir}_2)")
+        if not is_empty_claim(run_dir):
+            raise FileExistsError(f"{run_dir} holds other files than a stella run "
+                                  f"({', '.join(sorted(p.name for p in run_dir.iterdir()))[:200]}); choose another "
+                                  f"output.dir (e.g. --set output.dir={run_dir}_2)")
+        reuse = True
     barrier()
     if is_main() and not resume:
+        if reuse:
+            log(f"[yellow]reusing {run_dir}: an earlier start stopped before its first checkpoint")
+            for name in ("checkpoints", "results"):
+                shutil.rmtree(run_dir / name, ignore_errors=True)
+            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "results").mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
@@ -161,6 +213,7 @@ class Trainer:
     stop_after: int | None = None
     stop_requested: bool = False
     last_good: Path | None = None
+    last_save: float = field(default_factory=time.monotonic)  # for train.checkpoint_minutes
 
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -199,14 +252,16 @@ class Trainer:
                     shutil.copyfile(first, tmp)
                 os.replace(tmp, first.with_name(name))
             self.last_good = first
+        self.last_save = time.monotonic()
         barrier()
 
     def load(self, path: Path) -> None:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-        if state["world_size"] != self.world:  # the generators are per rank
-            raise ValueError(f"{path}: saved with {state['world_size']} processes, resuming with {self.world}; "
-                             "resume with the same number of processes")
+        state = read_checkpoint(path)
         method = unwrap(self.method)
+        check_compatible(state, path, method_name=self.recipe.method.name, method=method)
+        if state["world_size"] != self.world:  # the generators are per rank
+            raise StellaError(f"{path}: saved with {state['world_size']} processes, resuming with {self.world}; "
+                              "resume with the same number of processes")
         method.load_state_dict({**state["method"], **{f"backbone.{k}": v for k, v in state["model"].items()}})
         extra = state["method_extra"]
         if self.world > 1:
@@ -260,9 +315,7 @@ class Trainer:
                     if self.pos.step % r.train.log_every == 0:
                         self.log_metrics({"task": name, "epoch": self.pos.epoch, **losses, "loss": total,
                                           "clips_per_s": rate, "lr": self.optimizer.param_groups[0]["lr"]})
-                    if r.train.checkpoint_every and self.pos.step % r.train.checkpoint_every == 0:
-                        self.save("latest.pt")
-                    self.maybe_stop()
+                    self.end_step()
                 self.pos.epoch += 1
                 self.pos.batch = 0
 
@@ -281,7 +334,7 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     losses = method(chunk)
                 total = sum(losses.values()) / len(chunks)
-                self.check_finite(losses)
+                self.check_finite(losses, unwrap(method).pop_non_finite())
                 self.scaler.scale(total).backward()
             for k, v in losses.items():
                 logged[k] = logged.get(k, 0.0) + v.item() / len(chunks)
@@ -290,27 +343,45 @@ class Trainer:
         unwrap(method).after_optimizer_step()
         return logged
 
-    def check_finite(self, losses: dict[str, torch.Tensor]) -> None:
-        bad = [k for k, v in losses.items() if not torch.isfinite(v).all()]
-        flag = torch.tensor([float(bool(bad))])
+    def check_finite(self, losses: dict[str, torch.Tensor], values: dict[str, torch.Tensor]) -> None:
+        """The divergence guard, for every method: its loss terms, and the intermediate values it flagged before
+        sampling from them (Method.check_finite: STELLA's AVM logits, importance, RCA probabilities). All ranks
+        stop together (one all_reduce), before backward, so no checkpoint is ever written from a diverged state."""
+        names = list(values) + list(losses)  # where a NaN arises first, then what it reached
+        bad = torch.stack([v.reshape(()) for v in values.values()]
+                          + [~torch.isfinite(v.detach().float()).all() for v in losses.values()]).cpu()  # one sync
+        flags = bad.float()
         if self.world > 1:
-            dist.all_reduce(flag)
-        if flag.item() > 0:
+            flags = all_reduced(flags, self.device)
+        if flags.sum().item() > 0:
             name, _ = self.schedule[self.pos.task]
-            values = ", ".join(f"{k}={losses[k].item():.4g}" for k in losses)
-            kept = f"the last good checkpoint is {self.last_good}" if self.last_good else "no checkpoint was written yet"
-            raise FloatingPointError(f"non-finite loss at task {name!r}, epoch {self.pos.epoch}, step "
-                                     f"{self.pos.step + 1} ({values}); stopping, {kept}")
+            which = [n for n, f in zip(names, flags.tolist()) if f > 0]
+            terms = ", ".join(f"{k}={losses[k].item():.4g}" for k in losses)
+            # --resume would replay the same steps bit for bit (it keeps the run's recipe), so the advice is a new lr
+            kept = (f"the last good checkpoint is {self.last_good}; start again with a lower optim.lr in a new "
+                    f"output.dir" if self.last_good else
+                    "no checkpoint was written yet; start again with a lower optim.lr (the run directory is reused)")
+            raise DivergenceError(f"non-finite {', '.join(which)} at task {name!r}, epoch {self.pos.epoch}, step "
+                                  f"{self.pos.step + 1} ({terms}); stopping: training diverged, {kept}")
 
-    def maybe_stop(self) -> None:
-        flag = torch.tensor([float(self.stop_requested or self.pos.step == self.stop_after)])
+    def end_step(self) -> None:
+        """After every step: a requested stop, or a 'latest' checkpoint when train.checkpoint_every steps or
+        train.checkpoint_minutes have passed (rank 0's clock decides for all ranks: one all_reduce)."""
+        t = self.recipe.train
+        due = bool(t.checkpoint_every) and self.pos.step % t.checkpoint_every == 0
+        timed = t.checkpoint_minutes > 0 and time.monotonic() - self.last_save >= 60 * t.checkpoint_minutes
+        flags = torch.tensor([float(self.stop_requested or self.pos.step == self.stop_after),
+                              float(due or (timed and is_main()))])
         if self.world > 1:
-            dist.all_reduce(flag)
-        if flag.item() > 0:
+            flags = all_reduced(flags, self.device)
+        stop, save = flags.tolist()
+        if stop > 0:
             self.save("latest.pt")
             raise TrainingInterrupted(f"stopped at step {self.pos.step} (task {self.pos.task + 1}/"
                                       f"{len(self.schedule)}, epoch {self.pos.epoch + 1}); checkpoint saved, continue "
                                       f"with `stella train ... --resume`")
+        if save > 0:
+            self.save("latest.pt")
 
     # -- evaluation and logging -----------------------------------------------------------------------------
     def evaluate(self, name: str) -> None:
@@ -325,11 +396,10 @@ class Trainer:
             summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
                                              r.eval.recall_at)
             self.log_metrics({"event": "retrieval", "after_task": name, "scores": scores})
-            if not self.quiet:
-                a2v, v2a = scores["a2v"]["all"], scores["v2a"]["all"]
-                log(f"[bold]after {name}[/bold]: A->V R@1/5/10 {a2v['R@1']:.1f}/{a2v['R@5']:.1f}/{a2v['R@10']:.1f}"
-                    f"  V->A {v2a['R@1']:.1f}/{v2a['R@5']:.1f}/{v2a['R@10']:.1f}"
-                    f"  (avg A so far: {summary['a2v']['avg']['A']:.2f} / {summary['v2a']['avg']['A']:.2f})")
+            a2v, v2a = scores["a2v"]["all"], scores["v2a"]["all"]  # printed with --quiet too (it hides bars only)
+            log(f"[bold]after {name}[/bold]: A->V R@1/5/10 {a2v['R@1']:.1f}/{a2v['R@5']:.1f}/{a2v['R@10']:.1f}"
+                f"  V->A {v2a['R@1']:.1f}/{v2a['R@5']:.1f}/{v2a['R@10']:.1f}"
+                f"  (avg A so far: {summary['a2v']['avg']['A']:.2f} / {summary['v2a']['avg']['A']:.2f})")
         if self.world > 1:  # every rank keeps the same history, so any rank's checkpoint state agrees
             holder = [self.pos.history]
             dist.broadcast_object_list(holder, src=0)
@@ -369,7 +439,10 @@ def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) ->
     torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
     backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
     if recipe.model.checkpoint:
-        load_authors_checkpoint(backbone, recipe.model.checkpoint)
+        try:
+            load_authors_checkpoint(backbone, recipe.model.checkpoint)
+        except (ValueError, FileNotFoundError) as err:
+            raise StellaError(f"model.checkpoint: {err}") from err
     method = METHODS[recipe.method.name](
         backbone, recipe.method, avm_cfg=recipe.model.avm, batch_size=per_rank_batch(recipe.train, world),
         memory_per_rank=per_rank_memory(recipe.method, world), seed=recipe.train.seed, rank=rank, device=device)
@@ -379,25 +452,29 @@ def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) ->
 def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> Path:
     """Train the recipe's task stream; returns the run directory. Raises TrainingInterrupted after a saved stop."""
     rank, world, device = setup_distributed(recipe.train.device)
+    if resume and is_empty_claim(Path(recipe.output.dir)):  # nothing to resume: prepare_run_dir reuses it, saying so
+        resume = False
     if resume:  # the saved recipe is the run's recipe
         saved = Path(recipe.output.dir) / "config.yaml"
         if saved.is_file():
-            run_recipe = load_recipe(saved)
+            # the folder given is the run, wherever it was first written (a moved or copied run resumes in place)
+            run_recipe = dataclasses.replace(load_recipe(saved), output=recipe.output)
             ignored = changed_keys(recipe_to_dict(run_recipe), recipe_to_dict(recipe))
             if ignored:
                 log(f"[yellow]--resume continues with {saved}; ignoring the differing {', '.join(ignored)}")
             recipe = run_recipe
     meta = check_prepared(recipe.data)  # also refuses data.tasks that the prepared folder does not have
     tasks = recipe.data.tasks or meta["tasks"]
+    schedule = [("all", tasks)] if recipe.method.name == "multitask" else [(t, [t]) for t in tasks]
+    check_task_sizes(recipe, schedule, world)
+    method = build_method(recipe, rank, world, device)  # before the run directory: a bad model.checkpoint leaves none
     run_dir = prepare_run_dir(recipe, resume)
-    method = build_method(recipe, rank, world, device)
     optimizer = build_optimizer(method, recipe.optim)
     amp = amp_dtype(recipe.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
     method.attach_optimizer(optimizer, scaler)
     wrapped = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else method
-    schedule = [("all", tasks)] if recipe.method.name == "multitask" else [(t, [t]) for t in tasks]
     trainer = Trainer(recipe, run_dir, wrapped, optimizer, scaler, device, rank, world, amp, schedule, tasks,
                       Position(), quiet=quiet, stop_after=stop_after)
     if resume:
@@ -413,6 +490,23 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
         for s, handler in previous.items():
             signal.signal(s, handler)
     return run_dir
+
+
+def check_task_sizes(recipe: Recipe, schedule: list[tuple[str, list[str]]], world: int) -> None:
+    """Every task of the stream must give each process at least one full batch, and the retrieval gallery must not
+    be empty: checked before the first step, not when the loop reaches the task hours later."""
+    root = Path(recipe.data.root)
+    batch = per_rank_batch(recipe.train, world)
+    rows = read_manifest(root, "train")
+    for name, tasks in schedule:
+        n = sum(r["task"] in tasks for r in rows)
+        if num_batches(n, batch, drop_last=True, world_size=world) == 0:
+            over = f" over {world} processes" if world > 1 else ""
+            raise StellaError(f"task {name!r}: {n} training clips in {root / 'train.csv'}, fewer than one batch "
+                              f"(train.batch_size={recipe.train.batch_size}{over}); lower train.batch_size, or "
+                              f"prepare more clips")
+    if recipe.eval.retrieval and not read_manifest(root, "retrieval"):
+        raise StellaError(f"{root / 'retrieval.csv'}: no retrieval clips; prepare them, or set eval.retrieval=false")
 
 
 def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[str]:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from stella_cli.config import load_recipe
+from stella_cli.errors import DivergenceError
 from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import TrainingInterrupted, run
 
@@ -121,25 +122,34 @@ def test_resume_equals_an_uninterrupted_run(tmp_path, data_root, stella_run, sto
     assert steps == list(range(1, 9))  # no step logged twice
 
 
-def test_sigterm_saves_a_checkpoint_and_resume_finishes_identically(tmp_path, data_root, stella_run):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_signal_in_task_1_then_resume_finishes_identically(tmp_path, data_root, stella_run, sig):
+    """SIGTERM: a checkpoint at the next step boundary, exit 130. SIGKILL (a crash, an OOM kill): nothing runs, so
+    the time-based checkpoint (train.checkpoint_minutes, here ~every step) is what resume continues from."""
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-                 "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / 'run'}"]
+                 "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / 'run'}",
+                 "train.checkpoint_minutes=0.0001"]
     cmd = [sys.executable, "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"), "--quiet"]
     cmd += [x for o in overrides for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the in-process reference run
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    metrics = tmp_path / "run" / "metrics.jsonl"
+    metrics, latest = tmp_path / "run" / "metrics.jsonl", tmp_path / "run" / "checkpoints" / "latest.pt"
     deadline = time.time() + 120
-    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and time.time() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGTERM)
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2 and latest.is_file()) \
+            and time.time() < deadline:
+        time.sleep(0.02)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 130, out
-    assert "checkpoint saved" in out
-    state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
-    assert 2 <= state["position"]["step"] < 8
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 130, out
+        assert "checkpoint saved" in out
+    else:
+        assert proc.returncode == -signal.SIGKILL, out
+    state = torch.load(latest, map_location="cpu", weights_only=False)
+    assert 1 <= state["position"]["step"] < 4 and state["position"]["task"] == 0  # in the middle of task 1
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300, env=env)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert f"resumed {tmp_path / 'run'} at step {state['position']['step']} " in resumed.stdout
     assert_same_weights(final_weights(tmp_path / "run"), final_weights(stella_run))
 
 
@@ -158,8 +168,8 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, data
 
     monkeypatch.setattr(methods.Stella, "step", step_with_nan)
     recipe = tiny_recipe(tmp_path, data_root)
-    with pytest.raises(FloatingPointError, match=r"non-finite loss at task 'task2', epoch 0, step 6 .*loss_mae_v=nan"
-                                                 r".*the last good checkpoint is .*task01_task1.pt"):
+    with pytest.raises(DivergenceError, match=r"non-finite loss_mae_v at task 'task2', epoch 0, step 6 .*loss_mae_v=nan"
+                                              r".*the last good checkpoint is .*task01_task1.pt"):
         run(recipe, quiet=True)
     state = torch.load(tmp_path / "run" / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
     assert state["position"] == {"task": 1, "epoch": 0, "batch": 0, "step": 4, "history": state["position"]["history"]}
@@ -232,6 +242,8 @@ def test_two_process_ddp_run_with_torchrun_and_its_resume(tmp_path, data_root):
     stopped mid-task and resumed with 2 processes ends with the same weights."""
     done = torchrun(tmp_path, data_root, "ddp")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.stdout.count("zero-shot retrieval") == 1  # only rank 0 prints the table ...
+    assert done.stdout.count("after task1:") == 1  # ... and the retrieval lines (which --quiet keeps)
     run_dir = tmp_path / "ddp"
     assert [r["after_task"] for r in retrieval_rows(run_dir)] == TASKS
     state = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)

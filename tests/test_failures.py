@@ -1,0 +1,300 @@
+"""Every failure path through the real CLI (subprocess): exit code, one line and no traceback, and a following
+correct command that succeeds without manual clean-up. Exit codes: 2 bad input, 3 divergence, 130 interrupted.
+
+Resume after kill -9 in the middle of task 1 is in test_train.py (test_a_signal_in_task_1_then_resume_...).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from stella_cli.config import load_recipe
+from stella_cli.synth import SynthConfig, prepare_synthetic
+from stella_cli.train import run
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+PREP_FIX = Path(__file__).parent / "data" / "prep"
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """2 tasks of 2 classes, 8 train clips per class: 16 clips, 4 steps per task at batch 4."""
+    out = tmp_path_factory.mktemp("synth")
+    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
+                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
+                                         retrieval_per_class=3))
+    return out
+
+
+def tiny(data_root: Path, out: Path, *overrides: str) -> list[str]:
+    sets = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
+            "train.epochs=1", "train.batch_size=4", f"output.dir={out}", *overrides]
+    return [x for o in sets for x in ("--set", o)]
+
+
+def train_cmd(data_root: Path, out: Path, *overrides: str, resume: bool = False) -> list[str]:
+    return [sys.executable, "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"), "--quiet",
+            *tiny(data_root, out, *overrides), *(["--resume"] if resume else [])]
+
+
+def cli(*args: str) -> list[str]:
+    return [sys.executable, "-m", "stella_cli", *args]
+
+
+def run_all(cmds: list[list[str]]) -> list[subprocess.CompletedProcess]:
+    """Run independent commands side by side (most of their time is importing torch)."""
+    procs = [subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV) for c in cmds]
+    done = []
+    for cmd, p in zip(cmds, procs):
+        out, err = p.communicate(timeout=600)
+        done.append(subprocess.CompletedProcess(cmd, p.returncode, out, err))
+    return done
+
+
+def assert_one_line(result: subprocess.CompletedProcess, code: int, *parts: str) -> str:
+    """Exit `code`, and the error is a single line holding every part; no traceback anywhere."""
+    text = result.stdout + result.stderr
+    assert result.returncode == code, text[-3000:]
+    assert "Traceback" not in text, text[-3000:]
+    lines = [line for line in text.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, text[-3000:]
+    for part in parts:
+        assert part in lines[0], (part, lines[0])
+    return lines[0]
+
+
+def assert_nothing_blocks(run_dir: Path) -> None:
+    """A start that failed left no run behind: no folder, or one without a checkpoint."""
+    assert not run_dir.exists() or not list((run_dir / "checkpoints").glob("*.pt"))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# training
+
+
+def test_real_divergence_stops_every_method_through_the_guard(tmp_path, data_root):
+    """optim.lr=1e10 on the tiny preset: NaN weights after the first step. STELLA meets them first in the AVM logits,
+    importance and RCA probabilities (before torch.bernoulli / multinomial); every method stops with exit 3."""
+    methods = ["stella", "stella+", "finetune"]  # multitask is finetune's learner on one joint task
+    results = run_all([train_cmd(data_root, tmp_path / m, "optim.lr=1e10", f"method.name={m}") for m in methods])
+    for method, result in zip(methods, results):
+        line = assert_one_line(result, 3, "at task 'task1', epoch 0, step 2", "loss_mae_v=nan",
+                               "training diverged", "no checkpoint was written yet")
+        if method.startswith("stella"):  # caught where it arises, named before the losses it reached
+            assert line.index("AVM logits S_av") < line.index("importance I_v") < line.index("RCA probabilities p_v")
+            assert line.index("RCA probabilities p_a") < line.index("loss_mae_a")
+        assert_nothing_blocks(tmp_path / method)
+    # the same command with a sane learning rate starts in the same output.dir: the failed start is reused
+    again = subprocess.run(train_cmd(data_root, tmp_path / "stella"), capture_output=True, text=True, env=ENV,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"reusing {tmp_path / 'stella'}: an earlier start stopped before its first checkpoint" in again.stdout
+    assert "after task1: A->V" in again.stdout and "after task2: A->V" in again.stdout  # --quiet keeps these
+    assert (tmp_path / "stella" / "checkpoints" / "task02_task2.pt").is_file()
+
+
+def test_bad_values_fail_before_the_first_step_and_leave_nothing(tmp_path, data_root):
+    few = tmp_path / "few"  # task2 keeps 2 training clips: fewer than one batch of 4
+    shutil.copytree(data_root, few)
+    lines = (few / "train.csv").read_text().splitlines()
+    task = lines[0].split(",").index("task")
+    kept = [line for line in lines[1:] if line.split(",")[task] == "task1"]
+    kept += [line for line in lines[1:] if line.split(",")[task] == "task2"][:2]
+    (few / "train.csv").write_text("\n".join([lines[0], *kept]) + "\n")
+    out = tmp_path / "run"
+    cases = [
+        (train_cmd(data_root, out, "train.batch_size=0"), "train.batch_size: 0 must be at least 1"),
+        (train_cmd(data_root, out, "train.epochs=-1"), "train.epochs: -1 must be at least 1"),
+        (train_cmd(data_root, out, "model.mask_ratio_v=1.5"), "model.mask_ratio_v: 1.5 must be in [0, 1)"),
+        (train_cmd(data_root, out, "method.stella.core_video_ratio=-0.1"), "method.stella.core_video_ratio"),
+        (train_cmd(data_root, out, "optim.lr=0"), "optim.lr: 0.0 must be a finite number > 0"),
+        (train_cmd(few, out), f"task 'task2': 2 training clips in {few / 'train.csv'}, fewer than one batch "
+                              f"(train.batch_size=4)"),
+        (train_cmd(data_root, out, f"model.checkpoint={tmp_path / 'missing.pth'}"),
+         f"model.checkpoint: {tmp_path / 'missing.pth'}: checkpoint not found"),
+    ]
+    if not torch.cuda.is_available():
+        cases.append((train_cmd(data_root, out, "train.device=cuda"), "train.device=cuda: no CUDA device"))
+    for (cmd, message), result in zip(cases, run_all([c for c, _ in cases])):
+        assert_one_line(result, 2, message)
+        assert_nothing_blocks(out)
+    good = subprocess.run(train_cmd(data_root, out, "eval.retrieval=false"), capture_output=True, text=True,
+                          env=ENV, timeout=600)
+    assert good.returncode == 0, good.stdout + good.stderr
+
+
+def test_kill_before_the_first_checkpoint_then_the_same_command(tmp_path, data_root):
+    """kill -9 during task 1, before any checkpoint (the default is every 10 minutes): the folder holds no run, so
+    the same command reuses it, and so does the same command with --resume."""
+    out = tmp_path / "run"
+    cmd = train_cmd(data_root, out, "train.log_every=1", "eval.retrieval=false")
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    metrics, deadline = out / "metrics.jsonl", time.time() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.02)
+    proc.kill()
+    proc.communicate(timeout=60)
+    if list((out / "checkpoints").glob("*.pt")):
+        pytest.skip("the machine was too slow to kill the run before the end of task 1")
+    resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "reusing" in resumed.stdout and "before its first checkpoint" in resumed.stdout
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory, data_root) -> Path:
+    tmp = tmp_path_factory.mktemp("finished")
+    recipe = load_recipe(ROOT / "recipes" / "synthetic.yaml",
+                         [o for o in tiny(data_root, tmp / "run", "eval.retrieval=false") if o != "--set"])
+    return run(recipe, quiet=True)
+
+
+def damage(run_dir: Path, how: str, tmp_path: Path) -> Path:
+    """A copy of the run whose latest.pt is damaged `how` (a new file: the task checkpoints stay good)."""
+    copy = tmp_path / how
+    shutil.copytree(run_dir, copy)
+    latest = copy / "checkpoints" / "latest.pt"
+    good = latest.read_bytes()
+    latest.unlink()
+    if how == "truncated":
+        latest.write_bytes(good[: len(good) // 2])
+    elif how == "empty":
+        latest.write_bytes(b"")
+    elif how == "foreign":
+        torch.save({"model": {}}, latest)
+    else:  # another method, or another model shape, than the run's config.yaml
+        state = torch.load(copy / "checkpoints" / "task02_task2.pt", map_location="cpu", weights_only=False)
+        if how == "method":
+            state["recipe"]["method"]["name"] = "stella+"
+        else:
+            state["model"]["pos_embed_a"] = torch.zeros(1, 3, 5)
+        torch.save(state, latest)
+    return copy
+
+
+def test_damaged_checkpoints_are_one_line_and_say_what_to_do(tmp_path, data_root, finished_run):
+    hows = ["truncated", "empty", "foreign", "method", "shape"]
+    copies = {how: damage(finished_run, how, tmp_path) for how in hows}
+    messages = {"truncated": "cannot be read", "empty": "empty file (0 bytes), not a checkpoint",
+                "foreign": "not a `stella train` checkpoint (no method, method_extra",
+                "method": "saved by method 'stella+', but the recipe trains 'stella'",
+                "shape": "another model shape than the recipe's (backbone.pos_embed_a: saved (1, 3, 5)"}
+    cmds = [train_cmd(data_root, copies[h], resume=True) for h in hows]
+    cmds += [cli("buffer", str(copies[h])) for h in ("truncated", "empty")]
+    results = run_all(cmds)
+    for how, result in zip(hows + ["truncated", "empty"], results):
+        latest = copies[how] / "checkpoints" / "latest.pt"
+        line = assert_one_line(result, 2, f"{latest}: ", messages[how])
+        if how in ("truncated", "empty"):
+            assert f"cp {copies[how] / 'checkpoints' / 'task02_task2.pt'} {latest}" in line
+    # what the message says to do works
+    shutil.copyfile(copies["truncated"] / "checkpoints" / "task02_task2.pt",
+                    copies["truncated"] / "checkpoints" / "latest.pt")
+    fixed = subprocess.run(cli("buffer", str(copies["truncated"])), capture_output=True, text=True, env=ENV,
+                           timeout=300)
+    assert fixed.returncode == 0 and "12 / 12 slots filled" in fixed.stdout, fixed.stdout + fixed.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prep
+
+
+def test_prep_of_nothing_fails_and_leaves_nothing(tmp_path):
+    from test_prep import make_clip
+
+    empty, out = tmp_path / "empty", tmp_path / "out"
+    empty.mkdir()
+    cmd = cli("prep", "vggsound", "--root", str(empty), "--categories", str(PREP_FIX / "vggsound_stat.csv"),
+              "--out", str(out), "--quiet", "--workers", "1")
+    result = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert_one_line(result, 2, "stella prep vggsound: no training clip could be prepared (0 skipped)",
+                    f"({out} removed)")
+    assert not out.exists()
+    clips = tmp_path / "clips"  # the same command on a folder that has clips
+    for split, n in (("train", 1), ("test", 1)):
+        for k in range(n):
+            make_clip(clips / split / "dog_barking" / f"{split}{k}.mp4", seed=k)
+    result = subprocess.run(cmd[:6] + [str(clips)] + cmd[7:], capture_output=True, text=True, env=ENV, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (out / "train.csv").read_text().count("\n") == 2  # header + 1 clip
+
+
+def children(pid: int) -> list[int]:
+    path = Path(f"/proc/{pid}/task/{pid}/children")
+    return [int(x) for x in path.read_text().split()] if path.is_file() else []
+
+
+def is_alive(pid: int) -> bool:
+    """Running or sleeping; a zombie (exited, waiting to be reaped) is dead."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        state = next(line for line in status.read_text().splitlines() if line.startswith("State:"))
+    except FileNotFoundError:
+        return False
+    return "zombie" not in state and "dead" not in state
+
+
+def start_prep(out: Path) -> tuple[subprocess.Popen, list[int]]:
+    """`stella prep synthetic` (the full benchmark: a minute of work) with 2 workers, once both have started."""
+    proc = subprocess.Popen(cli("prep", "synthetic", "--out", str(out), "--workers", "2", "--quiet"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    deadline = time.time() + 120
+    while len(children(proc.pid)) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    workers = children(proc.pid)
+    assert len(workers) == 2, proc.communicate()[0] if proc.poll() is not None else "no workers"
+    time.sleep(0.5)  # they are rendering
+    return proc, workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
+def test_prep_killed_with_9_leaves_no_worker_behind(tmp_path):
+    proc, workers = start_prep(tmp_path / "out")
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 5
+    while any(map(is_alive, workers)) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(map(is_alive, workers)), workers
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc is Linux's")
+def test_prep_ctrl_c_stops_at_once_and_says_how_to_continue(tmp_path):
+    proc, workers = start_prep(tmp_path / "out")
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 130, out
+    assert "Traceback" not in out
+    assert f"stella prep interrupted; the clips prepared so far are kept in {tmp_path / 'out'}: run the same " \
+           "command again to continue" in out
+    assert not any(map(is_alive, workers))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.embed_dim=66", "model.embed_dim: 66 must be divisible by model.num_heads=4"),
+    ("model.patch_size=24", "data.image_size: 64 must be a multiple of model.patch_size=24"),
+    ("optim.betas=[0.9,1.0]", "optim.betas: [0.9, 1.0] must be two numbers in [0, 1)"),
+    ("eval.recall_at=[]", "eval.recall_at: [] must be a non-empty list of K >= 1"),
+    ("method.memory_size=0", "method.memory_size: 0 must be at least 1 for stella"),
+    ("train.checkpoint_minutes=-1", "train.checkpoint_minutes: -1.0 must be >= 0"),
+    ("method.stella.att_temperature=inf", "method.stella.att_temperature: inf must be a finite number > 0"),
+])
+def test_every_value_is_checked_when_the_recipe_is_loaded(override, message):
+    """The same check as the CLI cases above, for the keys they do not run (config.check_values)."""
+    from stella_cli.config import RecipeError
+
+    with pytest.raises(RecipeError) as err:
+        load_recipe(ROOT / "recipes" / "synthetic.yaml", ["model.preset=tiny", override])
+    assert str(err.value) == f"{ROOT / 'recipes' / 'synthetic.yaml'}: {message}"
+    load_recipe(ROOT / "recipes" / "synthetic.yaml", ["model.preset=tiny", "method.name=finetune",
+                                                      "method.memory_size=0"])  # finetune keeps no memory
