@@ -27,6 +27,7 @@ from rich.console import Console
 from rich.table import Table
 
 from stella_cli.cache import atomic_write_text
+from stella_cli.errors import Interrupted, StellaError
 
 PAPER_METHODS = ("multitask", "finetune", "er", "mir", "derpp", "gmed", "clser", "esmer", "lump", "stella",
                  "stella_plus")  # recipe suffixes in the paper's row order (protocol.md "Tables")
@@ -62,6 +63,14 @@ TABLES: dict[str, TableSpec] = {
     "downstream": TableSpec("vggsound", PAPER_METHODS, "downstream", downstream=True),
     "efficiency": TableSpec("", PAPER_METHODS, "efficiency", bench=True),
 }
+
+
+class RunFailed(StellaError):
+    """A run of the table failed; its own error line is already on screen. Exits with the run's code."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -126,12 +135,16 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
         outcome = train_once(recipe, seed, run_dir, sets)
         outcomes.append(outcome)
         if outcome.status == "failed":
-            raise SystemExit(outcome.extra["returncode"])
+            code = outcome.extra["returncode"]
+            if code == Interrupted.exit_code:
+                raise Interrupted(f"stella reproduce interrupted in {run_dir} (checkpoint kept): run the same "
+                                  f"command again to continue")
+            raise RunFailed(f"{recipe} (seed {seed}) failed with exit code {code} (its message is above); the "
+                            f"runs before it are kept: fix the cause and run the same command again", code)
         if spec.downstream:
             evaluate_downstream(run_dir)
-    report_cmd = [sys.executable, "-m", "stella_cli", "report", *(str(o.run_dir) for o in outcomes),
-                  "--table", spec.report, "--out", str(out_dir / "report")]
-    subprocess.run(report_cmd, check=True)
+    stella_cli_child("report", *(str(o.run_dir) for o in outcomes), "--table", spec.report,
+                     "--out", str(out_dir / "report"))
     print_times(outcomes, console)
     if spec.report in ("retrieval", "ablation"):
         console.print(chance_line(outcomes[0].run_dir))
@@ -150,13 +163,28 @@ def train_once(recipe: Path, seed: int, run_dir: Path, sets: list[str]) -> RunOu
     if resume:
         cmd.append("--resume")
     tic = time.perf_counter()
-    proc = subprocess.run(cmd, env=os.environ.copy())
+    child = subprocess.Popen(cmd, env=os.environ.copy())
+    try:
+        returncode = child.wait()
+    except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save its checkpoint and exit 130
+        returncode = child.wait()
     seconds = time.perf_counter() - tic
-    if proc.returncode != 0:
-        return RunOutcome(recipe, seed, run_dir, "failed", seconds, {"returncode": proc.returncode})
+    if returncode != 0:
+        return RunOutcome(recipe, seed, run_dir, "failed", seconds, {"returncode": returncode})
     atomic_write_text(marker, json.dumps({"recipe": str(recipe), "seed": seed, "seconds": seconds,
                                           "resumed": resume, "command": " ".join(cmd)}, indent=2))
     return RunOutcome(recipe, seed, run_dir, "resumed" if resume else "finished", seconds)
+
+
+def stella_cli_child(*args: str, capture: bool = False) -> str:
+    """`stella ARGS` in a child process; its failure (already reported on screen) stops the reproduction."""
+    proc = subprocess.run([sys.executable, "-m", "stella_cli", *args], stdout=subprocess.PIPE if capture else None,
+                          text=True)
+    if proc.returncode != 0:
+        raise RunFailed(f"`stella {' '.join(args[:2])} ...` failed with exit code {proc.returncode} (its message is "
+                        f"above); finished runs are kept: run the same command again after fixing it",
+                        proc.returncode)
+    return proc.stdout or ""
 
 
 def ensure_synthetic(recipe: Path, sets: list[str], console: Console) -> None:
@@ -167,12 +195,12 @@ def ensure_synthetic(recipe: Path, sets: list[str], console: Console) -> None:
     if (root / "meta.json").is_file() and (root / "retrieval.csv").is_file():
         return
     console.print(f"preparing the synthetic benchmark in {root}")
-    subprocess.run([sys.executable, "-m", "stella_cli", "prep", "synthetic", "--out", str(root)], check=True)
+    stella_cli_child("prep", "synthetic", "--out", str(root))
 
 
 def evaluate_downstream(run_dir: Path) -> None:
     if not (run_dir / "results" / "classification.json").is_file():
-        subprocess.run([sys.executable, "-m", "stella_cli", "eval", str(run_dir), "--task", "all"], check=True)
+        stella_cli_child("eval", str(run_dir), "--task", "all")
 
 
 def run_bench(names: tuple[str, ...], out_dir: Path, console: Console) -> RunOutcome:
@@ -183,13 +211,11 @@ def run_bench(names: tuple[str, ...], out_dir: Path, console: Console) -> RunOut
     files = []
     for kernel in ("sdpa", "math"):
         path = out_dir / f"bench_{kernel}.json"
-        cmd = [sys.executable, "-m", "stella_cli", "bench", "--methods", methods, "--preset", "base",
-               "--attention", kernel, "--json"]
-        text = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        text = stella_cli_child("bench", "--methods", methods, "--preset", "base", "--attention", kernel, "--json",
+                                capture=True)
         atomic_write_text(path, text)
         files.append(str(path))
-    subprocess.run([sys.executable, "-m", "stella_cli", "report", *files, "--table", "efficiency", "--out",
-                    str(out_dir / "report")], check=True)
+    stella_cli_child("report", *files, "--table", "efficiency", "--out", str(out_dir / "report"))
     return RunOutcome(Path("-"), 0, out_dir, "finished", time.perf_counter() - tic)
 
 

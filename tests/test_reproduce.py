@@ -87,3 +87,12 @@ def test_chance_line_counts_the_gallery(workspace, tmp_path):
     recipe = load_recipe(workspace / "recipes" / "synthetic_finetune.yaml", [f"output.dir={tmp_path}"])
     (tmp_path / "config.yaml").write_text(recipe_to_yaml(recipe))
     assert chance_line(tmp_path) == "chance with a gallery of 12 clips: R@1 8.3, R@5 41.7, R@10 83.3, avg 44.44"
+
+
+def test_a_failing_run_stops_with_its_exit_code_and_one_line(workspace, tmp_path):
+    proc = stella("reproduce", "synthetic", "--methods", "finetune", "--seeds", "3", "--recipes",
+                  str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "train.batch_size=0", cwd=workspace)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "train.batch_size" in proc.stdout and "failed with exit code 2" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "synthetic" / "synthetic_finetune_s3" / "reproduce.json").exists()
