@@ -53,18 +53,43 @@ def true_pair_ranks(sim: Tensor) -> Tensor:
     return (sim >= diag).sum(dim=1) - 1  # (N,)
 
 
+def chunked_ranks(queries: Tensor, candidates: Tensor, chunk: int = 1024) -> Tensor:
+    """true_pair_ranks(queries @ candidates.T) computed `chunk` query rows at a time.
+
+    queries, candidates: (N, D), row i of both is a true pair.  Peak extra memory is one (chunk, N) block of
+    similarities and its comparison, not the N x N matrix; each row's diagonal is read from its own block, so a
+    row's ranks are those of the full matrix.  -> (N,) long
+    """
+    N = queries.shape[0]
+    ranks = torch.empty(N, dtype=torch.long)
+    for i in range(0, N, chunk):
+        block = queries[i:i + chunk] @ candidates.T  # (n, N)
+        rows = torch.arange(block.shape[0])
+        diag = block[rows, rows + i].unsqueeze(1)  # (n, 1)
+        ranks[i:i + chunk] = (block >= diag).sum(dim=1) - 1
+    return ranks
+
+
+def median_rank(ranks: Tensor) -> float:
+    """1-based median rank; with an even number of queries the mean of the two middle ranks (as np.median)."""
+    return torch.quantile(ranks.double(), 0.5).item() + 1
+
+
 def recall_at(ranks: Tensor, ks: list[int]) -> dict[str, float]:
     """R@K in percent and the median rank (1-based) of a set of queries."""
     out = {f"R@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}
-    out["MedR"] = ranks.float().median().item() + 1
+    out["MedR"] = median_rank(ranks)
     return out
 
 
-def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[str],
-                     ks: list[int]) -> dict[str, dict[str, dict[str, float]]]:
-    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}: one similarity matmul for both."""
-    sim_av = z_a @ z_v.T  # (N, N) cosine: audio queries x video candidates
-    ranks = {"a2v": true_pair_ranks(sim_av), "v2a": true_pair_ranks(sim_av.T)}
+def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[str], ks: list[int],
+                     chunk: int = 1024) -> dict[str, dict[str, dict[str, float]]]:
+    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}, in row chunks (bounded memory).
+
+    A->V ranks the rows of z_a @ z_v.T, V->A the rows of z_v @ z_a.T (spec §6.1); per task: that task's queries
+    against the whole gallery.
+    """
+    ranks = {"a2v": chunked_ranks(z_a, z_v, chunk), "v2a": chunked_ranks(z_v, z_a, chunk)}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for direction, r in ranks.items():
         scores[direction] = {"all": recall_at(r, ks)}
@@ -149,17 +174,51 @@ def _fmt(value: float | None) -> str:
     return "0.00" if text == "-0.00" else text
 
 
-def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int]) -> dict:
-    """results/retrieval.json (every row so far) and summary.{json,md,csv}; each file written atomically."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results_dir / "retrieval.json", json.dumps({"tasks": tasks, "rows": history}, indent=1))
-    summary = summarize(history, tasks, ks)
-    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=1))
-    table = summary_table(summary)
+def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """{'a2v R@1 A': 12.3, ...}: every number of the summary under one flat name (the report's columns)."""
+    out = {}
+    for d in DIRECTIONS:
+        for metric, values in summary[d].items():
+            for name, value in values.items():
+                if value is not None:
+                    out[f"{d} {metric} {name}"] = value
+    return out
+
+
+def write_table(results_dir: Path, name: str, table: list[list[str]]) -> None:
+    """results/<name>.md and results/<name>.csv of a header + rows table of strings."""
     md = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     md += ["| " + " | ".join(r) + " |" for r in table[1:]]
-    atomic_write_text(results_dir / "summary.md", "\n".join(md) + "\n")
+    atomic_write_text(results_dir / f"{name}.md", "\n".join(md) + "\n")
     rows = io.StringIO(newline="")
     csv.writer(rows).writerows(table)
-    atomic_write_text(results_dir / "summary.csv", rows.getvalue())
+    atomic_write_text(results_dir / f"{name}.csv", rows.getvalue())
+
+
+def write_task_result(results_dir: Path, result: dict[str, Any], table: list[list[str]]) -> Path:
+    """results/<task>.{json,md,csv}; result holds at least task, checkpoint, recipe, command, metrics."""
+    missing = [k for k in ("task", "checkpoint", "recipe", "command", "metrics") if k not in result]
+    if missing:
+        raise KeyError(f"result of {result.get('task')!r} lacks {missing}")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{result['task']}.json"
+    atomic_write_text(path, json.dumps(result, indent=1))
+    write_table(results_dir, result["task"], table)
+    return path
+
+
+def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int],
+                  provenance: dict[str, Any] | None = None) -> dict:
+    """results/retrieval.{json,md,csv} (every row so far, the summary, flat metrics) and summary.{json,md,csv}.
+
+    provenance: {'checkpoint', 'recipe', 'command'} of the result (None where unknown).  Files written atomically.
+    """
+    results_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(history, tasks, ks)
+    table = summary_table(summary)
+    result = {"task": "retrieval", **{k: None for k in ("checkpoint", "recipe", "command")}, **(provenance or {}),
+              "metrics": flat_metrics(summary), "tasks": tasks, "rows": history, "summary": summary}
+    write_task_result(results_dir, result, table)
+    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=1))
+    write_table(results_dir, "summary", table)
     return summary

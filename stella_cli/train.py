@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -321,8 +322,11 @@ class Trainer:
             z_a, z_v, task = evaluate.embed_gallery(unwrap(self.method).backbone, loader, self.device, self.amp)
             scores = evaluate.retrieval_scores(z_a, z_v, task, gallery.task_names, r.eval.recall_at)
             self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
+            checkpoint = self.run_dir / "checkpoints" / f"task{self.pos.task + 1:02d}_{name}.pt"  # written next
             summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
-                                             r.eval.recall_at)
+                                             r.eval.recall_at, {"checkpoint": str(checkpoint), "command":
+                                                                "stella " + " ".join(sys.argv[1:]),
+                                                                "recipe": str(self.run_dir / "config.yaml")})
             self.log_metrics({"event": "retrieval", "after_task": name, "scores": scores})
             if not self.quiet:
                 a2v, v2a = scores["a2v"]["all"], scores["v2a"]["all"]
