@@ -134,6 +134,28 @@ def model(
                   f"{t['decoder_video']['random']} / {t['decoder_audio']['random']})")
 
 
+@app.command("eval")
+def eval_command(
+    targets: list[Path] = typer.Argument(None, help="Run directories or checkpoint files (default: the most recent "
+                                                    "run under runs/). Several runs of one recipe: mean +- std."),
+    task: str = typer.Option("all", help="all | retrieval | classification | localisation | ave."),
+    checkpoint: Optional[str] = typer.Option(None, help="Checkpoint of a run: taskNN or a file name under "
+                                                        "RUN/checkpoints (default: the last task's)."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe for a checkpoint file with none beside or inside it "
+                                                     "(e.g. the authors' weights); for a run, instead of its "
+                                                     "config.yaml."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set eval.ave.epochs=5."),
+    quiet: bool = typer.Option(False, help="Tables only, no progress lines."),
+) -> None:
+    """Retrieval and the downstream tasks of a run or checkpoint; writes RUN/results/<task>.{json,md,csv}."""
+    import sys
+
+    from stella_cli.eval_run import run as run_eval
+
+    run_eval(list(targets or []), task=task, recipe=recipe, overrides=overrides, checkpoint=checkpoint,
+             command="stella " + " ".join(sys.argv[1:]), quiet=quiet)
+
+
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into the two-stream layout.")
 app.add_typer(convert_app, name="convert")
 

@@ -128,10 +128,32 @@ class TrainConfig:
 
 
 @dataclass
+class HeadConfig:
+    """A downstream head trained on the frozen backbone by `stella eval` (spec §6.3); the defaults per task are set
+    in EvalConfig. AdamW, `warmup_epochs` of linear warm-up then cosine to 0, stepped per batch."""
+
+    root: str = ""  # prepared data of the task (`stella prep ...`); "" = data.root (the synthetic analogue)
+    epochs: int = 15
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 5e-6
+    warmup_epochs: int = 2
+    batch_size: int = 48
+    freqm: int = 48  # SpecAugment frequency mask width (classification only)
+    timem: int = 192  # SpecAugment time mask width (classification only)
+    test_clips: int = 4  # clips per test video, softmax averaged (classification only)
+
+
+@dataclass
 class EvalConfig:
     retrieval: bool = True  # zero-shot A<->V retrieval after every task (spec §6.1)
     batch_size: int = 32
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    seed: int = 0  # head initialisation and data order of the downstream heads
+    # spec §6.3: VGGSound classification probe, 15 epochs, AdamW 5e-4, warm-up 2, batch 48
+    classification: HeadConfig = field(default_factory=HeadConfig)
+    # AVE: AdamW 1e-3, 15 epochs, batch 12, warm-up 2
+    ave: HeadConfig = field(default_factory=lambda: HeadConfig(lr=1e-3, batch_size=12))
 
 
 @dataclass

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from stella_cli.cache import atomic_write_text
+from stella_cli.config import Recipe
+from stella_cli.data import AVDataset, build_loader
 
 DIRECTIONS = ("a2v", "v2a")  # audio queries -> video candidates, and the reverse
 
@@ -41,6 +43,16 @@ def embed_gallery(model: torch.nn.Module, loader, device: torch.device,
         tasks.append(batch["task"])
     model.train(was_training)
     return torch.cat(z_a), torch.cat(z_v), torch.cat(tasks)
+
+
+def gallery_scores(backbone: torch.nn.Module, recipe: Recipe, tasks: list[str], device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Embed the retrieval split of `tasks` (one gallery) and score both directions (spec §6.1)."""
+    gallery = AVDataset(recipe.data, "retrieval", tasks=tasks, train=False, seed=recipe.train.seed)
+    loader = build_loader(gallery, recipe.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
+                          num_workers=recipe.data.num_workers)
+    z_a, z_v, task = embed_gallery(backbone, loader, device, amp_dtype)
+    return retrieval_scores(z_a, z_v, task, gallery.task_names, recipe.eval.recall_at)
 
 
 def true_pair_ranks(sim: Tensor) -> Tensor:
@@ -77,7 +89,7 @@ def median_rank(ranks: Tensor) -> float:
 
 def recall_at(ranks: Tensor, ks: list[int]) -> dict[str, float]:
     """R@K in percent and the median rank (1-based) of a set of queries."""
-    out = {f"R@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}
+    out = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
     out["MedR"] = median_rank(ranks)
     return out
 
