@@ -206,6 +206,7 @@ def _lazy(module: str, name: str) -> Callable[[Context], tuple[dict[str, Any], l
 # `stella eval --task` choices; each returns (result without provenance, table rows with a header row)
 TASKS: dict[str, Callable[[Context], tuple[dict[str, Any], list[list[str]]]]] = {
     "retrieval": run_retrieval,
+    "classification": _lazy("stella_cli.probe", "run_classification"),
 }
 
 

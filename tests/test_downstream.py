@@ -1,0 +1,73 @@
+"""Downstream heads on a frozen backbone: schedule, SpecAugment, top-k with averaged clip softmax, training loop."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from stella_cli.config import HeadConfig
+from stella_cli.heads import feature_batches, fit, topk_correct, warmup_cosine
+from stella_cli.model import Classifier
+from stella_cli.probe import averaged_clip_probs, spec_augment
+
+
+def test_warmup_then_cosine_to_zero():
+    # 2 warm-up steps, 6 in total: 1/2, 2/2, then cos over the 4 remaining steps
+    factors = [warmup_cosine(s, 2, 6) for s in range(7)]
+    assert factors[:2] == [0.5, 1.0]
+    assert factors[2] == pytest.approx(1.0)
+    assert factors[4] == pytest.approx(0.5)
+    assert factors[6] == pytest.approx(0.0, abs=1e-12)
+    assert factors[3] == pytest.approx(0.5 * (1 + math.cos(math.pi / 4)))
+
+
+def test_spec_augment_masks_one_band_and_one_time_span():
+    fbank = np.zeros((40, 16), dtype=np.float32) + 5
+    g = torch.Generator().manual_seed(3)
+    out = spec_augment(fbank, freqm=8, timem=12, fill=-1.0, generator=g)
+    masked = out == -1.0
+    cols = np.flatnonzero(masked.all(axis=0))  # frequency bins masked at every time
+    rows = np.flatnonzero(masked.all(axis=1))
+    assert len(cols) < 8 and len(rows) < 12
+    if len(cols):
+        assert np.array_equal(cols, np.arange(cols[0], cols[0] + len(cols)))  # one contiguous band
+    expected = np.zeros_like(masked)
+    expected[:, cols] = True
+    expected[rows, :] = True
+    assert np.array_equal(masked, expected)  # nothing else touched
+    assert np.array_equal(spec_augment(fbank, 0, 0, -1.0, g), fbank)
+
+
+def test_top_k_with_the_clip_softmax_averaged():
+    # video 0: clip logits favour class 2 once strongly and class 1 twice mildly -> averaged softmax decides
+    logits = torch.tensor([[[0.0, 0.0, 8.0], [0.0, 1.0, 0.0], [0.0, 1.0, 0.0]],
+                           [[3.0, 0.0, 0.0], [3.0, 0.0, 0.0], [0.0, 0.0, 3.0]]])
+    probs = averaged_clip_probs(logits)
+    e = math.exp
+    p0 = [(1 / (2 + e(8)) + 2 / (2 + e(1))) / 3, (1 / (2 + e(8)) + 2 * e(1) / (2 + e(1))) / 3,
+          (e(8) / (2 + e(8)) + 2 / (2 + e(1))) / 3]
+    assert probs[0].tolist() == pytest.approx(p0, rel=1e-5)
+    assert probs.sum(1).tolist() == pytest.approx([1.0, 1.0])
+    labels = torch.tensor([1, 2])
+    assert topk_correct(probs, labels, 1).tolist() == [False, False]  # 0: class 2 wins (0.55 vs 0.41)
+    assert topk_correct(probs, labels, 2).tolist() == [True, True]
+    assert topk_correct(probs, labels, 5).tolist() == [True, True]  # k above the class count = all
+
+
+def test_fit_learns_an_easy_problem_and_its_loss_falls():
+    g = torch.Generator().manual_seed(0)
+    centres = torch.randn(4, 16, generator=g) * 2
+    y = torch.arange(200) % 4
+    x = centres[y] + torch.randn(200, 16, generator=g)
+    torch.manual_seed(0)
+    head = Classifier(16, 4)
+    cfg = HeadConfig(epochs=8, lr=2e-2, warmup_epochs=1, batch_size=32)
+    losses = fit(head, cfg, feature_batches(x[:160], y[:160], 32, seed=0), 5, F.cross_entropy)
+    assert len(losses) == 8 and losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        accuracy = (head(x[160:]).argmax(1) == y[160:]).float().mean().item()
+    assert accuracy > 0.9  # chance is 0.25
