@@ -25,6 +25,7 @@ from stella_cli import evaluate
 from stella_cli.cache import atomic_write_text
 from stella_cli.config import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
 from stella_cli.data import check_prepared
+from stella_cli.heads import TaskSkipped
 from stella_cli.model import CAVMAE, load_authors_checkpoint
 
 console = Console()
@@ -207,6 +208,7 @@ def _lazy(module: str, name: str) -> Callable[[Context], tuple[dict[str, Any], l
 TASKS: dict[str, Callable[[Context], tuple[dict[str, Any], list[list[str]]]]] = {
     "retrieval": run_retrieval,
     "classification": _lazy("stella_cli.probe", "run_classification"),
+    "localisation": _lazy("stella_cli.localisation", "run_localisation"),
 }
 
 
@@ -236,7 +238,13 @@ def run(targets: list[Path], *, task: str = "all", recipe: Path | None = None, o
                       target.recipe.data.tasks or meta["tasks"])
         for name in tasks:
             tic = time.perf_counter()
-            result, table = TASKS[name](ctx)
+            try:
+                result, table = TASKS[name](ctx)
+            except TaskSkipped as skip:
+                if task != "all":
+                    raise
+                console.print(f"[yellow]skipped {name}:[/yellow] {skip}")
+                continue
             result = {"task": name, "checkpoint": str(target.final), "recipe": target.recipe_path,
                       "command": command, **result, "seconds": round(time.perf_counter() - tic, 1)}
             path = evaluate.write_task_result(target.results_dir, result, table)

@@ -16,6 +16,10 @@ from torch import Tensor, nn
 from stella_cli.config import HeadConfig
 
 
+class TaskSkipped(ValueError):
+    """The task does not apply to this target (no AVM, no ground truth, no prepared data); `--task all` goes on."""
+
+
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int) -> float:
     """LR factor: (step + 1) / warmup_steps during warm-up, then 0.5·(1 + cos(π·progress)) down to 0."""
     if step < warmup_steps:

@@ -71,3 +71,24 @@ def test_fit_learns_an_easy_problem_and_its_loss_falls():
     with torch.no_grad():
         accuracy = (head(x[160:]).argmax(1) == y[160:]).float().mean().item()
     assert accuracy > 0.9  # chance is 0.25
+
+
+def test_patch_and_token_overlap_with_the_ground_truth():
+    from stella_cli.localisation import audio_overlap, summarize_shares, video_overlap
+
+    # 2x2 grid; frame 0: box covers the top-left cell fully and half of the top-right; frame 1: nothing
+    boxes = torch.tensor([[[0.0, 0.0, 0.75, 0.5], [0.2, 0.2, 0.2, 0.2]]])
+    o = video_overlap(boxes, 2)
+    assert o.tolist() == [[1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]  # token t·4 + row·2 + col
+    # 3 time tokens of 0.16 s, 2 frequency tokens each; event 0.08 .. 0.32 s
+    oa = audio_overlap(torch.tensor([[0.08, 0.32]]), 3, 2, 0.16)
+    assert oa.tolist() == pytest.approx([[0.5, 0.5, 1.0, 1.0, 0.0, 0.0]])
+    # importance all on the first video token -> share 1 vs uniform 1.5/8; uniform audio importance -> lift 1
+    I_v = torch.zeros(1, 8)
+    I_v[0, 0] = 1
+    shares = {"share_v": (I_v * o).sum(1), "uniform_v": o.mean(1), "share_a": (oa / 6).sum(1),
+              "uniform_a": oa.mean(1), "task": torch.tensor([0])}
+    s = summarize_shares(shares, ["t0", "t1"])
+    assert s["all"]["share_v"] == pytest.approx(100.0) and s["all"]["uniform_v"] == pytest.approx(100 * 1.5 / 8)
+    assert s["all"]["lift_v"] == pytest.approx(8 / 1.5) and s["all"]["lift_a"] == pytest.approx(1.0)
+    assert set(s) == {"all", "t0"} and s["t0"]["clips"] == 1
