@@ -82,7 +82,7 @@ def test_patch_and_token_overlap_with_the_ground_truth():
     assert o.tolist() == [[1.0, 0.5, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]  # token t·4 + row·2 + col
     # 3 time tokens of 0.16 s, 2 frequency tokens each; event 0.08 .. 0.32 s
     oa = audio_overlap(torch.tensor([[0.08, 0.32]]), 3, 2, 0.16)
-    assert oa.tolist() == pytest.approx([[0.5, 0.5, 1.0, 1.0, 0.0, 0.0]])
+    assert oa[0].tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0, 0.0, 0.0])
     # importance all on the first video token -> share 1 vs uniform 1.5/8; uniform audio importance -> lift 1
     I_v = torch.zeros(1, 8)
     I_v[0, 0] = 1
