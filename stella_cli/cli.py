@@ -35,7 +35,7 @@ def main() -> None:
 
 @app.command()
 def prep(
-    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset"),
+    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave"),
     out: Optional[Path] = typer.Option(None, help="Output data folder (default: data/synthetic for synthetic)."),
     list_file: Optional[str] = typer.Option(
         None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
@@ -65,8 +65,16 @@ def prep(
             raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
         summary = prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories,
                                labels=labels, workers=workers, frames_format=frames_format, progress=not quiet)
+    elif dataset == "ave":
+        from stella_cli.prep_tasks import prepare_ave
+
+        if out is None or root is None:
+            raise ValueError("stella prep ave: --root VIDEOS and --out DATA_DIR are required (--list: the folder of "
+                             "Annotations.txt, trainSet.txt, testSet.txt; default --root)")
+        summary = prepare_ave(out, root=root, annotations=Path(list_file) if list_file else None, workers=workers,
+                              frames_format=frames_format, progress=not quiet)
     else:
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound or audioset")
+        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset or ave")
     print_prep_summary(summary)
 
 

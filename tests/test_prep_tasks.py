@@ -1,0 +1,85 @@
+"""`stella prep ave` on made-up annotation files and real mp4s, and the AVE segments read back from the cache."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from stella_cli.ave import SegmentDataset, pad_segment, segment_accuracy, segment_labels
+from stella_cli.cache import CacheSpec, read_manifest, read_meta
+from stella_cli.config import DataConfig
+from stella_cli.prep_tasks import prepare_ave, read_ave_list
+from tests.test_prep import make_clip
+
+TINY = CacheSpec(num_frames=8, frame_size=16, fps=4.0, clip_seconds=2.0, target_length=192, num_mel_bins=64)
+
+
+def test_segment_labels_and_accuracy():
+    # event 0.4 .. 2.6 s over 4 one-second segments: covers 0.6, 1.0, 0.6, 0.0 of them
+    assert segment_labels((0.4, 2.6), 4, label=3, background=9).tolist() == [3, 3, 3, 9]
+    assert segment_labels((0.6, 1.4), 3, label=1, background=5).tolist() == [5, 5, 5]  # 0.4 of two seconds each
+    assert segment_labels((2.0, 10.0), 10, label=0, background=28).tolist() == [28, 28] + [0] * 8  # AVE's integers
+    assert segment_accuracy(torch.tensor([[1, 2], [3, 4]]), torch.tensor([[1, 0], [3, 4]])) == 75.0
+    padded = pad_segment(np.ones((3, 2), np.float32), 8)
+    assert padded[:, 0].tolist() == [0, 0, 1, 1, 1, 0, 0, 0]  # 2 zeros before, 3 after
+
+
+def write_ave_lists(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "Annotations.txt").write_text("Category&VideoID&Quality&StartTime&EndTime\n"
+                                            "Dog&vid_dog&good&0&1\nChurch bell&vid_bell&good&1&2\n"
+                                            "Dog&vid_silent&good&0&2\nChurch bell&vid_gone&good&0&2\n"
+                                            "Dog&vid_dog2&good&1&2\n")
+    (folder / "trainSet.txt").write_text("Dog&vid_dog&good&0&1\nChurch bell&vid_bell&good&1&2\n"
+                                         "Dog&vid_silent&good&0&2\nChurch bell&vid_gone&good&0&2\n")
+    (folder / "testSet.txt").write_text("Dog&vid_dog2&good&1&2\n")
+
+
+def test_prep_ave_reads_the_annotation_files_and_real_mp4s(tmp_path):
+    videos = tmp_path / "AVE"
+    for k, name in enumerate(("vid_dog", "vid_bell", "vid_dog2")):
+        make_clip(videos / f"{name}.mp4", seconds=2.0, fps=8, seed=k)
+    make_clip(videos / "vid_silent.mp4", audio=False)
+    write_ave_lists(tmp_path / "ann")
+    out = tmp_path / "ave_data"
+    summary = prepare_ave(out, root=videos, annotations=tmp_path / "ann", workers=1, progress=False, spec=TINY)
+    assert summary["splits"] == {"train": {"ave": 2}, "test": {"ave": 1}}
+    reasons = {s["clip_id"]: s["reason"] for s in summary["skipped_clips"]["train"]}
+    assert reasons == {"vid_gone": "no media file under --root", "vid_silent": "no audio stream"}
+    meta = read_meta(out)
+    assert meta["dataset"] == "ave" and meta["tasks"] == ["ave"]
+    assert [c["name"] for c in meta["classes"]] == ["Church bell", "Dog"]
+    train = {r["clip_id"]: r for r in read_manifest(out, "train")}
+    assert train["vid_bell"]["label"] == 0 and (train["vid_bell"]["event_start"], train["vid_bell"]["event_end"]) == (1, 2)
+    # the segments of the cached clips: 2 one-second segments, 4 frames each, 1 s of fbank padded to 192 rows
+    data = DataConfig(dataset="ave", root=str(out), image_size=16, num_frames=4, frame_stride=1, target_length=192,
+                      num_mel_bins=64, num_workers=0)
+    segments = SegmentDataset(data, "train", seed=0)
+    item = segments[[r["clip_id"] for r in segments.records].index("vid_bell")]
+    assert item["video"].shape == (2, 4, 3, 16, 16) and item["audio"].shape == (2, 1, 192, 64)
+    assert item["label"].tolist() == [2, 0]  # background (2 classes -> index 2), then "Church bell"
+    fbank = np.load(out / "cache" / "train" / "fbank.npy", mmap_mode="r")[train["vid_bell"]["row"]].astype(np.float32)
+    expected = (pad_segment(fbank[100:200], 192) + 5.081) / 4.4849
+    np.testing.assert_allclose(item["audio"][1, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
+    assert np.allclose(item["audio"][1, 0, :50].numpy(), 5.081 / 4.4849)  # 92 rows padded by 50 zeros before
+
+
+def test_ave_list_errors_name_file_and_line(tmp_path):
+    bad = tmp_path / "trainSet.txt"
+    bad.write_text("Dog&vid&good&0&1\nDog&vid2&good&zero&1\n")
+    with pytest.raises(ValueError, match=r"trainSet.txt:2: start and end must be seconds"):
+        read_ave_list(bad)
+    bad.write_text("Dog,vid,good,0,1\n")
+    with pytest.raises(ValueError, match=r"trainSet.txt:1: expected category&video_id&quality&start&end"):
+        read_ave_list(bad)
+    result = subprocess.run([sys.executable, "-m", "stella_cli", "prep", "ave", "--root", str(tmp_path), "--out",
+                             str(tmp_path / "o")], capture_output=True, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 2 and "trainSet.txt:1: expected" in "".join(result.stdout.split("\n"))
+    assert "Traceback" not in result.stdout + result.stderr
