@@ -35,7 +35,7 @@ def main() -> None:
 
 @app.command()
 def prep(
-    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave"),
+    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave | avs"),
     out: Optional[Path] = typer.Option(None, help="Output data folder (default: data/synthetic for synthetic)."),
     list_file: Optional[str] = typer.Option(
         None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
@@ -45,6 +45,7 @@ def prep(
     categories: Optional[Path] = typer.Option(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
     labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name)."),
+    masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs."),
     workers: int = typer.Option(2, help="Parallel worker processes."),
     frames_format: str = typer.Option("raw", help="Frame cache: raw (uint8 memmap, fastest) | jpeg (~5x smaller)."),
     seed: int = typer.Option(0, help="Synthetic only: generator seed."),
@@ -73,8 +74,16 @@ def prep(
                              "Annotations.txt, trainSet.txt, testSet.txt; default --root)")
         summary = prepare_ave(out, root=root, annotations=Path(list_file) if list_file else None, workers=workers,
                               frames_format=frames_format, progress=not quiet)
+    elif dataset == "avs":
+        from stella_cli.prep_tasks import prepare_avs
+
+        if out is None or root is None or list_file is None or masks is None:
+            raise ValueError("stella prep avs: --root VIDEOS, --list s4_meta_data.csv, --masks GT_MASKS and --out "
+                             "DATA_DIR are required")
+        summary = prepare_avs(out, root=root, meta_csv=Path(list_file), masks=masks, workers=workers,
+                              frames_format=frames_format, progress=not quiet)
     else:
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset or ave")
+        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, ave or avs")
     print_prep_summary(summary)
 
 
@@ -146,7 +155,7 @@ def model(
 def eval_command(
     targets: list[Path] = typer.Argument(None, help="Run directories or checkpoint files (default: the most recent "
                                                     "run under runs/). Several runs of one recipe: mean +- std."),
-    task: str = typer.Option("all", help="all | retrieval | classification | localisation | ave."),
+    task: str = typer.Option("all", help="all | retrieval | classification | localisation | ave | avs."),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint of a run: taskNN or a file name under "
                                                         "RUN/checkpoints (default: the last task's)."),
     recipe: Optional[Path] = typer.Option(None, help="Recipe for a checkpoint file with none beside or inside it "

@@ -210,6 +210,7 @@ TASKS: dict[str, Callable[[Context], tuple[dict[str, Any], list[list[str]]]]] = 
     "classification": _lazy("stella_cli.probe", "run_classification"),
     "localisation": _lazy("stella_cli.localisation", "run_localisation"),
     "ave": _lazy("stella_cli.ave", "run_ave"),
+    "avs": _lazy("stella_cli.avs", "run_avs"),
 }
 
 

@@ -83,3 +83,67 @@ def test_ave_list_errors_name_file_and_line(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and "trainSet.txt:1: expected" in "".join(result.stdout.split("\n"))
     assert "Traceback" not in result.stdout + result.stderr
+
+
+def write_png(path: Path, gray: np.ndarray) -> Path:
+    """A real grayscale png through PyAV's png encoder."""
+    import av
+
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = gray.shape[1], gray.shape[0], "gray"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(gray), format="gray")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
+    return path
+
+
+def test_mask_iou_and_f_score_on_known_masks():
+    from stella_cli.avs import box_mask, f_score, mask_iou
+
+    target = torch.zeros(3, 4, 4)
+    target[0, :2, :2] = 1  # 4 pixels
+    target[1, 0, 0] = 1
+    pred = torch.zeros(3, 4, 4)
+    pred[0, :2, :3] = 1  # 6 predicted, 4 hit: IoU 4/6
+    # frame 1: nothing predicted: IoU 0; frame 2: both empty: IoU 1
+    assert mask_iou(pred, target).tolist() == pytest.approx([4 / 6, 0.0, 1.0])
+    # F at beta² 0.3 with hard probabilities: frame 0 P = 4/6, R = 1; frame 1: P = R = 0 -> 0; frame 2: 0
+    p, r = 4 / 6, 1.0
+    assert f_score(pred, target) == pytest.approx(((1.3 * p * r) / (0.3 * p + r)) / 3)
+    # a graded prediction: the best threshold keeps only the true pixels
+    soft = target * 0.9 + (pred - target).clamp(min=0) * 0.4
+    assert f_score(soft[:1], target[:1]) == pytest.approx(1.0)
+    assert box_mask(np.array([0.25, 0.0, 0.5, 0.5]), 4).tolist() == [[0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0],
+                                                                    [0, 0, 0, 0]]
+
+
+def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
+    from stella_cli.avs import MaskDataset
+    from stella_cli.prep_tasks import prepare_avs
+
+    videos, masks = tmp_path / "videos", tmp_path / "gt_masks"
+    (tmp_path / "s4_meta_data.csv").write_text("name,category,split\nclipA,dog,train\nclipB,cat,train\n"
+                                               "clipC,dog,test\nclipD,cat,train\nclipE,dog,val\n")
+    for k, name in enumerate(("clipA", "clipB", "clipC", "clipD")):
+        make_clip(videos / f"{name}.mp4", seconds=2.0, fps=8, seed=k)  # 32 x 24 frames
+    mask = np.zeros((24, 32), np.uint8)
+    mask[:12, 4:20] = 255  # top-left region of a 32 x 24 frame
+    for name, split, cat in (("clipA", "train", "dog"), ("clipB", "train", "cat"), ("clipC", "test", "dog")):
+        write_png(masks / split / cat / name / f"{name}_1.png", mask)  # clipD has no mask
+    out = tmp_path / "avs_data"
+    summary = prepare_avs(out, root=videos, meta_csv=tmp_path / "s4_meta_data.csv", masks=masks, workers=1,
+                          progress=False, spec=TINY)
+    assert summary["splits"] == {"train": {"avs": 2}, "test": {"avs": 1}}
+    assert summary["skipped_clips"]["train"][0]["reason"] == "no mask png under --masks"
+    cached = np.load(out / "cache" / "train" / "masks.npy")
+    assert cached.shape == (2, 16, 16)
+    # 32 x 24 -> short side 16: 21 x 16, centre crop from x = 2; the mask (x 4..20 of 32, y 0..12 of 24)
+    # becomes x 2.6..13.1 -> cropped columns 1..10, rows 0..7
+    expected = np.zeros((16, 16), np.uint8)
+    expected[:8, 1:11] = 1
+    assert np.abs(cached[0].astype(int) - expected).sum() <= 4  # bilinear edges
+    data = DataConfig(dataset="avs", root=str(out), image_size=16, num_frames=2, frame_stride=1, target_length=192,
+                      num_mel_bins=64, num_workers=0)
+    item = MaskDataset(data, "train", seed=0)[0]
+    assert item["mask"].shape == (16, 16) and torch.equal(item["mask"], torch.from_numpy(cached[0]).float())
+    assert item["video"].shape == (2, 3, 16, 16) and item["audio"].shape == (1, 192, 64)
