@@ -35,7 +35,7 @@ def main() -> None:
 
 @app.command()
 def prep(
-    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave | avs"),
+    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave | avs | msrvtt"),
     out: Optional[Path] = typer.Option(None, help="Output data folder (default: data/synthetic for synthetic)."),
     list_file: Optional[str] = typer.Option(
         None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
@@ -51,6 +51,8 @@ def prep(
     seed: int = typer.Option(0, help="Synthetic only: generator seed."),
     fmt: str = typer.Option("cache", "--format", help="Synthetic only: cache (direct) | mp4 (encode real mp4 "
                                                        "files and prepare them through the decoding path)."),
+    heldout: bool = typer.Option(True, help="Synthetic only: also write the held-out domain (OUT/heldout), the "
+                                            "transfer target of `stella eval --task msrvtt`."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet)."""
@@ -59,6 +61,12 @@ def prep(
 
         summary = prepare_synthetic(out or DEFAULT_SYNTHETIC_OUT, seed=seed, fmt=fmt, workers=workers,
                                     frames_format=frames_format, progress=not quiet)
+        if heldout:  # the transfer domain of `stella eval --task msrvtt`, in its own folder
+            from stella_cli.synth_heldout import heldout_dir, prepare_heldout
+
+            print_prep_summary(summary)
+            summary = prepare_heldout(heldout_dir(out or DEFAULT_SYNTHETIC_OUT), seed=seed, workers=workers,
+                                      frames_format=frames_format, progress=not quiet)
     elif dataset in ("vggsound", "audioset"):
         from stella_cli.prep import prepare_real
 
@@ -82,8 +90,17 @@ def prep(
                              "DATA_DIR are required")
         summary = prepare_avs(out, root=root, meta_csv=Path(list_file), masks=masks, workers=workers,
                               frames_format=frames_format, progress=not quiet)
+    elif dataset == "msrvtt":
+        from stella_cli.msrvtt import prepare_msrvtt
+
+        if out is None or root is None or list_file is None:
+            raise ValueError("stella prep msrvtt: --root VIDEOS, --list (train=FILE,test=FILE or a folder of the "
+                             "lists) and --out DATA_DIR are required")
+        summary = prepare_msrvtt(out, root=root, lists=list_file, workers=workers, frames_format=frames_format,
+                                 progress=not quiet)
     else:
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, ave or avs")
+        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, ave, avs "
+                         "or msrvtt")
     print_prep_summary(summary)
 
 
@@ -155,7 +172,7 @@ def model(
 def eval_command(
     targets: list[Path] = typer.Argument(None, help="Run directories or checkpoint files (default: the most recent "
                                                     "run under runs/). Several runs of one recipe: mean +- std."),
-    task: str = typer.Option("all", help="all | retrieval | classification | localisation | ave | avs."),
+    task: str = typer.Option("all", help="all | retrieval | classification | localisation | ave | avs | msrvtt."),
     checkpoint: Optional[str] = typer.Option(None, help="Checkpoint of a run: taskNN or a file name under "
                                                         "RUN/checkpoints (default: the last task's)."),
     recipe: Optional[Path] = typer.Option(None, help="Recipe for a checkpoint file with none beside or inside it "

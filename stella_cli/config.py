@@ -163,6 +163,15 @@ class AVSHeadConfig(HeadConfig):
 
 
 @dataclass
+class TransferConfig:
+    """MSR-VTT-style transfer (spec §6.3): more MAE + contrastive epochs on a new domain, then zero-shot retrieval."""
+
+    root: str = ""  # `stella prep msrvtt` output; "" on the synthetic benchmark = its held-out domain (DATA/heldout)
+    epochs: int = 15
+    tasks: list[str] = field(default_factory=list)  # tasks of that folder to use; empty = all (synthetic: task2)
+
+
+@dataclass
 class EvalConfig:
     retrieval: bool = True  # zero-shot A<->V retrieval after every task (spec §6.1)
     batch_size: int = 32
@@ -171,6 +180,7 @@ class EvalConfig:
     classification: HeadConfig = field(default_factory=HeadConfig)  # spec §6.3 (VGGSound probe)
     ave: AVEHeadConfig = field(default_factory=AVEHeadConfig)
     avs: AVSHeadConfig = field(default_factory=AVSHeadConfig)
+    msrvtt: TransferConfig = field(default_factory=TransferConfig)
 
 
 @dataclass

@@ -211,6 +211,7 @@ TASKS: dict[str, Callable[[Context], tuple[dict[str, Any], list[list[str]]]]] = 
     "localisation": _lazy("stella_cli.localisation", "run_localisation"),
     "ave": _lazy("stella_cli.ave", "run_ave"),
     "avs": _lazy("stella_cli.avs", "run_avs"),
+    "msrvtt": _lazy("stella_cli.msrvtt", "run_msrvtt"),
 }
 
 

@@ -147,3 +147,25 @@ def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
     item = MaskDataset(data, "train", seed=0)[0]
     assert item["mask"].shape == (16, 16) and torch.equal(item["mask"], torch.from_numpy(cached[0]).float())
     assert item["video"].shape == (2, 3, 16, 16) and item["audio"].shape == (1, 192, 64)
+
+
+def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
+    from stella_cli.msrvtt import prepare_msrvtt, read_video_list
+
+    videos, lists = tmp_path / "videos", tmp_path / "lists"
+    for k in range(4):
+        make_clip(videos / f"video{k}.mp4", seconds=2.0, fps=8, seed=k)
+    make_clip(videos / "video9.mp4", audio=False)
+    lists.mkdir()
+    (lists / "MSRVTT_train.9k.csv").write_text("video_id\nvideo0\nvideo1\nvideo9\nvideo1\nvideo7\n")
+    (lists / "MSRVTT_JSFUSION_test.csv").write_text("key,vid_key,video_id,sentence\n"
+                                                    "ret0,msr2,video2,a man sings\nret1,msr3,video3,a dog\n")
+    assert [v for v, _ in read_video_list(lists / "MSRVTT_JSFUSION_test.csv")] == ["video2", "video3"]
+    summary = prepare_msrvtt(tmp_path / "msrvtt", root=videos, lists=lists, workers=1, progress=False, spec=TINY)
+    assert summary["splits"] == {"train": {"msrvtt": 2}, "retrieval": {"msrvtt": 2}}
+    reasons = {s["clip_id"]: s["reason"] for s in summary["skipped_clips"]["train"]}
+    assert reasons == {"video9": "no audio stream", "video7": "no media file under --root"}
+    assert [r["clip_id"] for r in read_manifest(tmp_path / "msrvtt", "retrieval")] == ["video2", "video3"]
+    (lists / "plain.txt").write_text("video0\nvideo1 extra\n")
+    with pytest.raises(ValueError, match=r"plain.txt:2: expected one video id a line"):
+        read_video_list(lists / "plain.txt")
