@@ -55,31 +55,43 @@ def gallery_scores(backbone: torch.nn.Module, recipe: Recipe, tasks: list[str], 
     return retrieval_scores(z_a, z_v, task, gallery.task_names, recipe.eval.recall_at)
 
 
-def true_pair_ranks(sim: Tensor) -> Tensor:
+TIE_TOLERANCE = 1e-6  # cosine similarities this close to the true pair's count as ties (float32 rounding)
+
+
+def true_pair_ranks(sim: Tensor, tol: float = TIE_TOLERANCE) -> Tensor:
     """0-based rank of the true candidate (the diagonal) in each row of sim (queries, candidates).
 
     Ties count against the query: without ties this is the authors' sorted position (retrieval.py
-    compute_metrics); with ties (a collapsed model) it cannot inflate R@1.
+    compute_metrics); with ties (a collapsed model) it cannot inflate R@1. A candidate within `tol` of the true
+    pair's similarity is a tie, so the same gallery gives the same ranks however its products are blocked
+    (one matrix, tiles of it, another thread count), which round differently in the last bits.
     """
     diag = sim.diagonal().unsqueeze(1)  # (N, 1)
-    return (sim >= diag).sum(dim=1) - 1  # (N,)
+    return (sim >= diag - tol).sum(dim=1) - 1  # (N,)
 
 
-def chunked_ranks(queries: Tensor, candidates: Tensor, chunk: int = 1024) -> Tensor:
-    """true_pair_ranks(queries @ candidates.T) computed `chunk` query rows at a time.
+def pair_ranks(z_a: Tensor, z_v: Tensor, chunk: int = 2048, tol: float = TIE_TOLERANCE) -> tuple[Tensor, Tensor]:
+    """true_pair_ranks of sim = z_a @ z_v.T and of sim.T, one (chunk, chunk) tile of sim at a time.
 
-    queries, candidates: (N, D), row i of both is a true pair.  Peak extra memory is one (chunk, N) block of
-    similarities and its comparison, not the N x N matrix; each row's diagonal is read from its own block, so a
-    row's ranks are those of the full matrix.  -> (N,) long
+    z_a, z_v: (N, D), row i of both is a true pair. Returns the A->V and V->A 0-based ranks (N,) long. Each tile is
+    computed once and counted for both directions: row i of a tile against sim[i, i], column j against sim[j, j]
+    (ties within `tol` count against the query, as in true_pair_ranks). Peak extra memory: one tile and its
+    comparison, not the N x N matrix.
     """
-    N = queries.shape[0]
-    ranks = torch.empty(N, dtype=torch.long)
-    for i in range(0, N, chunk):
-        block = queries[i:i + chunk] @ candidates.T  # (n, N)
-        rows = torch.arange(block.shape[0])
-        diag = block[rows, rows + i].unsqueeze(1)  # (n, 1)
-        ranks[i:i + chunk] = (block >= diag).sum(dim=1) - 1
-    return ranks
+    N = z_a.shape[0]
+    starts = range(0, N, chunk)
+    diag = torch.empty(N, dtype=z_a.dtype)
+    for i in starts:
+        diag[i:i + chunk] = (z_a[i:i + chunk] @ z_v[i:i + chunk].T).diagonal()
+    diag -= tol
+    a2v = torch.zeros(N, dtype=torch.int32)
+    v2a = torch.zeros(N, dtype=torch.int32)
+    for i in starts:
+        for j in starts:
+            tile = z_a[i:i + chunk] @ z_v[j:j + chunk].T  # sim[i:i+chunk, j:j+chunk]
+            a2v[i:i + chunk] += (tile >= diag[i:i + chunk, None]).sum(dim=1, dtype=torch.int32)
+            v2a[j:j + chunk] += (tile >= diag[None, j:j + chunk]).sum(dim=0, dtype=torch.int32)
+    return a2v.long() - 1, v2a.long() - 1
 
 
 def median_rank(ranks: Tensor) -> float:
@@ -95,13 +107,14 @@ def recall_at(ranks: Tensor, ks: list[int]) -> dict[str, float]:
 
 
 def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[str], ks: list[int],
-                     chunk: int = 1024) -> dict[str, dict[str, dict[str, float]]]:
-    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}, in row chunks (bounded memory).
+                     chunk: int = 2048) -> dict[str, dict[str, dict[str, float]]]:
+    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}, in tiles (bounded memory).
 
-    A->V ranks the rows of z_a @ z_v.T, V->A the rows of z_v @ z_a.T (spec §6.1); per task: that task's queries
-    against the whole gallery.
+    A->V ranks the rows of sim = z_a @ z_v.T, V->A its columns (spec §6.1); per task: that task's queries against
+    the whole gallery.
     """
-    ranks = {"a2v": chunked_ranks(z_a, z_v, chunk), "v2a": chunked_ranks(z_v, z_a, chunk)}
+    a2v, v2a = pair_ranks(z_a, z_v, chunk)
+    ranks = {"a2v": a2v, "v2a": v2a}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for direction, r in ranks.items():
         scores[direction] = {"all": recall_at(r, ks)}

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from stella_cli.evaluate import (accuracy_matrix, average_accuracy, chunked_ranks, forgetting_as_coded,
+from stella_cli.evaluate import (accuracy_matrix, average_accuracy, pair_ranks, forgetting_as_coded,
                                  forgetting_conventional, recall_at, retrieval_scores, summarize, true_pair_ranks,
                                  write_results, write_task_result)
 
@@ -94,18 +94,19 @@ def test_median_rank_averages_the_two_middle_ranks():
     assert recall_at(torch.tensor([5, 2]), [1])["MedR"] == pytest.approx(1 + np.median([5, 2]))
 
 
-def test_chunked_ranks_equal_the_full_matrix_with_ties():
+def test_tiled_ranks_equal_the_full_matrix_with_ties():
     g = torch.Generator().manual_seed(1)
     z_a = F.normalize(torch.randn(37, 6, generator=g), dim=-1)
     z_v = F.normalize(z_a + torch.randn(37, 6, generator=g), dim=-1)
     z_v[5] = z_v[6]  # two identical candidates: a tie at row 5 or 6 counts against the query
     z_a[9] = z_a[10]
-    full = true_pair_ranks(z_a @ z_v.T)
+    sim = z_a @ z_v.T
     for chunk in (1, 4, 37, 100):
-        assert torch.equal(chunked_ranks(z_a, z_v, chunk), full)
-        assert torch.equal(chunked_ranks(z_v, z_a, chunk), true_pair_ranks(z_v @ z_a.T))
+        a2v, v2a = pair_ranks(z_a, z_v, chunk)
+        assert torch.equal(a2v, true_pair_ranks(sim)) and torch.equal(v2a, true_pair_ranks(sim.T))
+    assert pair_ranks(z_a, z_v, 4)[0][5].item() == true_pair_ranks(sim)[5].item() >= 1  # the tie counts
     collapsed = torch.ones(5, 3) / 3 ** 0.5
-    assert chunked_ranks(collapsed, collapsed, 2).tolist() == [4, 4, 4, 4, 4]
+    assert [r.tolist() for r in pair_ranks(collapsed, collapsed, 2)] == [[4] * 5, [4] * 5]
 
 
 def test_task_result_files(tmp_path):
