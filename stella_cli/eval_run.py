@@ -29,6 +29,7 @@ from stella_cli.heads import TaskSkipped
 from stella_cli.model import CAVMAE, load_authors_checkpoint
 
 console = Console()
+STREAM_TASKS = ("retrieval", "localisation")  # tasks scored on the recipe's own retrieval split
 CHECKPOINT_NAME = re.compile(r"task(\d+)_(.+)\.pt")  # task checkpoints written by `stella train`
 
 
@@ -236,9 +237,12 @@ def run(targets: list[Path], *, task: str = "all", recipe: Path | None = None, o
     _, _, device = setup_distributed(resolved[0].recipe.train.device)
     out: dict[str, list[dict[str, Any]]] = {}
     for target in resolved:
-        meta = check_prepared(target.recipe.data, ("retrieval",))
-        ctx = Context(target, device, amp_dtype(target.recipe.optim, device), quiet,
-                      target.recipe.data.tasks or meta["tasks"])
+        data = target.recipe.data
+        if any(t in tasks for t in STREAM_TASKS):
+            stream_tasks = data.tasks or check_prepared(data, ("retrieval",))["tasks"]
+        else:  # downstream tasks on their own data: the stream's folder need not be here
+            stream_tasks = data.tasks
+        ctx = Context(target, device, amp_dtype(target.recipe.optim, device), quiet, stream_tasks)
         for name in tasks:
             tic = time.perf_counter()
             try:
