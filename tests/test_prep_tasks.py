@@ -169,3 +169,19 @@ def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
     (lists / "plain.txt").write_text("video0\nvideo1 extra\n")
     with pytest.raises(ValueError, match=r"plain.txt:2: expected one video id a line"):
         read_video_list(lists / "plain.txt")
+
+
+def test_the_held_out_domain_has_new_categories_and_another_rendering():
+    from dataclasses import asdict
+
+    from stella_cli.synth import SynthConfig, class_identities
+    from stella_cli.synth_heldout import HELDOUT_CONFIG, HELDOUT_TASKS, heldout_dir
+
+    main = class_identities(SynthConfig())
+    held = [i for i in class_identities(HELDOUT_CONFIG) if i.task in HELDOUT_TASKS]
+    assert len(held) == 20
+    assert not {(i.shape, i.colour, i.texture) for i in main} & {(i.shape, i.colour, i.texture) for i in held}
+    assert not {round(i.f0, 3) for i in main} & {round(i.f0, 3) for i in held}
+    changed = {k for k, v in asdict(HELDOUT_CONFIG).items() if v != asdict(SynthConfig())[k]}
+    assert {"object_size", "speed", "snr_db", "event_seconds", "f0_range"} <= changed
+    assert heldout_dir("data/synthetic") == Path("data/synthetic/heldout")  # beside, never inside, its files
