@@ -27,7 +27,7 @@ from torch import Tensor
 
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, build_loader, frame_indices
-from stella_cli.heads import TaskSkipped, feature_batches, fit
+from stella_cli.heads import TaskSkipped, epoch_logger, feature_batches, fit
 from stella_cli.model import CAVMAE, Classifier
 from stella_cli.probe import joint_features
 
@@ -116,7 +116,7 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
     steps = -(-len(x_tr) // videos)
     losses = fit(head, head_cfg, feature_batches(x_tr.flatten(0, 1).to(device), y_tr.flatten().to(device),
                                                  videos * S, seed), steps, F.cross_entropy,
-                 on_epoch=(lambda e, loss: log(f"ave epoch {e + 1}/{head_cfg.epochs}: loss {loss:.4f}")) if log else None)
+                 on_epoch=epoch_logger("ave", head_cfg.epochs, log))
     with torch.no_grad():
         pred = head(x_te.to(device)).argmax(-1).cpu()  # (N, S)
     per_task = {}

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from stella_cli.ave import FBANK_FRAMES_PER_SECOND, pad_segment
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, build_loader, frame_indices
-from stella_cli.heads import TaskSkipped, fit
+from stella_cli.heads import TaskSkipped, epoch_logger, fit
 from stella_cli.model import CAVMAE
 
 
@@ -204,7 +204,7 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
             yield fusion_features(backbone, b["audio"], b["video"], amp), b["mask"].to(device)
 
     losses = fit(head, head_cfg, batches, -(-len(train_set) // batch), F.binary_cross_entropy_with_logits,
-                 on_epoch=(lambda e, loss: log(f"avs epoch {e + 1}/{head_cfg.epochs}: loss {loss:.4f}")) if log else None)
+                 on_epoch=epoch_logger("avs", head_cfg.epochs, log))
     probs, masks, tasks = [], [], []
     with torch.no_grad():
         for b in build_loader(test_set, batch, shuffle=False, seed=0, epoch=0, drop_last=False, num_workers=0):

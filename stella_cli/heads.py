@@ -61,7 +61,15 @@ def topk_correct(probs: Tensor, labels: Tensor, k: int) -> Tensor:
     return (probs.topk(k, dim=1).indices == labels[:, None]).any(dim=1)
 
 
-def feature_batches(x: Tensor, y: Tensor, batch_size: int, seed: int) -> Callable[[int], Iterable[tuple[Tensor, Tensor]]]:
+def epoch_logger(name: str, epochs: int, log: Callable[[str], None] | None) -> Callable[[int, float], None] | None:
+    """fit's on_epoch callback printing "<name> epoch e/E: loss x" (None without a log function)."""
+    if log is None:
+        return None
+    return lambda epoch, loss: log(f"{name} epoch {epoch + 1}/{epochs}: loss {loss:.4f}")
+
+
+def feature_batches(x: Tensor, y: Tensor, batch_size: int,
+                    seed: int) -> Callable[[int], Iterable[tuple[Tensor, Tensor]]]:
     """batches(epoch) over cached features: a permutation from (seed, epoch), last partial batch kept."""
     def batches(epoch: int) -> Iterable[tuple[Tensor, Tensor]]:
         order = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed * 1000 + epoch))

@@ -68,7 +68,8 @@ def prepare_ave(out: Path, *, root: Path, annotations: Path | None = None, worke
         for r in rows:
             path = index.find(_Entry(r["video_id"], [], [r["video_id"]], r["video_id"], r["where"]))
             if path is None:
-                missing[split].append({"clip_id": r["video_id"], "source": r["where"], "reason": "no media file under --root"})
+                missing[split].append({"clip_id": r["video_id"], "source": r["where"],
+                                       "reason": "no media file under --root"})
                 continue
             label = categories.index(r["category"])
             clips[split].append(ClipSource(r["video_id"], str(path), label, [label], r["category"], "ave",
@@ -174,7 +175,8 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: 
         for r in (r for r in rows if r["split"] == split):
             png = pngs.get(f"{r['name']}_1.png") or pngs.get(f"{r['name']}.png")
             path = index.find(_Entry(r["name"], [], [r["name"]], r["name"], r["where"]))
-            reason = "no media file under --root" if path is None else "no mask png under --masks" if png is None else None
+            reason = ("no media file under --root" if path is None else
+                      "no mask png under --masks" if png is None else None)
             if reason:
                 missing[split].append({"clip_id": r["name"], "source": r["where"], "reason": reason})
                 continue

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, add_fbank_noise, build_loader, frame_indices, num_batches, roll_time
-from stella_cli.heads import fit, topk_correct
+from stella_cli.heads import epoch_logger, fit, topk_correct
 from stella_cli.model import CAVMAE, Classifier
 
 
@@ -116,8 +116,7 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
             yield joint_features(backbone, b["audio"], b["video"], amp), to_out[b["label"]].to(device)
 
     losses = fit(head, head_cfg, batches, steps, F.cross_entropy,
-                 on_epoch=(lambda e, loss: log(f"classification epoch {e + 1}/{head_cfg.epochs}: loss {loss:.4f}"))
-                 if log else None)
+                 on_epoch=epoch_logger("classification", head_cfg.epochs, log))
     probs, labels, tasks = [], [], []
     loader = build_loader(test_set, head_cfg.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
                           num_workers=num_workers)

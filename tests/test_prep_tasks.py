@@ -56,7 +56,8 @@ def test_prep_ave_reads_the_annotation_files_and_real_mp4s(tmp_path):
     assert meta["dataset"] == "ave" and meta["tasks"] == ["ave"]
     assert [c["name"] for c in meta["classes"]] == ["Church bell", "Dog"]
     train = {r["clip_id"]: r for r in read_manifest(out, "train")}
-    assert train["vid_bell"]["label"] == 0 and (train["vid_bell"]["event_start"], train["vid_bell"]["event_end"]) == (1, 2)
+    bell = train["vid_bell"]
+    assert bell["label"] == 0 and (bell["event_start"], bell["event_end"]) == (1, 2)
     # the segments of the cached clips: 2 one-second segments, 4 frames each, 1 s of fbank padded to 192 rows
     data = DataConfig(dataset="ave", root=str(out), image_size=16, num_frames=4, frame_stride=1, target_length=192,
                       num_mel_bins=64, num_workers=0)
