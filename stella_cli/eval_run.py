@@ -262,7 +262,7 @@ def run(targets: list[Path], *, task: str = "all", recipe: Path | None = None, o
             print_table(f"{name}, {target.label} ({target.final.name}, {result['seconds']:.0f} s)", table)
             console.print(f"wrote {path.with_suffix('.{json,md,csv}')}")
     if len(resolved) > 1:
-        for name, results in out.items():
+        for name, results in list(out.items()):
             mean = seed_summary(results)
             out_dir = resolved[0].results_dir.parent.parent / f"{resolved[0].label}_seeds" / "results"
             table = [["metric", "mean", "std", "n"]] + [[k, f"{v['mean']:.2f}", f"{v['std']:.2f}", str(v["n"])]

@@ -124,3 +124,20 @@ def test_mean_and_std_over_seeds():
     s = eval_run.seed_summary(results)["per_metric"]
     assert s == {"a": {"mean": 3.0, "std": 2.0, "n": 3}}  # sample std of 1, 3, 5; b is not in every run
     assert eval_run.seed_summary(results[:1])["per_metric"]["a"]["std"] == 0.0
+
+
+def test_runs_of_one_recipe_get_mean_and_std(stella_run, tmp_path):
+    from stella_cli.config import RecipeError
+
+    twin = tmp_path / "twin"
+    shutil.copytree(stella_run, twin, ignore=shutil.ignore_patterns("results"))
+    out = eval_run.run([stella_run, twin], task="retrieval", quiet=True)
+    record = out["mean"][0]
+    saved = json.loads((stella_run.parent / f"{stella_run.name}_seeds" / "results" / "retrieval.json").read_text())
+    assert saved["metrics"] == record["metrics"] and len(saved["checkpoint"]) == 2
+    one = out["retrieval"][0]["metrics"]
+    assert record["per_metric"]["a2v R@1 A"] == {"mean": one["a2v R@1 A"], "std": 0.0, "n": 2}  # same weights
+    text = (twin / "config.yaml").read_text().replace("epochs: 1", "epochs: 2")
+    (twin / "config.yaml").write_text(text)
+    with pytest.raises(RecipeError, match="differs from .* in more than train.seed and output.dir"):
+        eval_run.run([stella_run, twin], task="retrieval", quiet=True)
