@@ -141,3 +141,15 @@ def test_runs_of_one_recipe_get_mean_and_std(stella_run, tmp_path):
     (twin / "config.yaml").write_text(text)
     with pytest.raises(RecipeError, match="differs from .* in more than train.seed and output.dir"):
         eval_run.run([stella_run, twin], task="retrieval", quiet=True)
+
+
+def test_the_eval_command_through_the_cli(stella_run):
+    from typer.testing import CliRunner
+
+    from stella_cli.cli import app
+
+    result = CliRunner().invoke(app, ["eval", str(stella_run), "--task", "retrieval", "--checkpoint", "task01",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    saved = json.loads((stella_run / "results" / "retrieval.json").read_text())
+    assert saved["checkpoint"].endswith("task01_task1.pt") and [r["after_task"] for r in saved["rows"]] == ["task1"]
