@@ -92,3 +92,31 @@ def test_patch_and_token_overlap_with_the_ground_truth():
     assert s["all"]["share_v"] == pytest.approx(100.0) and s["all"]["uniform_v"] == pytest.approx(100 * 1.5 / 8)
     assert s["all"]["lift_v"] == pytest.approx(8 / 1.5) and s["all"]["lift_a"] == pytest.approx(1.0)
     assert set(s) == {"all", "t0"} and s["t0"]["clips"] == 1
+
+
+def test_the_avs_head_learns_masks_the_tokens_point_at():
+    from stella_cli.avs import AVSHead, f_score
+
+    g = torch.Generator().manual_seed(0)
+    B, grid, H = 96, 4, 8
+    cells = torch.randint(0, grid * grid, (B,), generator=g)  # one object cell per image
+    tokens = torch.randn(B, grid * grid, H, generator=g) * 0.1
+    tokens[torch.arange(B), cells, 0] += 2.0  # the object's token says so in feature 0
+    masks = torch.zeros(B, 16, 16)
+    for b, c in enumerate(cells.tolist()):
+        r, k = divmod(c, grid)
+        masks[b, 4 * r:4 * r + 4, 4 * k:4 * k + 4] = 1  # its 4 x 4 pixel block
+    torch.manual_seed(0)
+    head = AVSHead(H, 4, layers=1, grid=grid, out_size=16, channels=8)
+    audio = torch.zeros(B, 4)
+    cfg = HeadConfig(epochs=25, lr=1e-2, warmup_epochs=1, batch_size=16)
+
+    def batches(epoch):
+        for i in range(0, 64, 16):
+            yield ([tokens[i:i + 16]], audio[i:i + 16]), masks[i:i + 16]
+
+    losses = fit(head, cfg, batches, 4, F.binary_cross_entropy_with_logits)
+    assert losses[-1] < 0.5 * losses[0]
+    with torch.no_grad():
+        prob = torch.sigmoid(head(([tokens[64:]], audio[64:])))
+    assert f_score(prob, masks[64:] > 0) > 0.7  # all-ones scores (1.3·0.0625) / (0.3·0.0625 + 1) = 0.08
