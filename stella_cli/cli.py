@@ -42,7 +42,7 @@ def main() -> None:
 
 @app.command()
 def prep(
-    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset"),
+    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave | avs | msrvtt"),
     out: Optional[Path] = typer.Option(None, help="Output data folder (default: data/synthetic for synthetic)."),
     list_file: Optional[str] = typer.Option(
         None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
@@ -52,11 +52,14 @@ def prep(
     categories: Optional[Path] = typer.Option(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
     labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name)."),
+    masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs."),
     workers: int = typer.Option(2, help="Parallel worker processes."),
     frames_format: str = typer.Option("raw", help="Frame cache: raw (uint8 memmap, fastest) | jpeg (~5x smaller)."),
     seed: int = typer.Option(0, help="Synthetic only: generator seed."),
     fmt: str = typer.Option("cache", "--format", help="Synthetic only: cache (direct) | mp4 (encode real mp4 "
                                                        "files and prepare them through the decoding path)."),
+    heldout: bool = typer.Option(True, help="Synthetic only: also write the held-out domain (OUT/heldout), the "
+                                            "transfer target of `stella eval --task msrvtt`."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
     """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet)."""
@@ -66,24 +69,18 @@ def prep(
 
     if dataset == "synthetic":
         out = out or DEFAULT_SYNTHETIC_OUT
-    elif dataset not in ("vggsound", "audioset"):
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound or audioset")
+    elif dataset not in ("vggsound", "audioset", "ave", "avs", "msrvtt"):
+        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, ave, avs "
+                         "or msrvtt")
     elif out is None:
         raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
     if workers < 0:
         raise ValueError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
     fresh = not out.exists() or not any(out.iterdir())
     try:
-        if dataset == "synthetic":
-            from stella_cli.synth import prepare_synthetic
-
-            summary = prepare_synthetic(out, seed=seed, fmt=fmt, workers=workers, frames_format=frames_format,
-                                        progress=not quiet)
-        else:
-            from stella_cli.prep import prepare_real
-
-            summary = prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories,
-                                   labels=labels, workers=workers, frames_format=frames_format, progress=not quiet)
+        summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
+                                  labels=labels, masks=masks, workers=workers, frames_format=frames_format, seed=seed,
+                                  fmt=fmt, heldout=heldout, quiet=quiet)
     except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
         raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
                           f"command again to continue") from None
@@ -95,6 +92,49 @@ def prep(
         raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
                           f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
     print_prep_summary(summary)
+
+
+def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: Optional[Path],
+                    categories: Optional[Path], labels: Optional[Path], masks: Optional[Path], workers: int,
+                    frames_format: str, seed: int, fmt: str, heldout: bool, quiet: bool) -> dict:
+    """`stella prep DATASET`: the one preparing function of each dataset (its summary dict)."""
+    if dataset == "synthetic":
+        from stella_cli.synth import prepare_synthetic
+
+        summary = prepare_synthetic(out, seed=seed, fmt=fmt, workers=workers, frames_format=frames_format,
+                                    progress=not quiet)
+        if not heldout:
+            return summary
+        from stella_cli.synth_heldout import heldout_dir, prepare_heldout  # `stella eval --task msrvtt`'s domain
+
+        print_prep_summary(summary)
+        return prepare_heldout(heldout_dir(out), seed=seed, workers=workers, frames_format=frames_format,
+                               progress=not quiet)
+    if dataset in ("vggsound", "audioset"):
+        from stella_cli.prep import prepare_real
+
+        return prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories, labels=labels,
+                            workers=workers, frames_format=frames_format, progress=not quiet)
+    if root is None:
+        raise ValueError(f"stella prep {dataset}: --root VIDEOS is required")
+    if dataset == "ave":
+        from stella_cli.prep_tasks import prepare_ave
+
+        return prepare_ave(out, root=root, annotations=Path(list_file) if list_file else None, workers=workers,
+                           frames_format=frames_format, progress=not quiet)
+    if dataset == "avs":
+        from stella_cli.prep_tasks import prepare_avs
+
+        if list_file is None or masks is None:
+            raise ValueError("stella prep avs: --list s4_meta_data.csv and --masks GT_MASKS are required")
+        return prepare_avs(out, root=root, meta_csv=Path(list_file), masks=masks, workers=workers,
+                           frames_format=frames_format, progress=not quiet)
+    from stella_cli.msrvtt import prepare_msrvtt
+
+    if list_file is None:
+        raise ValueError("stella prep msrvtt: --list (train=FILE,test=FILE or a folder of the lists) is required")
+    return prepare_msrvtt(out, root=root, lists=list_file, workers=workers, frames_format=frames_format,
+                          progress=not quiet)
 
 
 @app.command()
@@ -174,6 +214,28 @@ def model(
                   f"STELLA core {t['core_video']} / {t['core_audio']} "
                   f"(decoder {t['decoder_video']['core']} / {t['decoder_audio']['core']} instead of "
                   f"{t['decoder_video']['random']} / {t['decoder_audio']['random']})")
+
+
+@app.command("eval")
+def eval_command(
+    targets: list[Path] = typer.Argument(None, help="Run directories or checkpoint files (default: the most recent "
+                                                    "run under runs/). Several runs of one recipe: mean +- std."),
+    task: str = typer.Option("all", help="all | retrieval | classification | localisation | ave | avs | msrvtt."),
+    checkpoint: Optional[str] = typer.Option(None, help="Checkpoint of a run: taskNN or a file name under "
+                                                        "RUN/checkpoints (default: the last task's)."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe for a checkpoint file with none beside or inside it "
+                                                     "(e.g. the authors' weights); for a run, instead of its "
+                                                     "config.yaml."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set eval.ave.epochs=5."),
+    quiet: bool = typer.Option(False, help="Tables only, no progress lines."),
+) -> None:
+    """Retrieval and the downstream tasks of a run or checkpoint; writes RUN/results/<task>.{json,md,csv}."""
+    import sys
+
+    from stella_cli.eval_run import run as run_eval
+
+    run_eval(list(targets or []), task=task, recipe=recipe, overrides=overrides, checkpoint=checkpoint,
+             command="stella " + " ".join(sys.argv[1:]), quiet=quiet)
 
 
 convert_app = typer.Typer(no_args_is_help=True, help="Convert checkpoints into the two-stream layout.")

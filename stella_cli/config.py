@@ -183,10 +183,59 @@ class TrainConfig:
 
 
 @dataclass
+class HeadConfig:
+    """A downstream head trained on the frozen backbone by `stella eval` (spec §6.3); these defaults are the
+    classification probe's (15 epochs, AdamW 5e-4, warm-up 2, batch 48). AdamW, `warmup_epochs` of linear warm-up
+    then cosine to 0, stepped per batch."""
+
+    root: str = ""  # prepared data of the task (`stella prep ...`); "" = data.root (the synthetic analogue)
+    epochs: int = 15
+    lr: float = 5e-4
+    betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
+    weight_decay: float = 5e-6
+    warmup_epochs: int = 2
+    batch_size: int = 48
+    freqm: int = 48  # SpecAugment frequency mask width (classification only)
+    timem: int = 192  # SpecAugment time mask width (classification only)
+    test_clips: int = 4  # clips per test video, softmax averaged (classification only)
+    channels: int = 256  # width of the mask decoder (avs only; the authors' ASPP has 256)
+
+
+@dataclass
+class AVEHeadConfig(HeadConfig):
+    """AVE (spec §6.3): AdamW 1e-3, 15 epochs, batch 12, warm-up 2."""
+
+    lr: float = 1e-3
+    batch_size: int = 12
+
+
+@dataclass
+class AVSHeadConfig(HeadConfig):
+    """AVSBench S4 (spec §6.3): AdamW 5e-4, 20 epochs, batch 48, warm-up 3."""
+
+    epochs: int = 20
+    warmup_epochs: int = 3
+
+
+@dataclass
+class TransferConfig:
+    """MSR-VTT-style transfer (spec §6.3): more MAE + contrastive epochs on a new domain, then zero-shot retrieval."""
+
+    root: str = ""  # `stella prep msrvtt` output; "" on the synthetic benchmark = its held-out domain (DATA/heldout)
+    epochs: int = 15
+    tasks: list[str] = field(default_factory=list)  # tasks of that folder to use; empty = all (synthetic: task2)
+
+
+@dataclass
 class EvalConfig:
     retrieval: bool = True  # zero-shot A<->V retrieval after every task (spec §6.1)
     batch_size: int = 32
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
+    seed: int = 0  # head initialisation and data order of the downstream heads
+    classification: HeadConfig = field(default_factory=HeadConfig)  # spec §6.3 (VGGSound probe)
+    ave: AVEHeadConfig = field(default_factory=AVEHeadConfig)
+    avs: AVSHeadConfig = field(default_factory=AVSHeadConfig)
+    msrvtt: TransferConfig = field(default_factory=TransferConfig)
 
 
 @dataclass

@@ -19,6 +19,8 @@ import torch
 from torch import Tensor
 
 from stella_cli.cache import atomic_write_text
+from stella_cli.config import Recipe
+from stella_cli.data import AVDataset, build_loader
 
 DIRECTIONS = ("a2v", "v2a")  # audio queries -> video candidates, and the reverse
 
@@ -43,28 +45,76 @@ def embed_gallery(model: torch.nn.Module, loader, device: torch.device,
     return torch.cat(z_a), torch.cat(z_v), torch.cat(tasks)
 
 
-def true_pair_ranks(sim: Tensor) -> Tensor:
+def gallery_scores(backbone: torch.nn.Module, recipe: Recipe, tasks: list[str], device: torch.device,
+                   amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, dict[str, float]]]:
+    """Embed the retrieval split of `tasks` (one gallery) and score both directions (spec §6.1)."""
+    gallery = AVDataset(recipe.data, "retrieval", tasks=tasks, train=False, seed=recipe.train.seed)
+    loader = build_loader(gallery, recipe.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
+                          num_workers=recipe.data.num_workers)
+    z_a, z_v, task = embed_gallery(backbone, loader, device, amp_dtype)
+    return retrieval_scores(z_a, z_v, task, gallery.task_names, recipe.eval.recall_at)
+
+
+TIE_TOLERANCE = 1e-6  # cosine similarities this close to the true pair's count as ties (float32 rounding)
+
+
+def true_pair_ranks(sim: Tensor, tol: float = TIE_TOLERANCE) -> Tensor:
     """0-based rank of the true candidate (the diagonal) in each row of sim (queries, candidates).
 
     Ties count against the query: without ties this is the authors' sorted position (retrieval.py
-    compute_metrics); with ties (a collapsed model) it cannot inflate R@1.
+    compute_metrics); with ties (a collapsed model) it cannot inflate R@1. A candidate within `tol` of the true
+    pair's similarity is a tie, so the same gallery gives the same ranks however its products are blocked
+    (one matrix, tiles of it, another thread count), which round differently in the last bits.
     """
     diag = sim.diagonal().unsqueeze(1)  # (N, 1)
-    return (sim >= diag).sum(dim=1) - 1  # (N,)
+    return (sim >= diag - tol).sum(dim=1) - 1  # (N,)
+
+
+def pair_ranks(z_a: Tensor, z_v: Tensor, chunk: int = 2048, tol: float = TIE_TOLERANCE) -> tuple[Tensor, Tensor]:
+    """true_pair_ranks of sim = z_a @ z_v.T and of sim.T, one (chunk, chunk) tile of sim at a time.
+
+    z_a, z_v: (N, D), row i of both is a true pair. Returns the A->V and V->A 0-based ranks (N,) long. Each tile is
+    computed once and counted for both directions: row i of a tile against sim[i, i], column j against sim[j, j]
+    (ties within `tol` count against the query, as in true_pair_ranks). Peak extra memory: one tile and its
+    comparison, not the N x N matrix.
+    """
+    N = z_a.shape[0]
+    starts = range(0, N, chunk)
+    diag = torch.empty(N, dtype=z_a.dtype)
+    for i in starts:
+        diag[i:i + chunk] = (z_a[i:i + chunk] @ z_v[i:i + chunk].T).diagonal()
+    diag -= tol
+    a2v = torch.zeros(N, dtype=torch.int32)
+    v2a = torch.zeros(N, dtype=torch.int32)
+    for i in starts:
+        for j in starts:
+            tile = z_a[i:i + chunk] @ z_v[j:j + chunk].T  # sim[i:i+chunk, j:j+chunk]
+            a2v[i:i + chunk] += (tile >= diag[i:i + chunk, None]).sum(dim=1, dtype=torch.int32)
+            v2a[j:j + chunk] += (tile >= diag[None, j:j + chunk]).sum(dim=0, dtype=torch.int32)
+    return a2v.long() - 1, v2a.long() - 1
+
+
+def median_rank(ranks: Tensor) -> float:
+    """1-based median rank; with an even number of queries the mean of the two middle ranks (as np.median)."""
+    return torch.quantile(ranks.double(), 0.5).item() + 1
 
 
 def recall_at(ranks: Tensor, ks: list[int]) -> dict[str, float]:
     """R@K in percent and the median rank (1-based) of a set of queries."""
-    out = {f"R@{k}": 100.0 * (ranks < k).float().mean().item() for k in ks}
-    out["MedR"] = ranks.float().median().item() + 1
+    out = {f"R@{k}": 100.0 * (ranks < k).double().mean().item() for k in ks}
+    out["MedR"] = median_rank(ranks)
     return out
 
 
-def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[str],
-                     ks: list[int]) -> dict[str, dict[str, dict[str, float]]]:
-    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}: one similarity matmul for both."""
-    sim_av = z_a @ z_v.T  # (N, N) cosine: audio queries x video candidates
-    ranks = {"a2v": true_pair_ranks(sim_av), "v2a": true_pair_ranks(sim_av.T)}
+def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[str], ks: list[int],
+                     chunk: int = 2048) -> dict[str, dict[str, dict[str, float]]]:
+    """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}, in tiles (bounded memory).
+
+    A->V ranks the rows of sim = z_a @ z_v.T, V->A its columns (spec §6.1); per task: that task's queries against
+    the whole gallery.
+    """
+    a2v, v2a = pair_ranks(z_a, z_v, chunk)
+    ranks = {"a2v": a2v, "v2a": v2a}
     scores: dict[str, dict[str, dict[str, float]]] = {}
     for direction, r in ranks.items():
         scores[direction] = {"all": recall_at(r, ks)}
@@ -149,17 +199,51 @@ def _fmt(value: float | None) -> str:
     return "0.00" if text == "-0.00" else text
 
 
-def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int]) -> dict:
-    """results/retrieval.json (every row so far) and summary.{json,md,csv}; each file written atomically."""
-    results_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(results_dir / "retrieval.json", json.dumps({"tasks": tasks, "rows": history}, indent=1))
-    summary = summarize(history, tasks, ks)
-    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=1))
-    table = summary_table(summary)
+def flat_metrics(summary: dict[str, Any]) -> dict[str, float]:
+    """{'a2v R@1 A': 12.3, ...}: every number of the summary under one flat name (the report's columns)."""
+    out = {}
+    for d in DIRECTIONS:
+        for metric, values in summary[d].items():
+            for name, value in values.items():
+                if value is not None:
+                    out[f"{d} {metric} {name}"] = value
+    return out
+
+
+def write_table(results_dir: Path, name: str, table: list[list[str]]) -> None:
+    """results/<name>.md and results/<name>.csv of a header + rows table of strings."""
     md = ["| " + " | ".join(table[0]) + " |", "|" + "---|" * len(table[0])]
     md += ["| " + " | ".join(r) + " |" for r in table[1:]]
-    atomic_write_text(results_dir / "summary.md", "\n".join(md) + "\n")
+    atomic_write_text(results_dir / f"{name}.md", "\n".join(md) + "\n")
     rows = io.StringIO(newline="")
     csv.writer(rows).writerows(table)
-    atomic_write_text(results_dir / "summary.csv", rows.getvalue())
+    atomic_write_text(results_dir / f"{name}.csv", rows.getvalue())
+
+
+def write_task_result(results_dir: Path, result: dict[str, Any], table: list[list[str]]) -> Path:
+    """results/<task>.{json,md,csv}; result holds at least task, checkpoint, recipe, command, metrics."""
+    missing = [k for k in ("task", "checkpoint", "recipe", "command", "metrics") if k not in result]
+    if missing:
+        raise KeyError(f"result of {result.get('task')!r} lacks {missing}")
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"{result['task']}.json"
+    atomic_write_text(path, json.dumps(result, indent=1))
+    write_table(results_dir, result["task"], table)
+    return path
+
+
+def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[str], ks: list[int],
+                  provenance: dict[str, Any] | None = None) -> dict:
+    """results/retrieval.{json,md,csv} (every row so far, the summary, flat metrics) and summary.{json,md,csv}.
+
+    provenance: {'checkpoint', 'recipe', 'command'} of the result (None where unknown).  Files written atomically.
+    """
+    results_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(history, tasks, ks)
+    table = summary_table(summary)
+    result = {"task": "retrieval", **{k: None for k in ("checkpoint", "recipe", "command")}, **(provenance or {}),
+              "metrics": flat_metrics(summary), "tasks": tasks, "rows": history, "summary": summary}
+    write_task_result(results_dir, result, table)
+    atomic_write_text(results_dir / "summary.json", json.dumps(summary, indent=1))
+    write_table(results_dir, "summary", table)
     return summary

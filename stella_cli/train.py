@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -387,14 +388,13 @@ class Trainer:
     def evaluate(self, name: str) -> None:
         r = self.recipe
         if r.eval.retrieval and is_main():
-            gallery = AVDataset(r.data, "retrieval", tasks=self.all_tasks, train=False, seed=r.train.seed)
-            loader = build_loader(gallery, r.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
-                                  num_workers=r.data.num_workers)
-            z_a, z_v, task = evaluate.embed_gallery(unwrap(self.method).backbone, loader, self.device, self.amp)
-            scores = evaluate.retrieval_scores(z_a, z_v, task, gallery.task_names, r.eval.recall_at)
+            scores = evaluate.gallery_scores(unwrap(self.method).backbone, r, self.all_tasks, self.device, self.amp)
             self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
+            checkpoint = self.run_dir / "checkpoints" / f"task{self.pos.task + 1:02d}_{name}.pt"  # written next
             summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
-                                             r.eval.recall_at)
+                                             r.eval.recall_at, {"checkpoint": str(checkpoint), "command":
+                                                                "stella " + " ".join(sys.argv[1:]),
+                                                                "recipe": str(self.run_dir / "config.yaml")})
             self.log_metrics({"event": "retrieval", "after_task": name, "scores": scores})
             a2v, v2a = scores["a2v"]["all"], scores["v2a"]["all"]  # printed with --quiet too (it hides bars only)
             log(f"[bold]after {name}[/bold]: A->V R@1/5/10 {a2v['R@1']:.1f}/{a2v['R@5']:.1f}/{a2v['R@10']:.1f}"

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from stella_cli.evaluate import (accuracy_matrix, average_accuracy, forgetting_as_coded, forgetting_conventional,
-                                 recall_at, retrieval_scores, summarize, true_pair_ranks, write_results)
+from stella_cli.evaluate import (accuracy_matrix, average_accuracy, pair_ranks, forgetting_as_coded,
+                                 forgetting_conventional, recall_at, retrieval_scores, summarize, true_pair_ranks,
+                                 write_results, write_task_result)
 
 
 def test_ranks_on_a_hand_built_gallery():
@@ -73,6 +75,9 @@ def test_write_results_files(tmp_path):
     assert summary["v2a"]["avg"]["A"] == 9.0
     saved = json.loads((tmp_path / "retrieval.json").read_text())
     assert saved["tasks"] == ["t0", "t1"] and len(saved["rows"]) == 2
+    assert saved["task"] == "retrieval" and saved["checkpoint"] is None
+    assert saved["metrics"]["a2v R@1 A"] == 9.0 and saved["metrics"]["a2v R@1 F"] == 4.0
+    assert (tmp_path / "retrieval.md").read_text() == (tmp_path / "summary.md").read_text()
     assert json.loads((tmp_path / "summary.json").read_text())["a2v"]["R@1"]["A"] == 9.0
     md = (tmp_path / "summary.md").read_text().splitlines()
     assert md[0].startswith("| metric | a2v A | a2v F |") and md[2].startswith("| R@1 | 9.00 | 4.00 | -6.00 |")
@@ -80,3 +85,36 @@ def test_write_results_files(tmp_path):
     # a multitask run has one row over all tasks: A only
     single = summarize(history_from([[4.0, 6.0]]), ["t0", "t1"], [1])
     assert single["a2v"]["R@1"] == {"A": 5.0, "F": None, "F_as_coded": None}
+
+
+def test_median_rank_averages_the_two_middle_ranks():
+    ranks = torch.tensor([0, 3, 1, 6])  # sorted 0, 1, 3, 6: middle 1 and 3 -> 2, plus 1 (1-based)
+    assert recall_at(ranks, [1])["MedR"] == 3.0
+    assert recall_at(torch.tensor([4, 0, 2]), [1])["MedR"] == 3.0  # odd count: the middle one
+    assert recall_at(torch.tensor([5, 2]), [1])["MedR"] == pytest.approx(1 + np.median([5, 2]))
+
+
+def test_tiled_ranks_equal_the_full_matrix_with_ties():
+    g = torch.Generator().manual_seed(1)
+    z_a = F.normalize(torch.randn(37, 6, generator=g), dim=-1)
+    z_v = F.normalize(z_a + torch.randn(37, 6, generator=g), dim=-1)
+    z_v[5] = z_v[6]  # two identical candidates: a tie at row 5 or 6 counts against the query
+    z_a[9] = z_a[10]
+    sim = z_a @ z_v.T
+    for chunk in (1, 4, 37, 100):
+        a2v, v2a = pair_ranks(z_a, z_v, chunk)
+        assert torch.equal(a2v, true_pair_ranks(sim)) and torch.equal(v2a, true_pair_ranks(sim.T))
+    assert pair_ranks(z_a, z_v, 4)[0][5].item() == true_pair_ranks(sim)[5].item() >= 1  # the tie counts
+    collapsed = torch.ones(5, 3) / 3 ** 0.5
+    assert [r.tolist() for r in pair_ranks(collapsed, collapsed, 2)] == [[4] * 5, [4] * 5]
+
+
+def test_task_result_files(tmp_path):
+    result = {"task": "demo", "checkpoint": "c.pt", "recipe": "r.yaml", "command": "stella eval",
+              "metrics": {"acc": 50.0}}
+    write_task_result(tmp_path, result, [["metric", "value"], ["acc", "50.00"]])
+    assert json.loads((tmp_path / "demo.json").read_text()) == result
+    assert (tmp_path / "demo.csv").read_text().splitlines() == ["metric,value", "acc,50.00"]
+    assert (tmp_path / "demo.md").read_text().splitlines()[2] == "| acc | 50.00 |"
+    with pytest.raises(KeyError):
+        write_task_result(tmp_path, {"task": "x", "metrics": {}}, [["a"]])
