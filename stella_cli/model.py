@@ -639,11 +639,32 @@ def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
 
 
 AUTHORS_PREFIXES = ("module.", "backbone.transformer.")  # stripped in this order (model_module.py:37-41)
-OTHER_MODULES = {"avmatching_module.": AVM, "vacls_classifier.": Classifier}  # keys owned by the other modules
+AVM_PREFIX = "avmatching_module."
+OTHER_MODULES = {AVM_PREFIX: AVM, "vacls_classifier.": Classifier}  # keys owned by the other modules
+
+
+def is_run_checkpoint(sd: Any) -> bool:
+    """A `stella train` checkpoint (runs/NAME/checkpoints/latest.pt, taskNN_*.pt): {"model", "method", ...}."""
+    return isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping) and isinstance(sd.get("method"), Mapping)
+
+
+def authors_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """One flat state dict in the authors' layout from any checkpoint we read.
+
+    A `stella train` checkpoint gives its backbone ("model") plus its AVM ("method" keys `avm.*`) as
+    `avmatching_module.*`, as the authors' wrapper names it (the method's other state, e.g. teachers, is left out);
+    {"model": state_dict} gives the state dict; anything else is returned as is.
+    """
+    if is_run_checkpoint(sd):
+        avm = {f"{AVM_PREFIX}{k.removeprefix('avm.')}": v for k, v in sd["method"].items() if k.startswith("avm.")}
+        return {**sd["model"], **avm}
+    if isinstance(sd.get("model"), Mapping):
+        return dict(sd["model"])
+    return dict(sd)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """torch.load a checkpoint (tensors only), unwrapping a {"model": state_dict} container."""
+    """torch.load a checkpoint (tensors only) into the authors' layout (see authors_layout)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -651,26 +672,25 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
         raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
-    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
-        sd = sd["model"]
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(sd).__name__}")
-    return dict(sd)
+        raise ValueError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
+                         f"got {type(sd).__name__}")
+    return authors_layout(sd)
 
 
 def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor],
                             strict: bool = True) -> dict[str, Any]:
     """Load the authors' state dict (or ours) into a CAVMAE, AVM or Classifier, like nanoGPT's from_pretrained.
 
+    source: a file or a mapping: the authors' checkpoint, a plain / {"model": ...} state dict (`stella convert mae`
+    output), or a `stella train` checkpoint (backbone from "model", AVM from the "method" keys `avm.*`).
     Prefixes `module.` and `backbone.transformer.` are stripped; for an AVM the keys under `avmatching_module.`
     are taken, for a Classifier those under `vacls_classifier.` (if present), for the backbone every other key.
     Each tensor's shape is checked.  strict: missing or unexpected keys raise ValueError.
     Returns {"loaded": n, "missing": [...], "unexpected": [...], "skipped": n keys of other modules}.
     """
     where = str(source) if isinstance(source, (str, Path)) else "state dict"
-    sd = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
-    if isinstance(sd.get("model"), Mapping):
-        sd = dict(sd["model"])
+    sd = read_state_dict(source) if isinstance(source, (str, Path)) else authors_layout(source)
     clean = {}
     for key, value in sd.items():
         for prefix in AUTHORS_PREFIXES:
@@ -679,6 +699,9 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     own = next((p for p, cls in OTHER_MODULES.items() if isinstance(model, cls)), None)
     if own is not None and any(k.startswith(own) for k in clean):
         picked = {k.removeprefix(own): v for k, v in clean.items() if k.startswith(own)}
+    elif own is not None and "patch_embed_v.proj.weight" in clean:
+        raise ValueError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
+                         f"(e.g. a `stella train` run of a method without one)")
     elif own is not None:
         picked = clean
     else:
@@ -699,7 +722,8 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
 
 
 def load_avm_checkpoint(avm: AVM, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> dict[str, Any]:
-    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`)."""
+    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`) or a
+    `stella train` checkpoint of a method with an AVM (avm_pretrain, stella, stella+)."""
     return load_authors_checkpoint(avm, source, strict)
 
 

@@ -366,6 +366,8 @@ class _TaskProgress:
 
 def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) -> Method:
     d = recipe.data
+    if recipe.method.name == "avm_pretrain" and not recipe.model.checkpoint:
+        raise ValueError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint")
     torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
     backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
     if recipe.model.checkpoint:
@@ -397,7 +399,8 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     method.attach_optimizer(optimizer, scaler)
     wrapped = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else method
-    schedule = [("all", tasks)] if recipe.method.name == "multitask" else [(t, [t]) for t in tasks]
+    union = recipe.method.name in ("multitask", "avm_pretrain")  # one pass over all tasks' clips
+    schedule = [("all", tasks)] if union else [(t, [t]) for t in tasks]
     trainer = Trainer(recipe, run_dir, wrapped, optimizer, scaler, device, rank, world, amp, schedule, tasks,
                       Position(), quiet=quiet, stop_after=stop_after)
     if resume:
