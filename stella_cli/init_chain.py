@@ -14,7 +14,7 @@ from typing import Any
 import torch
 
 from stella_cli.config import Recipe
-from stella_cli.model import CAVMAE, convert_mae
+from stella_cli.model import CAVMAE, convert_mae, mae_sizes, read_state_dict
 
 DEFAULT_INPUTS = {"num_frames": 4, "target_length": 1024, "num_mel_bins": 128, "modality_depth": 10}  # spec §1.1
 
@@ -51,9 +51,9 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
     """`stella convert mae CKPT OUT [--recipe R] [--num-frames ...]`.
 
     options: num_frames, target_length, num_mel_bins, modality_depth (None = from the recipe, else the paper's
-    4 / 1024 / 128 / 10).  With a recipe, an option that contradicts it is refused, and after the conversion the
-    output must load strictly into the recipe's model (same keys and shapes), else it is deleted and ValueError
-    names the recipe key that differs from the MAE.  Returns convert_mae's report.
+    4 / 1024 / 128 / 10).  With a recipe, an option that contradicts it is refused, a MAE whose sizes differ from
+    the recipe's model is refused naming the recipe key, and the output must load strictly into the recipe's model
+    (same keys and shapes), else it is deleted.  Returns convert_mae's report.
     """
     chosen = dict(DEFAULT_INPUTS)
     if recipe is not None:
@@ -65,6 +65,12 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
         chosen = from_recipe
     else:
         chosen.update({k: v for k, v in options.items() if v is not None})
+    if recipe is not None:  # before writing anything: the MAE's sizes must be the recipe's
+        want = recipe_sizes(recipe)
+        for key, value in mae_sizes(read_state_dict(checkpoint), checkpoint).items():
+            if want[key] != value:
+                raise ValueError(f"{checkpoint}: the MAE has {key} {value}, {recipe_name} sets {SIZE_KEYS[key]}="
+                                 f"{want[key]}")
     report = convert_mae(checkpoint, out, faithful_zeros=faithful_zeros, **chosen)
     if recipe is not None:
         try:
@@ -77,11 +83,6 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
 
 def check_fits_recipe(report: dict[str, Any], recipe: Recipe, recipe_name: str, checkpoint: str | Path) -> None:
     """The converted state dict (report["out"]) has exactly the keys and shapes of the recipe's CAVMAE."""
-    want = recipe_sizes(recipe)
-    for key, value in report["sizes"].items():
-        if key in want and want[key] != value:
-            raise ValueError(f"{checkpoint}: the MAE has {key} {value}, {recipe_name} sets {SIZE_KEYS[key]}="
-                             f"{want[key]}")
     d = recipe.data
     with torch.device("meta"):  # shapes only: no memory, no init
         model = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)

@@ -732,6 +732,23 @@ MAE_UNMAPPED = ("pos_embed_a", "inter_pos_embed_a", "decoder_pos_embed_a", "moda
                 "decoder_modality_a", "decoder_modality_v")
 
 
+def mae_sizes(mae: Mapping[str, Tensor], where: str | Path = "MAE") -> dict[str, Any]:
+    """The sizes an ImageNet MAE state dict fixes: embed_dim, depth, patch_size, image_size (square, from the
+    pos-embed without cls), decoder_embed_dim, decoder_depth, mlp_ratio.  Heads are not in a state dict."""
+    need = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "mask_token",
+            "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.weight", "decoder_norm.weight",
+            "blocks.0.mlp.fc1.weight")
+    for key in need:
+        if key not in mae:
+            raise ValueError(f"{where}: missing MAE key {key!r}")
+    D, _, p, _ = mae["patch_embed.proj.weight"].shape
+    return {"embed_dim": D, "depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks.")),
+            "patch_size": p, "image_size": math.isqrt(mae["pos_embed"].shape[1] - 1) * p,
+            "decoder_embed_dim": mae["decoder_embed.weight"].shape[0],
+            "decoder_depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("decoder_blocks.")),
+            "mlp_ratio": mae["blocks.0.mlp.fc1.weight"].shape[0] / D}
+
+
 def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int = 4, target_length: int = 1024,
                 num_mel_bins: int = 128, modality_depth: int = 10, faithful_zeros: bool = True) -> dict[str, Any]:
     """`stella convert mae`: an ImageNet MAE ViT checkpoint -> a CAVMAE state dict (spec §1.9).
@@ -744,23 +761,15 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     Writes a plain state dict with the authors' key names and returns a report.
     """
     mae = read_state_dict(ckpt_path)
-    need = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "mask_token",
-            "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.weight", "decoder_norm.weight",
-            "blocks.0.mlp.fc1.weight")
-    for key in need:
-        if key not in mae:
-            raise ValueError(f"{ckpt_path}: missing MAE key {key!r}")
-    D, _, p, _ = mae["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks."))
-    decoder_depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("decoder_blocks."))
+    size = mae_sizes(mae, ckpt_path)
+    D, p, depth, decoder_depth = size["embed_dim"], size["patch_size"], size["depth"], size["decoder_depth"]
     if not 0 < modality_depth < depth:
         raise ValueError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
                          f"for a {depth}-block MAE")
-    grid = math.isqrt(mae["pos_embed"].shape[1] - 1)
     cfg = ModelConfig(embed_dim=D, num_heads=1, modality_depth=modality_depth, fusion_depth=depth - modality_depth,
-                      decoder_embed_dim=mae["decoder_embed.weight"].shape[0], decoder_depth=decoder_depth,
-                      decoder_num_heads=1, mlp_ratio=mae["blocks.0.mlp.fc1.weight"].shape[0] / D, patch_size=p)
-    model = CAVMAE(cfg, num_frames, grid * p, target_length, num_mel_bins)
+                      decoder_embed_dim=size["decoder_embed_dim"], decoder_depth=decoder_depth,
+                      decoder_num_heads=1, mlp_ratio=size["mlp_ratio"], patch_size=p)
+    model = CAVMAE(cfg, num_frames, size["image_size"], target_length, num_mel_bins)
     out = {k: v.clone() for k, v in model.state_dict().items()}
     mapped = {}
     for key, value in mae.items():
@@ -799,9 +808,7 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     torch.save(out, out_path)
     return {"out": str(out_path), "mapped": len(mapped), "zeros": list(MAE_UNMAPPED) if faithful_zeros else [],
             "unmapped": sorted(set(out) - set(mapped)), "ignored": sorted(k for k in mae if k in ("cls_token",)),
-            "sizes": {"embed_dim": D, "depth": depth, "modality_depth": modality_depth, "patch_size": p,
-                      "image_size": grid * p, "decoder_embed_dim": cfg.decoder_embed_dim,
-                      "decoder_depth": decoder_depth, "mlp_ratio": cfg.mlp_ratio}}
+            "sizes": {**size, "modality_depth": modality_depth}}
 
 
 # ----------------------------------------------------------------------------------------------------------
