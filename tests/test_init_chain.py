@@ -226,7 +226,14 @@ def test_the_initialisation_chain_end_to_end(tmp_path, data_root):
         assert torch.equal(value, trained_avm[key]), key
     with pytest.raises(TrainingInterrupted):
         run(stella, quiet=True, stop_after=2)
-    assert checkpoint(tmp_path / "stella")["position"]["step"] == 2
+    stella_state = checkpoint(tmp_path / "stella")
+    assert stella_state["position"]["step"] == 2 and len(stella_state["method_extra"]["buffer"]["fields"]["video"])
+    # a STELLA checkpoint (replay buffer, generators, optimiser inside) loads as either start point too
+    assert load_authors_checkpoint(method.backbone, tmp_path / "stella" / "checkpoints" / "latest.pt")["loaded"] \
+        == len(pre["model"])
+    assert load_avm_checkpoint(method.avm, tmp_path / "stella" / "checkpoints" / "latest.pt")["loaded"] \
+        == len(trained_avm)
+    assert torch.equal(method.avm.to_a_q.weight, stella_state["method"]["avm.to_a_q.weight"])
 
 
 # ----------------------------------------------------------------------------------------------------------
