@@ -214,6 +214,13 @@ def test_the_initialisation_chain_end_to_end(tmp_path, data_root):
     trained_avm = {k.removeprefix("avm."): v for k, v in avm["method"].items() if k.startswith("avm.")}
     assert trained_avm.keys() == random_avm.keys() and all(not torch.equal(trained_avm[k], random_avm[k])
                                                            for k in random_avm)
+    # interrupted after 3 of 8 steps and resumed: the same AVM as the uninterrupted run, bit for bit
+    stopped = load_recipe(RECIPES / "init_avm_vggsound.yaml", chain_overrides(data_root, tmp_path / "avm_resumed")
+                          + [f"model.checkpoint={pre_dir / 'checkpoints' / 'task01_all.pt'}"])
+    with pytest.raises(TrainingInterrupted):
+        run(stopped, quiet=True, stop_after=3)
+    resumed = checkpoint(run(stopped, quiet=True, resume=True))
+    assert all(torch.equal(resumed["method"][k], v) for k, v in avm["method"].items())
     # STELLA from both outputs: its weights at the first step are the loaded ones
     stella = load_recipe(RECIPES / "synthetic.yaml", chain_overrides(data_root, tmp_path / "stella")[:1] + [
         "data.num_workers=0", "train.epochs=1", "train.batch_size=4", "method.memory_size=8",
