@@ -85,6 +85,21 @@ def test_convert_mae_refuses_a_recipe_it_does_not_fit(tmp_path):
     assert not out.exists()  # nothing written for a misfit
 
 
+def test_chain_recipes_carry_the_authors_values():
+    """commands/cav_pretrain_audioset20k_base_init_check.sh and cav_pretrain_submodule_{audioset20k_base,
+    vggsound_base_init_check}.sh: epochs 25 / 15 / 8, Adam 1e-4 (0.95, 0.999) wd 5e-7, batch 48, seed 2023."""
+    pre, avm_v, avm_a = (load_recipe(RECIPES / f"init_{n}.yaml") for n in ("audioset20k", "avm_vggsound",
+                                                                           "avm_audioset"))
+    for r, method, epochs in ((pre, "multitask", 25), (avm_v, "avm_pretrain", 15), (avm_a, "avm_pretrain", 8)):
+        assert (r.method.name, r.train.epochs, r.train.batch_size, r.train.seed) == (method, epochs, 48, 2023)
+        assert (r.optim.lr, r.optim.betas, r.optim.weight_decay) == (1e-4, [0.95, 0.999], 5e-7)
+        assert r.model.preset == "base" and r.data.tasks == [] and r.model.avm.checkpoint == ""
+    assert pre.model.checkpoint == "runs/init/imagenet_mae.pth"  # where the README's convert command writes
+    assert avm_v.model.checkpoint == f"{pre.output.dir}/checkpoints/latest.pt" and avm_v.data == pre.data
+    assert avm_a.data.dataset == "vggsound" and avm_v.method.stella.matching_loss_weight == 1.0
+    assert not avm_v.eval.retrieval and not avm_a.eval.retrieval
+
+
 # ----------------------------------------------------------------------------------------------------------
 # AVM pre-training on a frozen backbone
 
