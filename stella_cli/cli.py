@@ -246,15 +246,32 @@ app.add_typer(convert_app, name="convert")
 def convert_mae_command(
     checkpoint: Path = typer.Argument(..., help="ImageNet MAE ViT checkpoint (e.g. mae_pretrain_vit_base_full.pth)."),
     out: Path = typer.Argument(..., help="Output state dict with the authors' CAV key names."),
-    modality_depth: int = typer.Option(10, help="MAE blocks copied into both modality streams; the rest fuse."),
+    recipe: Optional[Path] = typer.Option(None, help="Recipe that will load OUT (model.checkpoint): take frames, "
+                                                     "fbank length, mel bins and modality depth from it and check "
+                                                     "that OUT fits its model."),
+    num_frames: Optional[int] = typer.Option(None, help="Frames per clip (data.num_frames; default 4)."),
+    target_length: Optional[int] = typer.Option(None, help="Fbank frames (data.target_length; default 1024)."),
+    num_mel_bins: Optional[int] = typer.Option(None, help="Mel bins (data.num_mel_bins; default 128)."),
+    modality_depth: Optional[int] = typer.Option(None, help="MAE blocks copied into both modality streams; the rest "
+                                                            "fuse (model.modality_depth; default 10)."),
+    overrides: list[str] = typer.Option([], "--set", help="Override a key of --recipe (repeatable)."),
     faithful_zeros: bool = typer.Option(True, help="Leave the tensors the authors' script never assigns at zero."),
 ) -> None:
     """Map an ImageNet MAE ViT checkpoint into the two-stream model, as tools/adapt_imae_weights_to_vamae.py."""
-    from stella_cli.model import convert_mae
+    from stella_cli.config import load_recipe
+    from stella_cli.init_chain import convert_mae_for_recipe
 
-    report = convert_mae(checkpoint, out, modality_depth=modality_depth, faithful_zeros=faithful_zeros)
+    resolved = load_recipe(recipe, overrides) if recipe is not None else None
+    if overrides and recipe is None:
+        raise ValueError("convert mae: --set needs --recipe")
+    report = convert_mae_for_recipe(checkpoint, out, recipe=resolved, recipe_name=str(recipe),
+                                    faithful_zeros=faithful_zeros, num_frames=num_frames,
+                                    target_length=target_length, num_mel_bins=num_mel_bins,
+                                    modality_depth=modality_depth)
     console.print(f"wrote {report['out']}: {report['mapped']} tensors mapped, {len(report['zeros'])} left at "
                   f"zero, {len(report['ignored'])} MAE tensors ignored")
+    if recipe is not None:
+        console.print(f"fits {recipe}: loads as its model.checkpoint")
 
 
 @app.command()

@@ -150,6 +150,7 @@ class EsmerConfig:
 @dataclass
 class MethodConfig:
     name: str = "stella"  # finetune | multitask | stella | stella+ | er | derpp | lump | mir | gmed | clser | esmer
+    # | avm_pretrain (the initialisation chain: only the AVM trains, on a frozen backbone, spec §2.5)
     memory_size: int = 2000  # total replay slots over all ranks (spec §3.9); 5000 on AudioSet
     replay_batch_size: int | None = None  # None = the per-rank training batch (spec §9.2)
     alpha: float = 0.5  # DER-style logit replay weight (spec §3.8; DER++ baselines_spec §2.4)
@@ -259,7 +260,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "vggsound", "audioset"),
     "model.preset": tuple(MODEL_PRESETS),
     "method.name": ("finetune", "multitask", "stella", "stella+", "er", "derpp", "lump", "mir", "gmed", "clser",
-                    "esmer"),
+                    "esmer", "avm_pretrain"),
     "method.stella.selection": ("full", "random", "importance", "correlation"),
     "optim.amp": ("auto", "bf16", "fp16", "none"),
     "train.device": ("auto", "cpu", "cuda"),

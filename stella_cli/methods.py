@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stella_cli.config import AVMConfig, MethodConfig, num_core_tokens
-from stella_cli.model import AVM, CAVMAE, audio_patches, load_authors_checkpoint, matching_loss, video_patches
+from stella_cli.model import AVM, CAVMAE, audio_patches, load_avm_checkpoint, matching_loss, video_patches
 from stella_cli.replay import ReservoirBuffer
 from stella_cli.scoring import candidates, correlation_probs, patch_importance, query_prototypes
 from stella_cli.select import (PlusSelection, first_iteration_order, gather_patches, prune_mask, select_audio_chunks,
@@ -97,6 +97,34 @@ class Finetune(Method):
         return self.backbone_losses(out)
 
 
+def build_avm(backbone: CAVMAE, cfg: AVMConfig) -> AVM:
+    """The AVM for this backbone; from model.avm.checkpoint if set (spec §2.5), else random as the authors' (B2)."""
+    avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=cfg.fix_head_reshape)
+    if cfg.checkpoint:
+        load_avm_checkpoint(avm, cfg.checkpoint)
+    return avm
+
+
+class AVMPretrain(Method):
+    """AVM pre-training on a frozen backbone (stella_spec §2.5, the authors' Finetune_submodule).
+
+    The backbone takes no gradient (requires_grad off, so the optimiser holds only the AVM) and runs under no_grad
+    for the unimodal and the joint pass; the only loss is STELLA's L_vam (model.matching_loss: ⌊B/2⌋ positives,
+    deranged negatives), weighted by method.stella.matching_loss_weight (the authors' cl_algo matching weight 1.0).
+    """
+
+    def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
+        super().__init__(backbone, cfg, **kwargs)
+        self.backbone.requires_grad_(False)
+        self.avm = build_avm(backbone, self.avm_cfg)
+
+    def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        with torch.no_grad():
+            c_a, c_v = self.backbone.unimodal_codes(batch["audio"], batch["video"])  # (B, L_A, D), (B, L_V, D)
+        loss = matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"])
+        return {"loss_vam": self.cfg.stella.matching_loss_weight * loss}
+
+
 class Stella(Method):
     """STELLA (stella_spec §3): AVM-guided localized patch selection + replay with a DER-style penalty.
 
@@ -114,9 +142,7 @@ class Stella(Method):
         self.uses_importance = s.selection in ("full", "importance")
         self.avm = None
         if s.selection != "random":
-            self.avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=self.avm_cfg.fix_head_reshape)
-            if self.avm_cfg.checkpoint:  # spec §2.5: an AVM pre-trained on a frozen backbone; "" = random (B2)
-                load_authors_checkpoint(self.avm, self.avm_cfg.checkpoint)
+            self.avm = build_avm(backbone, self.avm_cfg)
         self.K_V = num_core_tokens(backbone.num_video_tokens, s.core_video_ratio)
         self.K_A = num_core_tokens(backbone.num_audio_tokens, s.core_audio_ratio)
         self.replay_batch = cfg.replay_batch_size or self.batch_size
@@ -279,6 +305,7 @@ METHODS: dict[str, type[Method]] = {
     "multitask": Finetune,  # the same learner, trained once on the union of tasks (train.py builds the schedule)
     "stella": Stella,
     "stella+": StellaPlus,
+    "avm_pretrain": AVMPretrain,  # like multitask, one pass over the union of the tasks (train.py)
 }
 
 import stella_cli.baselines  # noqa: E402,F401  (ER, DER++, LUMP, MIR, GMED, CLS-ER, ESMER add themselves)

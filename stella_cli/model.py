@@ -639,11 +639,32 @@ def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
 
 
 AUTHORS_PREFIXES = ("module.", "backbone.transformer.")  # stripped in this order (model_module.py:37-41)
-OTHER_MODULES = {"avmatching_module.": AVM, "vacls_classifier.": Classifier}  # keys owned by the other modules
+AVM_PREFIX = "avmatching_module."
+OTHER_MODULES = {AVM_PREFIX: AVM, "vacls_classifier.": Classifier}  # keys owned by the other modules
+
+
+def is_run_checkpoint(sd: Any) -> bool:
+    """A `stella train` checkpoint (runs/NAME/checkpoints/latest.pt, taskNN_*.pt): {"model", "method", ...}."""
+    return isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping) and isinstance(sd.get("method"), Mapping)
+
+
+def authors_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
+    """One flat state dict in the authors' layout from any checkpoint we read.
+
+    A `stella train` checkpoint gives its backbone ("model") plus its AVM ("method" keys `avm.*`) as
+    `avmatching_module.*`, as the authors' wrapper names it (the method's other state, e.g. teachers, is left out);
+    {"model": state_dict} gives the state dict; anything else is returned as is.
+    """
+    if is_run_checkpoint(sd):
+        avm = {f"{AVM_PREFIX}{k.removeprefix('avm.')}": v for k, v in sd["method"].items() if k.startswith("avm.")}
+        return {**sd["model"], **avm}
+    if isinstance(sd.get("model"), Mapping):
+        return dict(sd["model"])
+    return dict(sd)
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """torch.load a checkpoint (tensors only), unwrapping a {"model": state_dict} container."""
+    """torch.load a checkpoint (tensors only) into the authors' layout (see authors_layout)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
@@ -651,26 +672,25 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
         raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
-    if isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping):
-        sd = sd["model"]
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict or {{'model': state_dict}}, got {type(sd).__name__}")
-    return dict(sd)
+        raise ValueError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
+                         f"got {type(sd).__name__}")
+    return authors_layout(sd)
 
 
 def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor],
                             strict: bool = True) -> dict[str, Any]:
     """Load the authors' state dict (or ours) into a CAVMAE, AVM or Classifier, like nanoGPT's from_pretrained.
 
+    source: a file or a mapping: the authors' checkpoint, a plain / {"model": ...} state dict (`stella convert mae`
+    output), or a `stella train` checkpoint (backbone from "model", AVM from the "method" keys `avm.*`).
     Prefixes `module.` and `backbone.transformer.` are stripped; for an AVM the keys under `avmatching_module.`
     are taken, for a Classifier those under `vacls_classifier.` (if present), for the backbone every other key.
     Each tensor's shape is checked.  strict: missing or unexpected keys raise ValueError.
     Returns {"loaded": n, "missing": [...], "unexpected": [...], "skipped": n keys of other modules}.
     """
     where = str(source) if isinstance(source, (str, Path)) else "state dict"
-    sd = read_state_dict(source) if isinstance(source, (str, Path)) else dict(source)
-    if isinstance(sd.get("model"), Mapping):
-        sd = dict(sd["model"])
+    sd = read_state_dict(source) if isinstance(source, (str, Path)) else authors_layout(source)
     clean = {}
     for key, value in sd.items():
         for prefix in AUTHORS_PREFIXES:
@@ -679,6 +699,9 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     own = next((p for p, cls in OTHER_MODULES.items() if isinstance(model, cls)), None)
     if own is not None and any(k.startswith(own) for k in clean):
         picked = {k.removeprefix(own): v for k, v in clean.items() if k.startswith(own)}
+    elif own is not None and "patch_embed_v.proj.weight" in clean:
+        raise ValueError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
+                         f"(e.g. a `stella train` run of a method without one)")
     elif own is not None:
         picked = clean
     else:
@@ -699,13 +722,31 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
 
 
 def load_avm_checkpoint(avm: AVM, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> dict[str, Any]:
-    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`)."""
+    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`) or a
+    `stella train` checkpoint of a method with an AVM (avm_pretrain, stella, stella+)."""
     return load_authors_checkpoint(avm, source, strict)
 
 
 # tensors tools/adapt_imae_weights_to_vamae.py never assigns: its CAV constructor leaves them at zero
 MAE_UNMAPPED = ("pos_embed_a", "inter_pos_embed_a", "decoder_pos_embed_a", "modality_a", "modality_v",
                 "decoder_modality_a", "decoder_modality_v")
+
+
+def mae_sizes(mae: Mapping[str, Tensor], where: str | Path = "MAE") -> dict[str, Any]:
+    """The sizes an ImageNet MAE state dict fixes: embed_dim, depth, patch_size, image_size (square, from the
+    pos-embed without cls), decoder_embed_dim, decoder_depth, mlp_ratio.  Heads are not in a state dict."""
+    need = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "mask_token",
+            "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.weight", "decoder_norm.weight",
+            "blocks.0.mlp.fc1.weight")
+    for key in need:
+        if key not in mae:
+            raise ValueError(f"{where}: missing MAE key {key!r}")
+    D, _, p, _ = mae["patch_embed.proj.weight"].shape
+    return {"embed_dim": D, "depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks.")),
+            "patch_size": p, "image_size": math.isqrt(mae["pos_embed"].shape[1] - 1) * p,
+            "decoder_embed_dim": mae["decoder_embed.weight"].shape[0],
+            "decoder_depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("decoder_blocks.")),
+            "mlp_ratio": mae["blocks.0.mlp.fc1.weight"].shape[0] / D}
 
 
 def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int = 4, target_length: int = 1024,
@@ -720,23 +761,15 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     Writes a plain state dict with the authors' key names and returns a report.
     """
     mae = read_state_dict(ckpt_path)
-    need = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "mask_token",
-            "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.weight", "decoder_norm.weight",
-            "blocks.0.mlp.fc1.weight")
-    for key in need:
-        if key not in mae:
-            raise ValueError(f"{ckpt_path}: missing MAE key {key!r}")
-    D, _, p, _ = mae["patch_embed.proj.weight"].shape
-    depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks."))
-    decoder_depth = 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("decoder_blocks."))
+    size = mae_sizes(mae, ckpt_path)
+    D, p, depth, decoder_depth = size["embed_dim"], size["patch_size"], size["depth"], size["decoder_depth"]
     if not 0 < modality_depth < depth:
         raise ValueError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
                          f"for a {depth}-block MAE")
-    grid = math.isqrt(mae["pos_embed"].shape[1] - 1)
     cfg = ModelConfig(embed_dim=D, num_heads=1, modality_depth=modality_depth, fusion_depth=depth - modality_depth,
-                      decoder_embed_dim=mae["decoder_embed.weight"].shape[0], decoder_depth=decoder_depth,
-                      decoder_num_heads=1, mlp_ratio=mae["blocks.0.mlp.fc1.weight"].shape[0] / D, patch_size=p)
-    model = CAVMAE(cfg, num_frames, grid * p, target_length, num_mel_bins)
+                      decoder_embed_dim=size["decoder_embed_dim"], decoder_depth=decoder_depth,
+                      decoder_num_heads=1, mlp_ratio=size["mlp_ratio"], patch_size=p)
+    model = CAVMAE(cfg, num_frames, size["image_size"], target_length, num_mel_bins)
     out = {k: v.clone() for k, v in model.state_dict().items()}
     mapped = {}
     for key, value in mae.items():
@@ -775,9 +808,7 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     torch.save(out, out_path)
     return {"out": str(out_path), "mapped": len(mapped), "zeros": list(MAE_UNMAPPED) if faithful_zeros else [],
             "unmapped": sorted(set(out) - set(mapped)), "ignored": sorted(k for k in mae if k in ("cls_token",)),
-            "sizes": {"embed_dim": D, "depth": depth, "modality_depth": modality_depth, "patch_size": p,
-                      "image_size": grid * p, "decoder_embed_dim": cfg.decoder_embed_dim,
-                      "decoder_depth": decoder_depth, "mlp_ratio": cfg.mlp_ratio}}
+            "sizes": {**size, "modality_depth": modality_depth}}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -436,6 +436,8 @@ class _TaskProgress:
 
 def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) -> Method:
     d = recipe.data
+    if recipe.method.name == "avm_pretrain" and not recipe.model.checkpoint:
+        raise ValueError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint")
     torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
     backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
     if recipe.model.checkpoint:
@@ -465,7 +467,8 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
             recipe = run_recipe
     meta = check_prepared(recipe.data)  # also refuses data.tasks that the prepared folder does not have
     tasks = recipe.data.tasks or meta["tasks"]
-    schedule = [("all", tasks)] if recipe.method.name == "multitask" else [(t, [t]) for t in tasks]
+    union = recipe.method.name in ("multitask", "avm_pretrain")  # one pass over all tasks' clips
+    schedule = [("all", tasks)] if union else [(t, [t]) for t in tasks]
     check_task_sizes(recipe, schedule, world)
     method = build_method(recipe, rank, world, device)  # before the run directory: a bad model.checkpoint leaves none
     run_dir = prepare_run_dir(recipe, resume)

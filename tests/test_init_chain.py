@@ -1,0 +1,286 @@
+"""The initialisation chain (stella_spec §1.9, §2.5): convert mae for a recipe, AVM pre-training on a frozen backbone,
+loading `stella train` checkpoints as model.checkpoint / model.avm.checkpoint, and the whole chain end to end."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from typer.testing import CliRunner
+
+from stella_cli.cli import app
+from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
+from stella_cli.init_chain import convert_mae_for_recipe
+from stella_cli.methods import METHODS, AVMPretrain
+from stella_cli.model import AVM, CAVMAE, load_authors_checkpoint, load_avm_checkpoint
+from stella_cli.synth import SynthConfig, prepare_synthetic
+from stella_cli.train import TrainingInterrupted, build_method, build_optimizer, run
+from test_model import fake_mae_state_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPES = ROOT / "recipes"
+runner = CliRunner()
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "300"}  # one line per message
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "stella_cli", *args], capture_output=True, text=True, env=ENV,
+                          timeout=120)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# stella convert mae for a recipe
+
+
+def test_convert_mae_takes_the_input_sizes_from_the_recipe_and_loads_strictly(tmp_path):
+    """recipes/synthetic.yaml: tiny model, 4 frames of 64x64, 384 fbank frames x 128 mel bins, 1 modality layer."""
+    torch.save({"model": fake_mae_state_dict()}, tmp_path / "mae.pth")  # tiny ViT: 64-d, 2 blocks, 64x64 images
+    result = runner.invoke(app, ["convert", "mae", str(tmp_path / "mae.pth"), str(tmp_path / "cav.pth"),
+                                 "--recipe", str(RECIPES / "synthetic.yaml")])
+    assert result.exit_code == 0, result.output
+    assert "fits" in result.output
+    sd = torch.load(tmp_path / "cav.pth", map_location="cpu", weights_only=True)
+    assert sd["pos_embed_v"].shape == (1, 4 * 16, 64)  # 4 frames x (64/16)^2 patches
+    assert sd["pos_embed_a"].shape == (1, 24 * 8, 64)  # (384/16) x (128/16) audio tokens
+    recipe = load_recipe(RECIPES / "synthetic.yaml", [f"model.checkpoint={tmp_path / 'cav.pth'}"])
+    method = build_method(recipe, 0, 1, torch.device("cpu"))  # strict load: raises on any missing/extra key
+    for key, value in sd.items():
+        assert torch.equal(method.backbone.state_dict()[key], value), key
+
+
+def test_convert_mae_options_without_a_recipe(tmp_path):
+    torch.save(fake_mae_state_dict(), tmp_path / "mae.pth")
+    result = runner.invoke(app, ["convert", "mae", str(tmp_path / "mae.pth"), str(tmp_path / "cav.pth"),
+                                 "--num-frames", "2", "--target-length", "128", "--num-mel-bins", "64",
+                                 "--modality-depth", "1"])
+    assert result.exit_code == 0, result.output
+    sd = torch.load(tmp_path / "cav.pth", map_location="cpu", weights_only=True)
+    assert sd["pos_embed_v"].shape == (1, 2 * 16, 64) and sd["decoder_pos_embed_v"].shape == (1, 2 * 16, 32)
+    assert sd["pos_embed_a"].shape == (1, 8 * 4, 64) and "blocks_u.0.norm1_a.weight" in sd
+    model = CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 2, 64, 128, 64)
+    assert load_authors_checkpoint(model, tmp_path / "cav.pth")["missing"] == []
+
+
+def test_convert_mae_refuses_a_recipe_it_does_not_fit(tmp_path):
+    torch.save(fake_mae_state_dict(), tmp_path / "mae.pth")
+    out = tmp_path / "cav.pth"
+    contradicts = cli("convert", "mae", str(tmp_path / "mae.pth"), str(out), "--recipe",
+                      str(RECIPES / "synthetic.yaml"), "--num-frames", "8")
+    assert contradicts.returncode == 2 and "Traceback" not in contradicts.stderr + contradicts.stdout
+    assert "--num-frames 8 contradicts" in contradicts.stdout and "data.num_frames=4" in contradicts.stdout
+    wider = load_recipe(RECIPES / "synthetic.yaml", ["model.embed_dim=96"])
+    with pytest.raises(ValueError, match=r"mae.pth: the MAE has embed_dim 64, R sets model.embed_dim=96"):
+        convert_mae_for_recipe(tmp_path / "mae.pth", out, recipe=wider, recipe_name="R")
+    deeper = load_recipe(RECIPES / "synthetic.yaml", ["model.fusion_depth=2"])
+    with pytest.raises(ValueError, match=r"the MAE has depth 2, R sets model.modality_depth \+ model.fusion_depth=3"):
+        convert_mae_for_recipe(tmp_path / "mae.pth", out, recipe=deeper, recipe_name="R")
+    with pytest.raises(ValueError, match=r"the MAE has embed_dim 64, R sets model.embed_dim=768"):
+        convert_mae_for_recipe(tmp_path / "mae.pth", out, recipe=load_recipe(RECIPES / "vggsound_stella.yaml"),
+                               recipe_name="R")
+    assert not out.exists()  # nothing written for a misfit
+
+
+def test_chain_recipes_carry_the_authors_values():
+    """commands/cav_pretrain_audioset20k_base_init_check.sh and cav_pretrain_submodule_{audioset20k_base,
+    vggsound_base_init_check}.sh: epochs 25 / 15 / 8, Adam 1e-4 (0.95, 0.999) wd 5e-7, batch 48, seed 2023."""
+    pre, avm_v, avm_a = (load_recipe(RECIPES / f"init_{n}.yaml") for n in ("audioset20k", "avm_vggsound",
+                                                                           "avm_audioset"))
+    for r, method, epochs in ((pre, "multitask", 25), (avm_v, "avm_pretrain", 15), (avm_a, "avm_pretrain", 8)):
+        assert (r.method.name, r.train.epochs, r.train.batch_size, r.train.seed) == (method, epochs, 48, 2023)
+        assert (r.optim.lr, r.optim.betas, r.optim.weight_decay) == (1e-4, [0.95, 0.999], 5e-7)
+        assert r.model.preset == "base" and r.data.tasks == [] and r.model.avm.checkpoint == ""
+    assert pre.model.checkpoint == "runs/init/imagenet_mae.pth"  # where the README's convert command writes
+    assert avm_v.model.checkpoint == f"{pre.output.dir}/checkpoints/latest.pt" and avm_v.data == pre.data
+    assert avm_a.data.dataset == "vggsound" and avm_v.method.stella.matching_loss_weight == 1.0
+    assert not avm_v.eval.retrieval and not avm_a.eval.retrieval
+
+
+# ----------------------------------------------------------------------------------------------------------
+# AVM pre-training on a frozen backbone
+
+
+def avm_pretrain_method(seed=0, lr=1e-2) -> tuple[AVMPretrain, torch.optim.Optimizer]:
+    torch.manual_seed(seed)
+    backbone = CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 2, 32, 64, 32)
+    method = METHODS["avm_pretrain"](backbone, MethodConfig(name="avm_pretrain"), avm_cfg=AVMConfig(), batch_size=8,
+                                     memory_per_rank=0, seed=seed, rank=0, device=torch.device("cpu"))
+    return method, build_optimizer(method, OptimConfig(lr=lr))
+
+
+def easy_batch(B=8, seed=0) -> dict[str, torch.Tensor]:
+    """One fixed batch of 8 random clips: the AVM can learn which audio goes with which video."""
+    g = torch.Generator().manual_seed(seed)
+    return {"audio": torch.randn(B, 1, 64, 32, generator=g), "video": torch.randn(B, 2, 3, 32, 32, generator=g)}
+
+
+def test_avm_pretrain_trains_only_the_avm():
+    method, optimizer = avm_pretrain_method()
+    assert isinstance(method, AVMPretrain)
+    in_optimizer = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    assert in_optimizer == {id(p) for p in method.avm.parameters()}  # no backbone weight, so no decay step either
+    backbone = {k: v.clone() for k, v in method.backbone.state_dict().items()}
+    avm = {k: v.clone() for k, v in method.avm.state_dict().items()}
+    batch, losses = easy_batch(), []
+    for _ in range(150):
+        optimizer.zero_grad(set_to_none=True)
+        out = method(batch)
+        assert list(out) == ["loss_vam"]
+        out["loss_vam"].backward()
+        optimizer.step()
+        losses.append(out["loss_vam"].item())
+    for key, value in method.backbone.state_dict().items():
+        assert torch.equal(value, backbone[key]), key  # bit-identical
+    assert all(not torch.equal(v, avm[k]) for k, v in method.avm.state_dict().items())  # every AVM tensor moved
+    first, last = sum(losses[:10]) / 10, sum(losses[-10:]) / 10
+    assert first > 0.6 and last < 0.2, (first, last)  # ln 2 = 0.69 at chance; the 8 pairs are learnt
+
+
+def test_avm_pretrain_backbone_passes_run_without_a_graph(monkeypatch):
+    """The unimodal and the joint pass run with autograd off (the authors' Finetune_submodule computes the codes
+    under torch.no_grad): no activations are kept for the backbone, and even with its requires_grad switched
+    back on no gradient reaches it."""
+    method, _ = avm_pretrain_method()
+    grad_enabled = []
+    for name in ("unimodal_codes", "joint_codes"):
+        original = getattr(method.backbone, name)
+
+        def spy(*args, _original=original, _name=name):
+            grad_enabled.append((_name, torch.is_grad_enabled()))
+            return _original(*args)
+        monkeypatch.setattr(method.backbone, name, spy)
+    method.backbone.requires_grad_(True)
+    method(easy_batch())["loss_vam"].backward()
+    assert grad_enabled == [("unimodal_codes", False), ("joint_codes", False)]
+    assert all(p.grad is None for p in method.backbone.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in method.avm.parameters())
+
+
+def test_avm_pretrain_uses_stellas_matching_loss():
+    """The same pairs (⌊B/2⌋ positives, deranged negatives) and the same BCE as STELLA's step C, from the same
+    generator state: model.matching_loss, not a copy."""
+    from stella_cli.model import matching_loss
+
+    method, _ = avm_pretrain_method()
+    batch = easy_batch()
+    state = method.generators["mask"].get_state()
+    loss = method(batch)["loss_vam"]
+    generator = torch.Generator().set_state(state)
+    with torch.no_grad():
+        c_a, c_v = method.backbone.unimodal_codes(batch["audio"], batch["video"])
+    assert torch.equal(loss, matching_loss(method.backbone, method.avm, c_a, c_v, generator))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the chain end to end: fake MAE -> convert -> pre-train -> AVM pre-train -> STELLA from both outputs
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    """4 classes in 2 tasks, 8 train clips per class: the union is 8 steps per epoch at batch 4."""
+    out = tmp_path_factory.mktemp("synth")
+    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
+                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
+                                         retrieval_per_class=3))
+    return out
+
+
+def chain_overrides(data_root: Path, out: Path) -> list[str]:
+    """The chain's recipes on the tiny synthetic data: the synthetic recipe's input sizes, the tiny model, 1 epoch."""
+    return [f"data.root={data_root}", "data.dataset=synthetic", "data.tasks=[]", "data.num_workers=0",
+            "data.image_size=64", "data.frame_stride=4", "data.target_length=384", "model.preset=tiny",
+            "model.mask_ratio_a=0.75", "model.mask_ratio_v=0.75", "optim.lr=1e-3", "train.epochs=1",
+            "train.batch_size=4", "train.log_every=1", f"output.dir={out}"]
+
+
+def checkpoint(run_dir: Path, name: str = "latest.pt") -> dict:
+    return torch.load(run_dir / "checkpoints" / name, map_location="cpu", weights_only=False)
+
+
+def test_the_initialisation_chain_end_to_end(tmp_path, data_root):
+    mae = fake_mae_state_dict()
+    torch.save(mae, tmp_path / "mae.pth")
+    # step 1: convert the ImageNet MAE for the pre-training recipe
+    pretrain = load_recipe(RECIPES / "init_audioset20k.yaml", chain_overrides(data_root, tmp_path / "pretrain")
+                           + [f"model.checkpoint={tmp_path / 'init.pth'}"])
+    convert_mae_for_recipe(tmp_path / "mae.pth", tmp_path / "init.pth", recipe=pretrain)
+    converted = torch.load(tmp_path / "init.pth", weights_only=True)
+    # step 2: MAE + contrastive pre-training, one pass over the union of the tasks
+    assert pretrain.method.name == "multitask" and pretrain.train.seed == 2023
+    pre_dir = run(pretrain, quiet=True)
+    assert sorted(p.name for p in (pre_dir / "checkpoints").iterdir()) == ["latest.pt", "task01_all.pt"]
+    pre = checkpoint(pre_dir)
+    assert pre["position"]["step"] == 8  # 32 clips of both tasks / batch 4
+    assert not torch.equal(pre["model"]["blocks_a.0.attn.qkv.weight"], converted["blocks_a.0.attn.qkv.weight"])
+    # step 3: the AVM on the frozen pre-trained backbone (model.checkpoint = a `stella train` checkpoint)
+    avm_recipe = load_recipe(RECIPES / "init_avm_vggsound.yaml", chain_overrides(data_root, tmp_path / "avm")
+                             + [f"model.checkpoint={pre_dir / 'checkpoints' / 'task01_all.pt'}"])
+    assert avm_recipe.method.name == "avm_pretrain" and not avm_recipe.eval.retrieval
+    random_avm = build_method(avm_recipe, 0, 1, torch.device("cpu")).avm.state_dict()
+    avm_dir = run(avm_recipe, quiet=True)
+    avm = checkpoint(avm_dir)
+    assert avm["position"]["step"] == 8 and set(avm["model"]) == set(pre["model"])
+    for key, value in pre["model"].items():
+        assert torch.equal(avm["model"][key], value), key  # the backbone is bit-identical
+    trained_avm = {k.removeprefix("avm."): v for k, v in avm["method"].items() if k.startswith("avm.")}
+    assert trained_avm.keys() == random_avm.keys() and all(not torch.equal(trained_avm[k], random_avm[k])
+                                                           for k in random_avm)
+    # interrupted after 3 of 8 steps and resumed: the same AVM as the uninterrupted run, bit for bit
+    stopped = load_recipe(RECIPES / "init_avm_vggsound.yaml", chain_overrides(data_root, tmp_path / "avm_resumed")
+                          + [f"model.checkpoint={pre_dir / 'checkpoints' / 'task01_all.pt'}"])
+    with pytest.raises(TrainingInterrupted):
+        run(stopped, quiet=True, stop_after=3)
+    resumed = checkpoint(run(stopped, quiet=True, resume=True))
+    assert all(torch.equal(resumed["method"][k], v) for k, v in avm["method"].items())
+    # STELLA from both outputs: its weights at the first step are the loaded ones
+    stella = load_recipe(RECIPES / "synthetic.yaml", chain_overrides(data_root, tmp_path / "stella")[:1] + [
+        "data.num_workers=0", "train.epochs=1", "train.batch_size=4", "method.memory_size=8",
+        f"model.checkpoint={pre_dir / 'checkpoints' / 'latest.pt'}",
+        f"model.avm.checkpoint={avm_dir / 'checkpoints' / 'latest.pt'}", f"output.dir={tmp_path / 'stella'}"])
+    method = build_method(stella, 0, 1, torch.device("cpu"))
+    for key, value in method.backbone.state_dict().items():
+        assert torch.equal(value, pre["model"][key]), key
+    for key, value in method.avm.state_dict().items():
+        assert torch.equal(value, trained_avm[key]), key
+    with pytest.raises(TrainingInterrupted):
+        run(stella, quiet=True, stop_after=2)
+    stella_state = checkpoint(tmp_path / "stella")
+    assert stella_state["position"]["step"] == 2 and len(stella_state["method_extra"]["buffer"]["fields"]["video"])
+    # a STELLA checkpoint (replay buffer, generators, optimiser inside) loads as either start point too
+    assert load_authors_checkpoint(method.backbone, tmp_path / "stella" / "checkpoints" / "latest.pt")["loaded"] \
+        == len(pre["model"])
+    assert load_avm_checkpoint(method.avm, tmp_path / "stella" / "checkpoints" / "latest.pt")["loaded"] \
+        == len(trained_avm)
+    assert torch.equal(method.avm.to_a_q.weight, stella_state["method"]["avm.to_a_q.weight"])
+
+
+# ----------------------------------------------------------------------------------------------------------
+# loading run checkpoints: errors
+
+
+def test_avm_checkpoint_errors(tmp_path, data_root):
+    """A run without an AVM, a file that is not a checkpoint, a missing file: one line naming it (exit code 2)."""
+    finetune = {"model": CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 4, 64, 384, 128).state_dict(),
+                "method": {}, "position": {"step": 3}}
+    torch.save(finetune, tmp_path / "finetune.pt")
+    with pytest.raises(ValueError, match=r"finetune.pt: holds a backbone but no avmatching_module"):
+        load_avm_checkpoint(AVM(64, 4), tmp_path / "finetune.pt")
+    assert load_authors_checkpoint(CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 4, 64, 384, 128),
+                                   tmp_path / "finetune.pt")["missing"] == []
+    (tmp_path / "notes.txt").write_text("not a checkpoint")
+    with pytest.raises(ValueError, match=r"notes.txt: cannot read as a tensor checkpoint"):
+        load_avm_checkpoint(AVM(64, 4), tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match=r"missing.pt: checkpoint not found"):
+        load_authors_checkpoint(AVM(64, 4), tmp_path / "missing.pt")
+    recipe = load_recipe(RECIPES / "synthetic.yaml", [f"data.root={data_root}", "method.name=avm_pretrain"])
+    with pytest.raises(ValueError, match="avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint"):
+        build_method(recipe, 0, 1, torch.device("cpu"))
+    result = cli("train", str(RECIPES / "synthetic.yaml"), "--set", f"data.root={data_root}", "--set",
+                 f"output.dir={tmp_path / 'run'}", "--set", f"model.avm.checkpoint={tmp_path / 'finetune.pt'}")
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in out, out
+    assert "finetune.pt: holds a backbone but no avmatching_module.* keys, so no AVM weights" in out
