@@ -62,7 +62,7 @@ def prep(
                                             "transfer target of `stella eval --task msrvtt`."),
     quiet: bool = typer.Option(False, help="No progress bar."),
 ) -> None:
-    """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet)."""
+    """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet, AVE, AVS, MSR-VTT)."""
     import shutil
 
     from stella_cli.errors import Interrupted, StellaError
