@@ -216,6 +216,9 @@ class Trainer:
     last_good: Path | None = None
     last_save: float = field(default_factory=time.monotonic)  # for train.checkpoint_minutes
 
+    def __post_init__(self) -> None:
+        unwrap(self.method).attach_optimizer(self.optimizer, self.scaler)  # MIR / GMED take virtual steps with them
+
     # -- checkpoints ----------------------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
         method = unwrap(self.method)
@@ -475,7 +478,6 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     optimizer = build_optimizer(method, recipe.optim)
     amp = amp_dtype(recipe.optim, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    method.attach_optimizer(optimizer, scaler)
     wrapped = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None) \
         if world > 1 else method
     trainer = Trainer(recipe, run_dir, wrapped, optimizer, scaler, device, rank, world, amp, schedule, tasks,

@@ -100,3 +100,13 @@ def test_bench_rejects_an_unknown_method_with_one_line():
     assert len(done.stdout.strip().splitlines()) == 1 and "unknown method 'bogus'" in done.stdout
     assert "Traceback" not in done.stdout + done.stderr
     assert "measuring" not in done.stderr  # refused before anything ran
+
+
+def test_bench_runs_the_virtual_update_methods_against_derpp():
+    """MIR and GMED take their virtual Adam step with the optimiser the Trainer hands them (attach_optimizer)."""
+    done = bench_cli("--methods", "derpp,mir,gmed", "--preset", "tiny", "--steps", "1", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    assert [r["method"] for r in rows] == ["derpp", "mir", "gmed"]
+    assert all(r["reference"] == "derpp" and r["activation_bytes"] > 0 for r in rows)
+    assert rows[0]["activation_ratio"] == 1.0
