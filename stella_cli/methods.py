@@ -121,7 +121,8 @@ class Stella(Method):
         I_a = patch_importance(att["S_va"], s.att_temperature)  # (B, L_A)
         C_v, C_a = candidates(I_v, self.K_V), candidates(I_a, self.K_A)  # (B, K_V), (B, K_A)
         # Step C (spec §3.3): train the AVM on the current clips, backbone frozen
-        loss_vam = s.matching_loss_weight * matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"])
+        loss_vam = s.matching_loss_weight * matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"],
+                                                          joint=(e_a, e_v))  # positives reuse Step B's joint pass
         # Step D (spec §3.4): importance-weighted query prototypes
         q_bar_v = query_prototypes(att["q_v"], I_v, C_v)  # (B, H, d_h)
         q_bar_a = query_prototypes(att["q_a"], I_a, C_a)  # (B, H, d_h)

@@ -612,15 +612,24 @@ def matching_pairs(B: int, generator: torch.Generator | None = None,
 
 
 def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, joint: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """spec §2.4: BCE-with-logits of the AVM on (audio, possibly swapped video) codes through the frozen joint pass.
 
     c_a (B, L_A, D), c_v (B, L_V, D) unimodal codes.  Only the AVM gets gradients.  Unweighted (the caller
-    multiplies by matching_loss_weight).
+    multiplies by matching_loss_weight).  joint: the caller's joint pass on the same, unswapped codes (e_a, e_v),
+    if it has one; the positive rows then come from it and only the negatives run the fusion layers again (every
+    fusion op works per clip, so the loss is bit-identical; with B <= 2 every row is positive: no second pass).
     """
     labels, video_index = matching_pairs(c_a.shape[0], generator, c_a.device)
     with torch.no_grad():
-        e_a, e_v = backbone.joint_codes(c_a, c_v[video_index])
+        if joint is None:
+            e_a, e_v = backbone.joint_codes(c_a, c_v[video_index])
+        else:
+            e_a, e_v = joint
+            swapped = (video_index != torch.arange(len(video_index), device=c_a.device)).nonzero().flatten()
+            if len(swapped):  # the negatives: audio b with another clip's video
+                s_a, s_v = backbone.joint_codes(c_a[swapped], c_v[video_index[swapped]])
+                e_a, e_v = e_a.index_copy(0, swapped, s_a), e_v.index_copy(0, swapped, s_v)
     logits = avm(e_a, e_v)
     with torch.autocast(logits.device.type, enabled=False):
         return F.binary_cross_entropy_with_logits(logits.float(), labels)
