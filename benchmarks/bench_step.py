@@ -8,8 +8,9 @@ and include forward, backward and the Adam update:
   0.5 · (MSE(z_a) + MSE(z_v)) of the replayed rows against stored targets;
 - STELLA (methods.Stella.step, stella_spec §3): frozen scoring passes, the AVM's matching loss, selection, the
   core-patch pass and the penalty. Its buffer is filled by two warm-up steps, so the timed steps replay.
-Each case runs in a fresh subprocess; the cases are interleaved (derpp, stella now, stella before, order rotating
-per round) and the median step is reported, so a busy machine slows them alike: compare the ratios. STELLA's
+A third row runs STELLA with `method.stella.frozen_bf16` (the frozen scoring passes under bf16 autocast: faster
+on CPUs with bf16 units, not bit-identical; its loss differences to fp32 are printed). Each case runs in a fresh
+subprocess; the cases are interleaved (order rotating per round) and the median step is reported, so a busy machine slows them alike: compare the ratios. STELLA's
 losses of now and before (same seeds) are printed side by side and must be identical.
 """
 
@@ -36,15 +37,16 @@ def clips(B: int, seed: int) -> dict[str, torch.Tensor]:
             "label": torch.arange(B), "task": torch.zeros(B, dtype=torch.long), "index": torch.arange(B) + seed * B}
 
 
-def run_case(case: str, preset: str, B: int, steps: int) -> dict:
-    from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, resolve_model_preset
+def run_case(case: str, preset: str, B: int, steps: int, frozen_bf16: bool = False) -> dict:
+    from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, StellaConfig, resolve_model_preset
     from stella_cli.methods import Stella
     from stella_cli.model import CAVMAE
 
     torch.manual_seed(0)
     backbone = CAVMAE(resolve_model_preset(ModelConfig(preset=preset)), **SIZES)
     if case == "stella":
-        method = Stella(backbone, MethodConfig(name="stella"), avm_cfg=AVMConfig(), batch_size=B, memory_per_rank=8,
+        stella = StellaConfig(frozen_bf16=True) if frozen_bf16 else StellaConfig()  # before: no such field
+        method = Stella(backbone, MethodConfig(name="stella", stella=stella), avm_cfg=AVMConfig(), batch_size=B, memory_per_rank=8,
                         seed=0, rank=0, device=torch.device("cpu"))
 
         def losses(batch: dict) -> dict:
@@ -76,9 +78,9 @@ def run_case(case: str, preset: str, B: int, steps: int) -> dict:
     return {"seconds": statistics.median(seconds), "losses": first, "threads": torch.get_num_threads()}
 
 
-def subprocess_case(case: str, pythonpath: str, args: argparse.Namespace) -> dict:
+def subprocess_case(args: argparse.Namespace, case: str, pythonpath: str, *flags: str) -> dict:
     cmd = [sys.executable, __file__, "--case", case, "--preset", args.preset, "--batch", str(args.batch),
-           "--steps", str(args.steps)]
+           "--steps", str(args.steps), *flags]
     env = {**os.environ, "PYTHONPATH": f"{pythonpath}{os.pathsep}{ROOT / 'benchmarks'}"}
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout)
 
@@ -90,19 +92,23 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=2, help="timed steps per case and round")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--before", default=BEFORE_SPEED, help="git ref of the 'before' code ('' = skip)")
+    parser.add_argument("--no-bf16", action="store_true", help="leave out the method.stella.frozen_bf16 row")
     parser.add_argument("--case", choices=("derpp", "stella"), help="internal: run one case, print JSON")
+    parser.add_argument("--frozen-bf16", action="store_true", help="internal: with method.stella.frozen_bf16")
     args = parser.parse_args()
     if args.case:
-        print(json.dumps(run_case(args.case, args.preset, args.batch, args.steps)))
+        print(json.dumps(run_case(args.case, args.preset, args.batch, args.steps, args.frozen_bf16)))
         return
     cases = {"DER++ full clip": ("derpp", str(ROOT)), "STELLA now": ("stella", str(ROOT))}
+    if not args.no_bf16:
+        cases["STELLA now, frozen_bf16"] = ("stella", str(ROOT), "--frozen-bf16")
     if args.before:
         cases[f"STELLA before ({args.before})"] = ("stella", str(tree(args.before)))
     names = list(cases)
     results: dict[str, list[dict]] = {k: [] for k in names}
     for r in range(args.rounds):
         for k in names[r % len(names):] + names[:r % len(names)]:
-            results[k].append(subprocess_case(*cases[k], args))
+            results[k].append(subprocess_case(args, *cases[k]))
             print(f"round {r + 1}: {k}: {results[k][-1]['seconds']:.2f} s", file=sys.stderr)
     sec = {k: statistics.median(x["seconds"] for x in v) for k, v in results.items()}
     threads = results[names[0]][0]["threads"]
@@ -112,9 +118,13 @@ def main() -> None:
     print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|")
     for k in names:
         print(f"| {k:<28} | {sec[k]:>8.2f} | {sec[k] / sec[names[0]]:>8.3f} |")
-    stella = [k for k in names if k.startswith("STELLA")]
+    stella = [k for k in names if k.startswith("STELLA") and "bf16" not in k]
     for k in stella:
         print(f"{k} losses: " + ", ".join(f"{n} {v:.9g}" for n, v in results[k][0]["losses"].items()))
+    if "STELLA now, frozen_bf16" in results:
+        ref, bf = results["STELLA now"][0]["losses"], results["STELLA now, frozen_bf16"][0]["losses"]
+        print("frozen_bf16 - fp32, same seeds (not bit-identical by design): "
+              + ", ".join(f"{n} {bf[n] - ref[n]:+.2e}" for n in ref))
     if len(stella) == 2:
         same = results[stella[0]][0]["losses"] == results[stella[1]][0]["losses"]
         print(f"STELLA losses now == before: {same}")

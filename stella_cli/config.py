@@ -97,6 +97,7 @@ class StellaConfig:
     att_temperature: float = 0.4  # tau of the importance softmax (spec §3.2)
     matching_loss_weight: float = 1.0  # L_vam weight (spec §2.4)
     faithful_plus_rca_rows: bool = False  # STELLA+ only: reproduce bug B8 (spec §9.3); false = fixed
+    frozen_bf16: bool = False  # speed, not bit-identical: frozen scoring passes (Steps A-C's joint codes) in bf16
 
 
 @dataclass
