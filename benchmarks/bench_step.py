@@ -7,7 +7,7 @@ and include forward, backward and the Adam update:
 - DER++ (baselines_spec §2.4): one full MAE + contrastive pass with random masking on [X_t; X_m], plus
   0.5 · (MSE(z_a) + MSE(z_v)) of the replayed rows against stored targets;
 - STELLA (methods.Stella.step, stella_spec §3): frozen scoring passes, the AVM's matching loss, selection, the
-  core-patch pass and the penalty. Its buffer is filled by two warm-up steps, so the timed steps replay.
+  core-patch pass and the penalty. Its buffer is filled by a warm-up step, so the timed steps replay.
 A third row runs STELLA with `method.stella.frozen_bf16` (the frozen scoring passes under bf16 autocast: faster
 on CPUs with bf16 units, not bit-identical; its loss differences to fp32 are printed). Each case runs in a fresh
 subprocess; the cases are interleaved (order rotating per round) and the median step is reported, so a busy machine slows them alike: compare the ratios. STELLA's
@@ -65,14 +65,14 @@ def run_case(case: str, preset: str, B: int, steps: int, frozen_bf16: bool = Fal
             return {k: out[k] for k in ("loss_mae_a", "loss_mae_v", "loss_con")} | {"loss_pen": pen}
     opt = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=1e-4)
     seconds, first = [], None
-    for i in range(2 + steps):  # two warm-up steps (STELLA: the first fills the buffer, the second replays)
+    for i in range(1 + steps):  # one warm-up step (STELLA: it fills the buffer, so the timed steps replay)
         batch = clips(B, i)
         start = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         terms = losses(batch)
         sum(terms.values()).backward()
         opt.step()
-        if i >= 2:
+        if i >= 1:
             seconds.append(time.perf_counter() - start)
             first = first or {k: float(v) for k, v in terms.items()}
     return {"seconds": statistics.median(seconds), "losses": first, "threads": torch.get_num_threads()}

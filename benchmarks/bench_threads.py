@@ -45,8 +45,10 @@ def run_variant(recipe: Path, steps: int, extra_env: dict[str, str], out: Path) 
     env = {k: v for k, v in os.environ.items() if k not in OPENMP_KEYS} | extra_env
     env["PYTHONPATH"] = str(ROOT)
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
-    subprocess.run([sys.executable, "-m", "stella_cli", "train", str(recipe), "--stop-after", str(steps), "--quiet",
-                    "--set", f"output.dir={out}"], check=True, env=env, capture_output=True)
+    done = subprocess.run([sys.executable, "-m", "stella_cli", "train", str(recipe), "--stop-after", str(steps),
+                           "--quiet", "--set", f"output.dir={out}"], env=env, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode not in (0, 130):  # 130: stopped by --stop-after with a checkpoint, as asked
+        sys.exit(f"stella train failed ({done.returncode}): {done.stderr[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "loss" in x and "step" in x]
