@@ -9,6 +9,7 @@ line (start-up excluded) and the CPU seconds the run used per step (start-up inc
 - `spin 300000`: GOMP_SPINCOUNT=300000, libgomp's default (what `stella` ran with before issue 13);
 - `passive`: OMP_WAIT_POLICY=PASSIVE, idle threads sleep at once;
 - `CLI default`: what `stella` sets when the user set none of these (cli.OPENMP_DEFAULTS);
+- `spin 1000`, `spin 10000`: other spin counts (GOMP_SPINCOUNT) for comparison;
 - `1 thread`: OMP_NUM_THREADS=1 (different float sums: results differ from the 2-thread runs by design).
 Variants with the same thread count must end with identical losses; the script checks it. Needs the prepared
 data of the recipe (`stella prep`). The variants are interleaved, order rotating per round: compare the ratios.
@@ -36,6 +37,8 @@ VARIANTS = {
     "spin 300000 (before)": {"GOMP_SPINCOUNT": "300000"},
     "passive": {"OMP_WAIT_POLICY": "PASSIVE"},
     "CLI default": {},
+    "spin 1000": {"GOMP_SPINCOUNT": "1000"},
+    "spin 10000": {"GOMP_SPINCOUNT": "10000"},
     "1 thread": {"OMP_NUM_THREADS": "1"},
 }
 OPENMP_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
@@ -48,7 +51,7 @@ def run_variant(recipe: Path, steps: int, extra_env: dict[str, str], out: Path) 
     done = subprocess.run([sys.executable, "-m", "stella_cli", "train", str(recipe), "--stop-after", str(steps),
                            "--quiet", "--set", f"output.dir={out}"], env=env, cwd=ROOT, capture_output=True, text=True)
     if done.returncode not in (0, 130):  # 130: stopped by --stop-after with a checkpoint, as asked
-        sys.exit(f"stella train failed ({done.returncode}): {done.stderr[-2000:]}")
+        sys.exit(f"stella train failed ({done.returncode}): {(done.stdout + done.stderr)[-2000:]}")
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     logged = [x for x in lines if "loss" in x and "step" in x]
@@ -64,9 +67,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30, help="optimiser steps per run (log every 10)")
     parser.add_argument("--load", type=int, nargs="+", default=[0, 2], help="busy processes beside the run")
     parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS),
+                        default=["spin 300000 (before)", "passive", "CLI default", "1 thread"])
     args = parser.parse_args()
-    console = Console()
+    console = Console(width=150)
     table = Table(title=f"{args.recipe.name}: {args.steps} steps per run, {os.cpu_count()} CPUs, median of "
                         f"{args.rounds} round(s)")
     for col in ("busy processes", "variant", "s / step", "vs before", "CPU s / step", "losses = before"):
@@ -80,7 +84,7 @@ def main() -> None:
                 for r in range(args.rounds):
                     order = args.variants[r % len(args.variants):] + args.variants[:r % len(args.variants)]
                     for k in order:
-                        out = Path(tmp) / f"load{load}_r{r}_{len(res[k])}_{k.split()[0]}"
+                        out = Path(tmp) / f"load{load}_round{r}_variant{args.variants.index(k)}"
                         res[k].append(run_variant(args.recipe, args.steps, VARIANTS[k], out))
                         console.print(f"load {load}, round {r + 1}, {k}: {res[k][-1]['s_per_step']:.3f} s/step",
                                       style="dim")

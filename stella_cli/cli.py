@@ -25,12 +25,13 @@ def _root() -> None:
     """STELLA: continual audio-video pre-training (ICML 2024), its baselines and evaluation."""
 
 
-# OpenMP waiting (README "Threads"). torch's OpenMP (libgomp) lets a thread that waits for the others spin for
+# OpenMP waiting (README "Speed"). torch's OpenMP (libgomp) lets a thread that waits for the others spin for
 # 300000 iterations (milliseconds) before it sleeps: on a busy CPU (a laptop, CI, a shared server) the spinning
-# threads take the cores from the ones doing the work (40 demo steps: 17 s CPU idle, 107 s busy). PASSIVE sleeps at
-# once and pays a wake-up per parallel region when idle (1.19x slower there). A short spin keeps both cases fast.
-# Waiting never changes a number: results stay bit-identical for the same seed and thread count.
-OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "10000"}
+# threads take the cores from the ones doing the work (demo steps 9-11x slower than PASSIVE on a loaded 2-core
+# machine, benchmarks/bench_threads.py). PASSIVE sleeps at once and pays a wake-up per parallel region when idle
+# (1.19x slower there, issue 13). 1000 spins (tens of microseconds) bridge the gap between two ops when idle and
+# cost 1.2x PASSIVE when loaded (10000: 2.4x). Waiting never changes a number: results stay bit-identical.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
 OPENMP_USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
 

@@ -12,7 +12,7 @@ from stella_cli.cli import OPENMP_DEFAULTS, set_openmp_defaults
 def test_openmp_defaults_apply_only_when_the_user_chose_no_wait_policy():
     env: dict[str, str] = {}
     set_openmp_defaults(env)
-    assert env == {"GOMP_SPINCOUNT": "10000"} == OPENMP_DEFAULTS
+    assert env == {"GOMP_SPINCOUNT": "1000"} == OPENMP_DEFAULTS
     for user in ({"OMP_WAIT_POLICY": "PASSIVE"}, {"GOMP_SPINCOUNT": "300000"}, {"OMP_WAIT_POLICY": "ACTIVE"}):
         env = dict(user)
         set_openmp_defaults(env)
@@ -26,4 +26,4 @@ def test_the_cli_sets_them_before_torch_loads():
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env={**env, "OMP_NUM_THREADS": "1"}, capture_output=True,
                          text=True, check=True).stdout.split()
-    assert out == ["10000", "1"]  # the spin count is set; the thread count stays the user's (or torch's default)
+    assert out == ["1000", "1"]  # the spin count is set; the thread count stays the user's (or torch's default)
