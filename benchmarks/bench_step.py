@@ -96,7 +96,7 @@ def main() -> None:
             seconds[k].append(time.perf_counter() - start)
             for m in [backbone, *owners]:
                 m.zero_grad(set_to_none=True)
-            losses[k].append({n: float(v) for n, v in terms.items()})
+            losses[k].append({n: float(v.detach()) for n, v in terms.items()})
             print(f"round {r + 1}: {k}: {seconds[k][-1]:.2f} s", file=sys.stderr, flush=True)
     sec = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"preset {args.preset}, B = {B} current + {B} replayed, paper input sizes, CPU {torch.get_num_threads()} "
