@@ -76,7 +76,8 @@ def main() -> None:
     rows = {"DER++ full clip": derpp_step(backbone, B)}
     modules = {"STELLA now": methods.Stella}
     if args.before:  # the ref's methods.py; its imports (model.py, scoring, select) resolve to this tree
-        modules[f"STELLA before ({args.before})"] = module(args.before, "stella_cli/methods.py", "methods_before").Stella
+        old = module(args.before, "stella_cli/methods.py", "methods_before")
+        modules[f"STELLA before ({args.before})"] = old.Stella
     owners = []
     for name, cls in modules.items():
         rows[name], owner = stella_step(cls, backbone, B)

@@ -15,7 +15,6 @@ dicts load key for key (`load_authors_checkpoint`). Masks follow MAE: True = rem
 from __future__ import annotations
 
 import contextlib
-
 import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -639,7 +638,8 @@ def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
             swapped = (video_index != torch.arange(len(video_index), device=c_a.device)).nonzero().flatten()
             if len(swapped):  # the negatives: audio b with another clip's video
                 s_a, s_v = backbone.joint_codes(c_a[swapped], c_v[video_index[swapped]])
-                e_a, e_v = e_a.index_copy(0, swapped, s_a.to(e_a.dtype)), e_v.index_copy(0, swapped, s_v.to(e_v.dtype))
+                e_a = e_a.index_copy(0, swapped, s_a.to(e_a.dtype))
+                e_v = e_v.index_copy(0, swapped, s_v.to(e_v.dtype))
     if frozen_bf16:
         e_a, e_v = e_a.float(), e_v.float()
     logits = avm(e_a, e_v)
