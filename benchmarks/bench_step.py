@@ -1,6 +1,7 @@
 """Training-step time of STELLA vs a DER++-style full-clip step, now and at a git ref (before), in one process.
 
     python benchmarks/bench_step.py [--preset base] [--batch 2] [--rounds 3] [--before REF] [--no-bf16]
+    python benchmarks/bench_step.py --score-only --no-bf16      # the frozen scoring passes alone, now vs before
 
 All steps train on B current + B replayed clips at the paper's input sizes (4 x 224² frames, 1024 x 128 fbank)
 and time forward + backward (the Adam update is the same for all: it is left out, so the weights stay fixed and
@@ -69,6 +70,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--before", default=BEFORE_SPEED, help="git ref of the 'before' code ('' = leave out)")
     parser.add_argument("--no-bf16", action="store_true", help="leave out the method.stella.frozen_bf16 row")
+    parser.add_argument("--score-only", action="store_true",
+                        help="time only STELLA's frozen scoring (Stella.score, steps A-D): now vs before")
     args = parser.parse_args()
     B = args.batch
     torch.manual_seed(0)
@@ -86,6 +89,10 @@ def main() -> None:
         rows["STELLA now, frozen_bf16"], owner = stella_step(methods.Stella, backbone, B, frozen_bf16=True)
         owners.append(owner)
     rows["DER++ full clip"](clips(B, 0))  # warm-up
+    if args.score_only:  # the frozen passes alone, where the shared joint pass is saved
+        del rows["DER++ full clip"]
+        for name, owner in zip([k for k in rows], owners):
+            rows[name] = lambda batch, m=owner: {"loss_vam": m.score(batch["audio"], batch["video"])["loss_vam"]}
     names = list(rows)
     seconds: dict[str, list[float]] = {k: [] for k in names}
     losses: dict[str, list[dict]] = {k: [] for k in names}
@@ -102,19 +109,20 @@ def main() -> None:
     sec = {k: statistics.median(v) for k, v in seconds.items()}
     print(f"preset {args.preset}, B = {B} current + {B} replayed, paper input sizes, CPU {torch.get_num_threads()} "
           f"thread(s), fp32, forward + backward; median of {args.rounds} interleaved rounds")
-    print(f"| {'step':<28} | {'seconds':>8} | {'/ DER++':>8} | {'best round / DER++':>18} |")
+    print(f"| {'step' if not args.score_only else 'Stella.score':<28} | {'seconds':>8} | {'/ ' + names[0][:6]:>8} | "
+          f"{'best round ratio':>18} |")
     print(f"|{'-' * 30}|{'-' * 10}|{'-' * 10}|{'-' * 20}|")
     for k in names:
         best = min(seconds[k]) / min(seconds[names[0]])
         print(f"| {k:<28} | {sec[k]:>8.2f} | {sec[k] / sec[names[0]]:>8.3f} | {best:>18.3f} |")
     failed = False
     if args.before:
-        before = names[2]
+        before = next(k for k in names if k.startswith("STELLA before"))
         same = losses["STELLA now"] == losses[before]
         failed = not same
         print(f"STELLA losses now == before at every step: {same} (first: " + ", ".join(
             f"{n} {v:.9g}" for n, v in losses["STELLA now"][0].items()) + ")")
-    if not args.no_bf16:
+    if not args.no_bf16 and not args.score_only:
         ref, bf = losses["STELLA now"][0], losses["STELLA now, frozen_bf16"][0]
         print("frozen_bf16 - fp32, first timed step (not bit-identical by design): "
               + ", ".join(f"{n} {bf[n] - ref[n]:+.2e}" for n in ref))
