@@ -30,7 +30,10 @@ def tree(ref: str) -> Path:
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     archive = subprocess.run(["git", "archive", ref], cwd=ROOT, check=True, capture_output=True).stdout
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
-        tar.extractall(out, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12 / 3.11.4
+            tar.extractall(out, filter="data")
+        else:
+            tar.extractall(out)  # our own git archive
     return out
 
 
