@@ -4,7 +4,8 @@ CAV-MAE (and STELLA after it) reads a clip, removes the waveform mean and calls
 `torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True, sample_frequency=sr, use_energy=False,
 window_type='hanning', num_mel_bins=128, dither=0.0, frame_shift=10)`; the fbank is then zero-padded or cut to
 `target_length` frames and normalised as (x + 5.081) / 4.4849.  This module reproduces that computation without
-torchaudio, batched over equal-length clips and vectorised over frames (one unfold, one rfft):
+torchaudio, on equal-length clips, vectorised over blocks of frames (one unfold view, one rfft per block of ~1 MiB,
+so that the working set stays in cache; a batch costs what its clips cost one by one):
 
     frames   = unfold(waveform, window_size, window_shift)        snip_edges: only whole windows
     frames  -= mean(frames)                                       remove_dc_offset, per frame
@@ -126,20 +127,38 @@ def kaldi_fbank(
     if S < W:  # no whole window: Kaldi gives no frames
         fbank = x.new_zeros((N, 0, num_mel_bins), dtype=torch.float32)
         return fbank[0] if waveform.dim() == 1 else fbank
-    frames = x.unfold(-1, W, shift)  # (N, F, W)
-    if remove_dc_offset:
-        frames = frames - frames.mean(dim=-1, keepdim=True)  # (N, F, W)
-    if preemphasis != 0.0:
-        previous = torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)  # (N, F, W): x[-1] := x[0], as Kaldi
-        frames = frames - preemphasis * previous
-    frames = frames * hanning_window(W, x.device, x.dtype)  # (N, F, W)
-    spectrum = torch.view_as_real(torch.fft.rfft(frames, n=n_fft))  # (N, F, n_fft // 2 + 1, 2), zero-padded right
-    spectrum = spectrum.square().sum(dim=-1)  # (N, F, K + 1) power, re² + im²
-    if not use_power:
-        spectrum = spectrum.sqrt()  # magnitude
+    framed = x.unfold(-1, W, shift)  # (N, F, W), a view: nothing is copied yet
+    F_ = framed.shape[1]
+    window = hanning_window(W, x.device, x.dtype)
     banks = mel_banks(sample_rate, n_fft, num_mel_bins, float(low_freq), float(high_freq), x.device, x.dtype)
-    mel = spectrum @ banks  # (N, F, M)
-    fbank = mel.clamp_min(EPSILON).log().to(torch.float32)  # (N, F, M)
+    fbank = torch.empty((N, F_, num_mel_bins), dtype=torch.float32, device=x.device)
+    # Every step is per frame, so frames are processed in blocks of about 1 MiB (n_fft · rows · 8 bytes): a block's
+    # temporaries stay in cache, and a batch of N clips costs N times one clip (materialising the whole (N, F, W)
+    # frames and (N, F, n_fft/2+1) spectrum streamed ~0.5 GB per 64 clips through memory, 2.5-4x slower per clip).
+    # The arithmetic per frame is unchanged, so the output is bit-identical whatever the block or batch size.
+    rows = min(F_, max(16, (1 << 17) // n_fft))
+    padded = x.new_zeros((rows, n_fft))  # (r, n_fft): a block of frames, zero-padded on the right for the FFT
+    scaled = x.new_empty((rows, W - 1))  # preemphasis · x[t - 1]
+    for n in range(N):
+        for start in range(0, F_, rows):
+            frames = framed[n, start:start + rows]  # (r, W)
+            r = frames.shape[0]
+            out = padded[:r, :W]  # (r, W)
+            if remove_dc_offset:
+                frames = frames - frames.mean(dim=-1, keepdim=True)  # (r, W)
+            if preemphasis != 0.0:  # x[t] - 0.97 · x[t - 1], with x[-1] := x[0] as Kaldi
+                torch.mul(frames[:, :-1], preemphasis, out=scaled[:r])
+                torch.sub(frames[:, 1:], scaled[:r], out=out[:, 1:])
+                torch.sub(frames[:, :1], preemphasis * frames[:, :1], out=out[:, :1])
+            else:
+                out.copy_(frames)
+            out.mul_(window)
+            spectrum = torch.view_as_real(torch.fft.rfft(padded[:r]))  # (r, n_fft // 2 + 1, 2)
+            re, im = spectrum[..., 0], spectrum[..., 1]
+            power = re * re + im * im  # (r, K + 1), re² + im² (bit-identical to summing the squares, ~18x faster)
+            if not use_power:
+                power = power.sqrt()  # magnitude
+            fbank[n, start:start + r] = (power @ banks).clamp_min(EPSILON).log()  # (r, M), float64 -> float32
     return fbank[0] if waveform.dim() == 1 else fbank
 
 
@@ -167,10 +186,15 @@ def clip_fbank(
     x = torch.as_tensor(waveform)
     if not x.is_floating_point():
         raise ValueError(f"waveform must be float samples in [-1, 1], got dtype {x.dtype}")
+    if x.dim() == 2:  # clip by clip into one array: the float64 copy of a whole batch would not stay in cache
+        out = np.empty((x.shape[0], target_length, num_mel_bins), dtype=np.float32)
+        for i, clip in enumerate(x):
+            out[i] = clip_fbank(clip, sample_rate, target_length, num_mel_bins)
+        return out
     x = x.to(torch.float64)
     # faithful: CAV-MAE's `waveform - waveform.mean()`; after the per-frame DC removal it only changes rounding
     x = x - x.mean(dim=-1, keepdim=True)
-    fbank = kaldi_fbank(x, sample_rate, num_mel_bins)  # (N, F, M) or (F, M)
+    fbank = kaldi_fbank(x, sample_rate, num_mel_bins)  # (F, M)
     return pad_or_cut(fbank, target_length).numpy(force=True).astype(np.float32, copy=False)
 
 

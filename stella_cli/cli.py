@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import MutableMapping
 from pathlib import Path
 from typing import Optional
 
@@ -25,8 +26,27 @@ def _root() -> None:
     """STELLA: continual audio-video pre-training (ICML 2024), its baselines and evaluation."""
 
 
+# OpenMP waiting (README "Speed where users wait"). torch's OpenMP (libgomp) lets a thread that waits for the others
+# spin for 300000 iterations (milliseconds) before it sleeps: on a busy CPU (a laptop, CI, a shared server) the
+# spinning threads take the cores from the ones doing the work. PASSIVE sleeps at once and pays a wake-up per
+# parallel region when idle. Demo steps on 2 cores (benchmarks/bench_threads.py): with other jobs running, 300000
+# spins 2.00 s, 1000 spins 0.21 s, PASSIVE 0.18 s; quiet, 300000 spins 0.104 s, 1000 spins 0.105 s, PASSIVE 0.143 s.
+# Waiting never changes a number: results stay bit-identical for the same seed and thread count.
+OPENMP_DEFAULTS = {"GOMP_SPINCOUNT": "1000"}
+OPENMP_USER_KEYS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
+
+
+def set_openmp_defaults(env: MutableMapping[str, str] | None = None) -> None:
+    """Set OPENMP_DEFAULTS unless the user chose a wait policy; must run before torch loads (libgomp reads its
+    environment once).  Thread count: torch's default (one per core) or the user's OMP_NUM_THREADS."""
+    env = os.environ if env is None else env
+    if not any(k in env for k in OPENMP_USER_KEYS):
+        env.update(OPENMP_DEFAULTS)
+
+
 def main() -> None:
     """Run the CLI; an expected failure is one line and its exit code (errors.py), anything else a traceback."""
+    set_openmp_defaults()  # before any command imports torch
     from stella_cli.errors import Interrupted, StellaError, rank_prefix
 
     try:

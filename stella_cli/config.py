@@ -102,6 +102,7 @@ class StellaConfig:
     # patch-selection ablation (baselines_spec §2.13): full (the paper's method) | random (uniform patches and
     # audio chunks, no AVM) | importance (AVM importance, no RCA pruning) | correlation (RCA pruning, uniform choice)
     selection: str = "full"
+    frozen_bf16: bool = False  # speed, not bit-identical: frozen scoring passes (Steps A-C's joint codes) in bf16
 
 
 @dataclass

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stella_cli.config import AVMConfig, MethodConfig, num_core_tokens
-from stella_cli.model import AVM, CAVMAE, audio_patches, load_avm_checkpoint, matching_loss, video_patches
+from stella_cli.model import (AVM, CAVMAE, audio_patches, frozen_autocast, load_avm_checkpoint, matching_loss,
+                              video_patches)
 from stella_cli.replay import ReservoirBuffer
 from stella_cli.scoring import candidates, correlation_probs, patch_importance, query_prototypes
 from stella_cli.select import (PlusSelection, first_iteration_order, gather_patches, prune_mask, select_audio_chunks,
@@ -174,9 +175,12 @@ class Stella(Method):
         s = self.cfg.stella
         # Step A (spec §3.1): frozen unimodal codes, no masking, no graph
         with torch.no_grad():
-            c_a, c_v = self.backbone.unimodal_codes(audio, video)  # (B, L_A, D), (B, L_V, D)
-            # Step B (spec §3.2): localized patch importance from the AVM's attention logits
-            e_a, e_v = self.backbone.joint_codes(c_a, c_v)
+            with frozen_autocast(audio.device, s.frozen_bf16):  # default off: fp32 (or the step's AMP)
+                c_a, c_v = self.backbone.unimodal_codes(audio, video)  # (B, L_A, D), (B, L_V, D)
+                # Step B (spec §3.2): localized patch importance from the AVM's attention logits
+                e_a, e_v = self.backbone.joint_codes(c_a, c_v)
+            if s.frozen_bf16:
+                c_a, c_v, e_a, e_v = c_a.float(), c_v.float(), e_a.float(), e_v.float()
             att = self.avm.attention_logits(e_a, e_v)
         self.check_finite("AVM logits S_av", att["S_av"])
         self.check_finite("AVM logits S_va", att["S_va"])
@@ -187,7 +191,8 @@ class Stella(Method):
                                 1 / att["S_va"].shape[-1])  # (B, L_A)
         C_v, C_a = candidates(I_v, self.K_V), candidates(I_a, self.K_A)  # (B, K_V), (B, K_A)
         # Step C (spec §3.3): train the AVM on the current clips, backbone frozen
-        loss_vam = s.matching_loss_weight * matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"])
+        loss_vam = s.matching_loss_weight * matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"],
+                                                          joint=(e_a, e_v), frozen_bf16=s.frozen_bf16)
         # Step D (spec §3.4): importance-weighted query prototypes
         q_bar_v = query_prototypes(att["q_v"], I_v, C_v)  # (B, H, d_h)
         q_bar_a = query_prototypes(att["q_a"], I_a, C_a)  # (B, H, d_h)

@@ -14,6 +14,7 @@ dicts load key for key (`load_authors_checkpoint`). Masks follow MAE: True = rem
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 from typing import Any, Mapping, NamedTuple
@@ -619,16 +620,36 @@ def matching_pairs(B: int, generator: torch.Generator | None = None,
     return labels, video_index
 
 
+def frozen_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for STELLA's frozen passes when method.stella.frozen_bf16 is on; otherwise no context at all
+    (an autocast(enabled=False) would switch off the training step's own AMP)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+
+
 def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
-                  generator: torch.Generator | None = None) -> Tensor:
+                  generator: torch.Generator | None = None, joint: tuple[Tensor, Tensor] | None = None,
+                  frozen_bf16: bool = False) -> Tensor:
     """spec §2.4: BCE-with-logits of the AVM on (audio, possibly swapped video) codes through the frozen joint pass.
 
     c_a (B, L_A, D), c_v (B, L_V, D) unimodal codes.  Only the AVM gets gradients.  Unweighted (the caller
-    multiplies by matching_loss_weight).
+    multiplies by matching_loss_weight).  joint: the caller's joint pass on the same, unswapped codes (e_a, e_v),
+    if it has one; the positive rows then come from it and only the negatives run the fusion layers again (every
+    fusion op works per clip, so the loss is bit-identical; with B <= 2 every row is positive: no second pass).
+    frozen_bf16: the frozen joint pass under bf16 autocast, its codes returned in float32 (method.stella.frozen_bf16).
     """
     labels, video_index = matching_pairs(c_a.shape[0], generator, c_a.device)
-    with torch.no_grad():
-        e_a, e_v = backbone.joint_codes(c_a, c_v[video_index])
+    with torch.no_grad(), frozen_autocast(c_a.device, frozen_bf16):
+        if joint is None:
+            e_a, e_v = backbone.joint_codes(c_a, c_v[video_index])
+        else:
+            e_a, e_v = joint
+            swapped = (video_index != torch.arange(len(video_index), device=c_a.device)).nonzero().flatten()
+            if len(swapped):  # the negatives: audio b with another clip's video
+                s_a, s_v = backbone.joint_codes(c_a[swapped], c_v[video_index[swapped]])
+                e_a = e_a.index_copy(0, swapped, s_a.to(e_a.dtype))
+                e_v = e_v.index_copy(0, swapped, s_v.to(e_v.dtype))
+    if frozen_bf16:
+        e_a, e_v = e_a.float(), e_v.float()
     logits = avm(e_a, e_v)
     with torch.autocast(logits.device.type, enabled=False):
         return F.binary_cross_entropy_with_logits(logits.float(), labels)

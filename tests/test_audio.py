@@ -216,3 +216,20 @@ def test_normalisation_constants():
     t = normalize_fbank(torch.tensor([1.0]), mean=1.0, std=2.0)
     assert isinstance(t, torch.Tensor) and t.item() == 0.0
     assert normalize_fbank(torch.tensor([3.0]), mean=1.0, std=2.0).item() == 1.0
+
+
+def test_blocks_of_frames_and_batches_change_no_bit():
+    """kaldi_fbank works in blocks of frames, clip by clip; the result is bit for bit the one-shot computation."""
+    g = torch.Generator().manual_seed(5)
+    x = 0.1 * torch.randn(2, 5 * 16000, generator=g, dtype=torch.float64)  # (N, S): 498 frames, two blocks of 256
+    frames = x.unfold(-1, 400, 160)  # the whole (N, F, W) at once, as the code before issue 13 did
+    frames = frames - frames.mean(dim=-1, keepdim=True)
+    frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
+    frames = frames * torch.hann_window(400, periodic=False, dtype=torch.float64)
+    power = torch.view_as_real(torch.fft.rfft(frames, n=512)).square().sum(dim=-1)  # (N, F, 257)
+    banks = mel_banks(16000, 512, 128, 20.0, 0.0, torch.device("cpu"), torch.float64)
+    one_shot = (power @ banks).clamp_min(torch.finfo(torch.float32).eps).log().float()  # (N, F, M)
+    assert torch.equal(kaldi_fbank(x, 16000), one_shot)
+    assert torch.equal(kaldi_fbank(x[1], 16000), one_shot[1])
+    stored = clip_fbank(x.float().numpy(), 16000, target_length=512)  # (N, 512, M)
+    assert np.array_equal(stored[1], clip_fbank(x[1].float().numpy(), 16000, target_length=512))

@@ -51,7 +51,8 @@ def test_token_counts_and_frozen_passes_at_the_paper_sizes():
         trained = [c for c in calls if c[2]]
         # Step A: unimodal codes over every token; Step B + the matching loss: joint passes over 512 + 784 tokens
         assert {(n, L) for n, L, _ in frozen} == {("blocks_a", 512), ("blocks_v", 784), ("blocks_u", 1296)}
-        assert len([c for c in frozen if c[0] == "blocks_u"]) == 2  # scoring pass + matching-loss pass
+        # one joint pass: with B = 2 the matching loss has only positives, whose joint codes are the scoring pass's
+        assert len([c for c in frozen if c[0] == "blocks_u"]) == 1
         # Step G on the core patches: modality layers, joint fusion, per-modality contrastive passes, decoder
         assert {(n, L) for n, L, _ in trained} == {("blocks_a", 102), ("blocks_v", 156), ("blocks_u", 258),
                                                    ("blocks_u", 102), ("blocks_u", 156), ("decoder_blocks", 256),
@@ -125,3 +126,21 @@ def test_finetune_is_the_plain_backbone_objective():
     losses = method.step(batch(sizes=dict(num_frames=2, image_size=32, target_length=64, num_mel_bins=32)))
     assert set(losses) == {"loss_mae_a", "loss_mae_v", "loss_con"}
     assert not hasattr(method, "buffer") and not hasattr(method, "avm")
+
+
+def test_frozen_bf16_runs_the_frozen_passes_in_bf16_and_trains_in_fp32():
+    """method.stella.frozen_bf16 (speed option, off by default): Steps A-C's frozen passes in bf16, the rest fp32."""
+    from stella_cli.config import StellaConfig
+
+    dtypes = {}
+    for bf16 in (False, True):
+        method = make_method(Stella, stella=StellaConfig(frozen_bf16=bf16))
+        seen = []
+        for blocks in (method.backbone.blocks_v, method.backbone.blocks_u):  # the matmuls' dtype
+            blocks[0].attn.qkv.register_forward_hook(lambda m, inp, out: seen.append((out.dtype, out.requires_grad)))
+        for step in range(2):
+            losses = method.step(batch(seed=step))
+            assert all(v.dtype == torch.float32 and torch.isfinite(v) for v in losses.values())
+        dtypes[bf16] = {d for d, grad in seen if not grad}, {d for d, grad in seen if grad}
+    assert dtypes[False] == ({torch.float32}, {torch.float32})
+    assert dtypes[True] == ({torch.bfloat16}, {torch.float32})

@@ -499,6 +499,30 @@ def test_matching_pairs():
     assert torch.allclose(loss, F.binary_cross_entropy_with_logits(logits, labels), atol=1e-6)
 
 
+def test_matching_loss_reusing_the_scoring_joint_pass_is_bit_identical():
+    """STELLA passes its Step B joint pass (unswapped codes): the positives come from it, only the negatives run the
+    fusion layers again, and the loss and the AVM's gradients are the same to the last bit."""
+    model, avm = tiny_model(), AVM(64, 4)
+    c_a, c_v = model.unimodal_codes(*inputs(B=5))
+    c_a, c_v = c_a.detach(), c_v.detach()
+    with torch.no_grad():
+        joint = model.joint_codes(c_a, c_v)
+    rows = []
+    model.blocks_u[0].register_forward_hook(lambda m, inp, out: rows.append(out.shape[0]))
+    results = []
+    for shared in (None, joint):
+        avm.zero_grad()
+        loss = matching_loss(model, avm, c_a, c_v, gen(4), joint=shared)
+        loss.backward()
+        results.append((loss.detach(), [p.grad.clone() for p in avm.parameters()]))
+    assert rows == [5, 5 - 5 // 2]  # a full second pass before; now the 3 negatives only
+    assert torch.equal(results[0][0], results[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(results[0][1], results[1][1]))
+    rows.clear()
+    matching_loss(model, avm, c_a[:2], c_v[:2], gen(4), joint=(joint[0][:2], joint[1][:2]))
+    assert rows == []  # B <= 2: every row is a positive, no second pass at all
+
+
 def test_classifier_head():
     torch.manual_seed(0)
     head = Classifier(128, 5)
