@@ -103,13 +103,14 @@ def peak_rss_bytes() -> int:
 
 
 def all_methods() -> list[str]:
-    """Every registered method once: names that are the same learner as an earlier one (multitask = finetune on
-    the union of the tasks, the same step) are left out of `all`."""
+    """Every continual-learning method once: names that are the same learner as an earlier one (multitask =
+    finetune on the union of the tasks, the same step) are left out of `all`, and so is `avm_pretrain`, a
+    preparation step of the initialisation chain (it needs a pre-trained backbone), not a compared method."""
     from stella_cli.methods import METHODS
 
     names: list[str] = []
     for name, cls in METHODS.items():
-        if not any(METHODS[n] is cls for n in names):
+        if name != "avm_pretrain" and not any(METHODS[n] is cls for n in names):
             names.append(name)
     return names
 
