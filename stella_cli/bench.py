@@ -33,6 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from stella_cli.errors import StellaError
+
 SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # the paper's inputs
 REFERENCE = "derpp"  # the paper's efficiency table compares with DER++
 ATTENTIONS = ("sdpa", "math")
@@ -209,7 +211,7 @@ def measure_in_subprocess(method: str, **options: Any) -> dict[str, Any]:
     done = subprocess.run([sys.executable, "-m", "stella_cli.bench", spec], capture_output=True, text=True)
     if done.returncode != 0:
         tail = (done.stderr.strip().splitlines() or ["(no output)"])[-1]
-        raise RuntimeError(f"stella bench: {method} failed (exit {done.returncode}): {tail}")
+        raise StellaError(f"stella bench: {method} failed (exit {done.returncode}): {tail}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
