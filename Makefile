@@ -1,10 +1,11 @@
-# Two entry points (README): `make demo` runs the main job on the embedded default, `make test` the test suite.
+# Entry points (README): `make reproduce` runs the synthetic table (every method), `make demo` STELLA alone on the
+# embedded default, `make test` the test suite.
 # Each creates .venv if it is missing. TORCH can be overridden, e.g. TORCH="torch==2.13.0 --index-url ...".
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 TORCH  ?= torch==2.13.0
 
-.PHONY: demo test venv test-media clean
+.PHONY: demo reproduce test venv test-media clean
 
 venv: $(VENV)/.installed
 
@@ -18,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/stella prep synthetic
 	$(VENV)/bin/stella train recipes/synthetic.yaml
+
+reproduce: venv
+	$(VENV)/bin/stella reproduce
 
 test-media: venv
 	bash scripts/get_test_media.sh $(VENV)

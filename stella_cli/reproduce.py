@@ -54,9 +54,9 @@ TABLES: dict[str, TableSpec] = {
     # The laptop default: every method of the paper on the synthetic stream, one seed at a reduced budget
     # (README "Reproducing the tables" states what it runs and what it shows); --full: 3 seeds, recipe budget.
     "synthetic": TableSpec("synthetic", PAPER_METHODS, "retrieval", synthetic=True,
-                           overrides=("train.epochs=5",)),
+                           overrides=("train.epochs=10",)),
     "synthetic-ablation": TableSpec("synthetic_ablation", ABLATION_VARIANTS, "ablation", synthetic=True,
-                                    overrides=("train.epochs=5",)),
+                                    overrides=("train.epochs=10",)),
     "vggsound-retrieval": TableSpec("vggsound", PAPER_METHODS, "retrieval", seeds=(2021, 2022, 2023)),
     "audioset-retrieval": TableSpec("audioset", PAPER_METHODS, "retrieval", seeds=(2021, 2022, 2023)),
     "ablation": TableSpec("vggsound_ablation", ABLATION_VARIANTS, "ablation", seeds=(2021, 2022, 2023)),
