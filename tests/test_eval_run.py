@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_synthetic
 from stella_cli import eval_run
-from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -26,9 +26,7 @@ FAST_HEADS = ["eval.classification.epochs=3", "eval.classification.timem=24", "e
 def data_root(tmp_path_factory) -> Path:
     """4 classes in 2 tasks, 8 train clips per class."""
     out = tmp_path_factory.mktemp("synth")
-    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
-                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=2,
-                                         retrieval_per_class=3))
+    tiny_synthetic(out, test_per_class=2)
     return out
 
 

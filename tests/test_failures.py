@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_synthetic
 from stella_cli.config import load_recipe
-from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,9 +30,7 @@ PREP_FIX = Path(__file__).parent / "data" / "prep"
 def data_root(tmp_path_factory) -> Path:
     """2 tasks of 2 classes, 8 train clips per class: 16 clips, 4 steps per task at batch 4."""
     out = tmp_path_factory.mktemp("synth")
-    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
-                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
-                                         retrieval_per_class=3))
+    tiny_synthetic(out)
     return out
 
 

@@ -13,12 +13,12 @@ import torch
 
 from typer.testing import CliRunner
 
+from conftest import tiny_synthetic
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.init_chain import convert_mae_for_recipe
 from stella_cli.methods import METHODS, AVMPretrain
 from stella_cli.model import AVM, CAVMAE, load_authors_checkpoint, load_avm_checkpoint
-from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import TrainingInterrupted, build_method, build_optimizer, run
 from test_model import fake_mae_state_dict
 
@@ -183,9 +183,7 @@ def test_avm_pretrain_uses_stellas_matching_loss():
 def data_root(tmp_path_factory) -> Path:
     """4 classes in 2 tasks, 8 train clips per class: the union is 8 steps per epoch at batch 4."""
     out = tmp_path_factory.mktemp("synth")
-    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
-                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
-                                         retrieval_per_class=3))
+    tiny_synthetic(out)
     return out
 
 

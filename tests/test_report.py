@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from conftest import tiny_synthetic
 from stella_cli import report
 from stella_cli.evaluate import write_results
-from stella_cli.synth import SynthConfig, prepare_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "250"}  # rich: no wrapping
@@ -224,9 +224,7 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
 
     tmp = tmp_path_factory.mktemp("report_runs")
     data = tmp / "data"
-    prepare_synthetic(data, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
-                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
-                                         retrieval_per_class=3))
+    tiny_synthetic(data)
     tiny = [f"data.root={data}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
             "train.epochs=1", "train.batch_size=4"]
     runs = {"stella": tmp / "stella", "stella+": tmp / "stella_plus"}

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import tiny_synthetic
 from stella_cli.config import load_recipe, recipe_to_yaml
 from stella_cli.reproduce import PAPER_METHODS, TABLES, chance_line, select_names
-from stella_cli.synth import SynthConfig, prepare_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
@@ -27,9 +27,7 @@ def stella(*args: str, cwd: Path) -> subprocess.CompletedProcess:
 def workspace(tmp_path_factory) -> Path:
     """Tiny synthetic data and a recipes folder whose synthetic_<method>.yaml extend the real ones."""
     tmp = tmp_path_factory.mktemp("reproduce")
-    prepare_synthetic(tmp / "data", seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
-                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
-                                         retrieval_per_class=3))
+    tiny_synthetic(tmp / "data")
     (tmp / "recipes").mkdir()
     for method in ("finetune", "stella"):
         real = ROOT / "recipes" / ("synthetic.yaml" if method == "stella" else f"synthetic_{method}.yaml")

@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import tiny_synthetic
 from stella_cli.config import load_recipe
 from stella_cli.errors import DivergenceError
-from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import TrainingInterrupted, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -27,9 +27,7 @@ TASKS = ["task1", "task2"]
 def data_root(tmp_path_factory) -> Path:
     """4 classes in 2 tasks, 8 train clips per class: 4 steps per epoch at batch 4."""
     out = tmp_path_factory.mktemp("synth")
-    prepare_synthetic(out, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,
-                      config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=1,
-                                         retrieval_per_class=3))
+    tiny_synthetic(out)
     return out
 
 
