@@ -352,7 +352,7 @@ def buffer(
     if show:
         from stella_cli.plots import buffer_figures
 
-        for written in buffer_figures(run_dir, show, out, checkpoint):
+        for written in buffer_figures(run_dir, show, out, checkpoint, buffer=state["method_extra"]["buffer"]):
             console.print(f"wrote {written}")
 
 

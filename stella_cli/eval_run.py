@@ -26,7 +26,7 @@ from stella_cli.cache import atomic_write_text
 from stella_cli.config import Recipe, RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
 from stella_cli.data import check_prepared
 from stella_cli.heads import TaskSkipped
-from stella_cli.model import CAVMAE, load_authors_checkpoint
+from stella_cli.model import CAVMAE, is_run_checkpoint, load_authors_checkpoint
 
 console = Console()
 STREAM_TASKS = ("retrieval", "localisation")  # tasks scored on the recipe's own retrieval split
@@ -153,7 +153,7 @@ def load_checkpoint(path: Path, recipe: Recipe, device: torch.device) -> Loaded:
     d = recipe.data
     backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
     state = _load(path)
-    if isinstance(state, dict) and "model" in state and "method" in state:
+    if is_run_checkpoint(state):
         backbone.load_state_dict(state["model"])
         loaded = Loaded(backbone, dict(state["method"]), state.get("position", {}).get("step"))
     else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import shutil
 from pathlib import Path
 from typing import Any
@@ -144,8 +145,7 @@ def run_msrvtt(ctx) -> tuple[dict[str, Any], list[list[str]]]:
         eval=dataclasses.replace(r.eval, retrieval=True), output=OutputConfig(dir=str(transfer_dir / "run")))
     log(ctx, f"msrvtt: {cfg.epochs} epochs of MAE + contrastive training on {root} ({', '.join(tasks)})")
     run_dir = train_run(recipe, quiet=ctx.quiet)
-    after = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
-    after = after["position"]["history"][-1]["scores"]
+    after = json.loads((run_dir / "results" / "retrieval.json").read_text())["rows"][-1]["scores"]
     metrics = {}
     table = [["transfer", "A->V R@1", "R@5", "R@10", "MedR", "V->A R@1", "R@5", "R@10", "MedR"]]
     for name, scores in (("before", before), ("after", after)):

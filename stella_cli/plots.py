@@ -393,9 +393,11 @@ def task_checkpoints(run_dir: Path) -> list[Path]:
     return sorted((Path(run_dir) / "checkpoints").glob("task[0-9][0-9]_*.pt"))
 
 
-def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoint: str = "latest.pt") -> list[Path]:
+def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoint: str = "latest.pt",
+                   buffer: dict | None = None) -> list[Path]:
     """`stella buffer RUN --show N`: N clip figures from `checkpoint` and the composition over the stream
-    (each task checkpoint's buffer, or `checkpoint` alone when there are none). Default out: RUN/plots/buffer."""
+    (each task checkpoint's buffer, or `checkpoint` alone when there are none). Default out: RUN/plots/buffer.
+    `buffer`: that checkpoint's buffer when the caller has read it already (`stella buffer` has)."""
     import torch
 
     from stella_cli.cache import read_meta
@@ -419,7 +421,8 @@ def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoin
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no such checkpoint")
-    buffer = load_buffer(path)
+    if buffer is None:
+        buffer = load_buffer(path)
     fields = {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy() for k, v in buffer["fields"].items()}
     filled = next(iter(fields.values())).shape[0] if fields else 0
     task = fields.get("task")
