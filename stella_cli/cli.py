@@ -62,7 +62,8 @@ def main() -> None:
 
 @app.command()
 def prep(
-    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | ave | avs | msrvtt"),
+    dataset: str = typer.Argument("synthetic", help="synthetic | vggsound | audioset | audioset20k | ave | avs | "
+                                                    "msrvtt"),
     out: Optional[Path] = typer.Option(None, help="Output data folder (default: data/synthetic for synthetic)."),
     list_file: Optional[str] = typer.Option(
         None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
@@ -73,6 +74,11 @@ def prep(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
     labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name)."),
     masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs."),
+    subset: str = typer.Option("tasks", help="vggsound | audioset: tasks (the continual task split) | unused "
+                                             "(VGGSound clips the tasks leave out) | all (every clip: VGGSound "
+                                             "'Origin', AudioSet-20K)."),
+    vggsound: Optional[Path] = typer.Option(None, help="audioset20k only: the prepared VGGSound task split whose "
+                                                       "unused clips join AudioSet-20K."),
     workers: int = typer.Option(2, help="Parallel worker processes."),
     frames_format: str = typer.Option("raw", help="Frame cache: raw (uint8 memmap, fastest) | jpeg (~5x smaller)."),
     seed: int = typer.Option(0, help="Synthetic only: generator seed."),
@@ -89,18 +95,23 @@ def prep(
 
     if dataset == "synthetic":
         out = out or DEFAULT_SYNTHETIC_OUT
-    elif dataset not in ("vggsound", "audioset", "ave", "avs", "msrvtt"):
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, ave, avs "
-                         "or msrvtt")
+    elif dataset not in ("vggsound", "audioset", "audioset20k", "ave", "avs", "msrvtt"):
+        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, "
+                         "audioset20k, ave, avs or msrvtt")
     elif out is None:
         raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
     if workers < 0:
         raise ValueError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
+    if subset != "tasks" and dataset not in ("vggsound", "audioset"):
+        raise ValueError(f"stella prep {dataset}: --subset is for vggsound and audioset only")
+    if (vggsound is not None) != (dataset == "audioset20k"):
+        raise ValueError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
+                         "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
     fresh = not out.exists() or not any(out.iterdir())
     try:
         summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
                                   labels=labels, masks=masks, workers=workers, frames_format=frames_format, seed=seed,
-                                  fmt=fmt, heldout=heldout, quiet=quiet)
+                                  fmt=fmt, heldout=heldout, quiet=quiet, subset=subset, vggsound=vggsound)
     except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
         raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
                           f"command again to continue") from None
@@ -116,7 +127,8 @@ def prep(
 
 def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: Optional[Path],
                     categories: Optional[Path], labels: Optional[Path], masks: Optional[Path], workers: int,
-                    frames_format: str, seed: int, fmt: str, heldout: bool, quiet: bool) -> dict:
+                    frames_format: str, seed: int, fmt: str, heldout: bool, quiet: bool, subset: str = "tasks",
+                    vggsound: Optional[Path] = None) -> dict:
     """`stella prep DATASET`: the one preparing function of each dataset (its summary dict)."""
     if dataset == "synthetic":
         from stella_cli.synth import prepare_synthetic
@@ -134,7 +146,12 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
         from stella_cli.prep import prepare_real
 
         return prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories, labels=labels,
-                            workers=workers, frames_format=frames_format, progress=not quiet)
+                            workers=workers, frames_format=frames_format, progress=not quiet, subset=subset)
+    if dataset == "audioset20k":  # the init chain's step 2: AudioSet-20K + the VGGSound clips the tasks leave out
+        from stella_cli.prep_init import prepare_audioset20k
+
+        return prepare_audioset20k(out, list_file=list_file, root=root, labels=labels, vggsound=vggsound,
+                                   workers=workers, frames_format=frames_format, progress=not quiet)
     if root is None:
         raise ValueError(f"stella prep {dataset}: --root VIDEOS is required")
     if dataset == "ave":

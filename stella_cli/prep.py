@@ -7,6 +7,13 @@ Task split (stella_spec §5.2, the authors' tools/{vggsound,audioset}/data_prepr
             retrieval split keeps every class of the task (spec §6.1), 5 clips per class.
   AudioSet  7 tasks human, vehicle, nature, animal, others, home, music; a clip's labels are cut to the classes
             of the category table, and a clip whose remaining labels fall in more than one task is excluded.
+Subsets (`--subset`) for the initialisation chain (stella_spec §1.9, §2.5):
+  tasks     the continual task split above (default).
+  unused    VGGSound only: the clips the task split leaves out (train: every clip of the classes beyond the first
+            20 of a task, and the clips over the 400-clip cap; test: the test clips of those classes), the
+            authors' vgg_unused_cleaned_shrink8.csv (tools/vggsound/data_preprocess/split_vggsound.py).
+  all       every clip of the lists: VGGSound's 'Origin' (every class trained, no cap) or, for AudioSet, every
+            class of the label csv as one task "all" (AudioSet-20K; no category table needed).
 Clip lists: CAV-MAE json (+ label csv), the authors' header-less STELLA csv, or a folder of raw clips.
 Each split is decoded by `prepare_split` (media.decode_clip + audio.clip_fbank) into the cache.py layout;
 prep_report.json lists every clip left out and why.
@@ -45,6 +52,7 @@ AUDIOSET_TASKS = ["human", "vehicle", "nature", "animal", "others", "home", "mus
 CLASSES_PER_TASK = 20  # spec §5.2 (VGGSound)
 MAX_TRAIN_PER_CLASS = 400
 RETRIEVAL_PER_CLASS = 5  # used when the retrieval list is derived from the test list
+SUBSETS = ("tasks", "unused", "all")
 MEDIA_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv"}
 KNOWN_LISTS = {  # file names of the CAV-MAE jsons and of the authors' csvs, looked up in a --list folder
     "vggsound": {"train": ["vgg_train_cleaned.json", "vgg_train_cleaned_shrink8.csv", "vgg_train_cleaned.csv"],
@@ -363,10 +371,12 @@ def _task_of(dataset: str, name: str, category: str) -> str:
 
 def assign_split(split: str, entries: list[_Entry], classes: list[ClassInfo], media_index: MediaIndex, *,
                  known_refs: set[str], max_per_class: int | None, retrieval_all_classes: bool,
-                 label_file: Path | None) -> tuple[list[ClipSource], list[dict[str, str]], Counter]:
+                 label_file: Path | None, unused: bool = False
+                 ) -> tuple[list[ClipSource], list[dict[str, str]], Counter]:
     """Resolve each entry's classes, apply the task rules, find its media file; keep list order (spec §5.2).
 
     known_refs: every mid of the label csv (AudioSet classes outside the category table are known but unused).
+    unused: keep exactly the clips the task split drops for their class or the cap (`--subset unused`).
     Returns the clips, the entries without a media file, and counts of entries excluded by the rules.
     """
     by_ref = {c.mid: c for c in classes} | {canon(c.name): c for c in classes}
@@ -387,7 +397,7 @@ def assign_split(split: str, entries: list[_Entry], classes: list[ClassInfo], me
             continue
         primary = hits[0]
         # faithful: the retrieval split keeps every class of a task, also those not trained (spec §6.1)
-        if not primary.trained and not (split == "retrieval" and retrieval_all_classes):
+        if not primary.trained and not (split == "retrieval" and retrieval_all_classes) and not unused:
             excluded["class not trained (beyond the first classes of its task)"] += 1
             continue
         if e.clip_id in seen:
@@ -398,10 +408,14 @@ def assign_split(split: str, entries: list[_Entry], classes: list[ClassInfo], me
         if path is None:
             missing.append({"clip_id": e.clip_id, "source": e.where, "reason": "no media file under --root"})
             continue
-        if max_per_class is not None and per_class[primary.index] >= max_per_class:
+        over_cap = max_per_class is not None and per_class[primary.index] >= max_per_class
+        per_class[primary.index] += 1
+        if unused and primary.trained and not over_cap:
+            excluded["used by the continual tasks"] += 1
+            continue
+        if over_cap and not unused:
             excluded[f"over the {max_per_class}-clip cap of its class"] += 1
             continue
-        per_class[primary.index] += 1
         clips.append(ClipSource(e.clip_id, str(path), primary.index, [c.index for c in hits], primary.category,
                                 primary.task))
     return clips, missing, excluded
@@ -438,10 +452,14 @@ class MediaIndex:
 def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, categories: Path | None = None,
               labels: Path | None = None, classes_per_task: int = CLASSES_PER_TASK,
               max_train_per_class: int = MAX_TRAIN_PER_CLASS, retrieval_per_class: int = RETRIEVAL_PER_CLASS,
-              retrieval_all_classes: bool = True) -> Plan:
-    """Read the inputs and build the task split, without decoding anything."""
+              retrieval_all_classes: bool = True, subset: str = "tasks") -> Plan:
+    """Read the inputs and build the task split (or another `subset`, see the module docstring), without decoding
+    anything."""
     if dataset not in KNOWN_LISTS:
         raise ValueError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
+    if subset not in SUBSETS or (subset == "unused" and dataset != "vggsound"):
+        choices = SUBSETS if dataset == "vggsound" else ("tasks", "all")
+        raise ValueError(f"--subset {subset}: {dataset} subsets are {', '.join(choices)}")
     if root is None or not Path(root).is_dir():
         raise FileNotFoundError(f"--root {root}: folder of media files not found")
     root = Path(root)
@@ -453,38 +471,59 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
         for r in label_rows:
             if not r["mid"]:
                 raise ValueError(f"{labels}:{r['line']}: a label csv needs the header index,mid,display_name")
-    if categories is None:
-        if not (label_rows and all(r["category"] for r in label_rows)):
-            raise FileNotFoundError(f"stella prep {dataset}: --categories is required (" + (
-                "VGGSound's stat.csv: name,count,category" if dataset == "vggsound" else
-                "the authors' tools/audioset/__init__.py, or a csv with header display_name,category") + ")")
-        table = {}
-    else:
-        table = read_category_table(categories, dataset)
     warnings: list[str] = []
-    classes = build_classes(dataset, table, label_rows, classes_per_task, warnings, labels)
+    every_class = dataset == "audioset" and subset == "all"  # AudioSet-20K: all 527 classes, no category rules
+    if every_class:
+        if label_rows is None:
+            raise FileNotFoundError("stella prep audioset --subset all: --labels is required (the CAV-MAE label "
+                                    "csv, class_labels_indices.csv)")
+        classes = [ClassInfo(r["name"], r["mid"], "all", "all", True, i) for i, r in enumerate(label_rows)]
+    else:
+        if categories is None:
+            if not (label_rows and all(r["category"] for r in label_rows)):
+                raise FileNotFoundError(f"stella prep {dataset}: --categories is required (" + (
+                    "VGGSound's stat.csv: name,count,category" if dataset == "vggsound" else
+                    "the authors' tools/audioset/__init__.py, or a csv with header display_name,category") + ")")
+            table = {}
+        else:
+            table = read_category_table(categories, dataset)
+        per_task = 10**9 if subset == "all" else classes_per_task  # 'Origin': every class is trained
+        classes = build_classes(dataset, table, label_rows, per_task, warnings, labels)
     known_refs = {r["mid"] for r in label_rows} if label_rows else set()
     entries = {s: read_clip_list(p) for s, p in lists.items()} if lists else scan_folder(root)
     index = MediaIndex(root)
-    derive = not entries.get("retrieval")
-    if derive:  # CAV-MAE's retrieval list is 5 test clips per class: derive it the same way
-        entries["retrieval"] = entries.get("test", [])
+    derive = not entries.get("retrieval") or subset == "unused"
+    if subset == "unused" and entries.get("retrieval"):
+        warnings.append("--subset unused: the retrieval list is not used (its clips are the continual tasks' "
+                        f"gallery); the first {retrieval_per_class} unused test clips per class are")
+    elif derive:  # CAV-MAE's retrieval list is 5 test clips per class: derive it the same way
         warnings.append(f"no retrieval list: the first {retrieval_per_class} test clips per class are used")
+    if derive:
+        entries["retrieval"] = entries.get("test", [])
     if not entries.get("test"):
         warnings.append("no test clips: the test and retrieval splits are empty")
     clips, missing, excluded = {}, {}, {}
-    for split in SPLITS:
-        cap = {"train": max_train_per_class if dataset == "vggsound" else None, "test": None,
+    for split in SPLITS if subset != "unused" else ("train", "test"):
+        cap = {"train": max_train_per_class if dataset == "vggsound" and subset != "all" else None, "test": None,
                "retrieval": retrieval_per_class if derive else None}[split]
         clips[split], missing[split], excluded[split] = assign_split(
             split, entries.get(split, []), classes, index, known_refs=known_refs, max_per_class=cap,
-            retrieval_all_classes=retrieval_all_classes, label_file=labels)
+            retrieval_all_classes=retrieval_all_classes, label_file=labels, unused=subset == "unused")
+    if subset == "unused":  # the gallery: the first clips per class of the unused test clips
+        seen: Counter = Counter()
+        clips["retrieval"], missing["retrieval"], excluded["retrieval"] = [], [], Counter()
+        for c in clips["test"]:
+            seen[c.label] += 1
+            if seen[c.label] <= retrieval_per_class:
+                clips["retrieval"].append(c)
+            else:
+                excluded["retrieval"][f"beyond the first {retrieval_per_class} test clips of its class"] += 1
     sources = {"lists": {s: str(p) for s, p in lists.items()} or f"folder {root}", "root": str(root),
                "categories": str(categories) if categories else None, "labels": str(labels) if labels else None,
                "classes_per_task": classes_per_task, "max_train_per_class": max_train_per_class,
                "retrieval_per_class": retrieval_per_class if derive else None,
-               "retrieval_all_classes": retrieval_all_classes}
-    tasks = VGGSOUND_TASKS if dataset == "vggsound" else AUDIOSET_TASKS
+               "retrieval_all_classes": retrieval_all_classes, "subset": subset}
+    tasks = ["all"] if every_class else VGGSOUND_TASKS if dataset == "vggsound" else AUDIOSET_TASKS
     return Plan(dataset, tasks, classes, clips, missing, excluded, warnings, sources)
 
 
@@ -496,16 +535,24 @@ def prepare_real(dataset: str, *, out: Path, list_file: Any = None, root: Path |
                  categories: Path | None = None, labels: Path | None = None, workers: int = 2,
                  frames_format: str = "raw", progress: bool = True, spec: CacheSpec | None = None,
                  classes_per_task: int = CLASSES_PER_TASK, max_train_per_class: int = MAX_TRAIN_PER_CLASS,
-                 retrieval_per_class: int = RETRIEVAL_PER_CLASS, retrieval_all_classes: bool = True
-                 ) -> dict[str, Any]:
+                 retrieval_per_class: int = RETRIEVAL_PER_CLASS, retrieval_all_classes: bool = True,
+                 subset: str = "tasks") -> dict[str, Any]:
     """`stella prep vggsound|audioset`: plan the split, decode every split, write meta.json, the manifests and
     prep_report.json. Returns {'out', 'splits': {split: {task: n}}, 'skipped': {split: n}, 'seconds', 'bytes'}."""
     t0 = time.perf_counter()
-    spec = replace(spec or CacheSpec(), frames_format=frames_format)
     plan = plan_real(dataset, list_file=list_file, root=root, categories=categories, labels=labels,
                      classes_per_task=classes_per_task, max_train_per_class=max_train_per_class,
-                     retrieval_per_class=retrieval_per_class, retrieval_all_classes=retrieval_all_classes)
-    out = Path(out)
+                     retrieval_per_class=retrieval_per_class, retrieval_all_classes=retrieval_all_classes,
+                     subset=subset)
+    return write_plan(plan, Path(out), replace(spec or CacheSpec(), frames_format=frames_format), workers=workers,
+                      progress=progress, t0=t0)
+
+
+def write_plan(plan: Plan, out: Path, spec: CacheSpec, *, workers: int, progress: bool,
+               t0: float | None = None) -> dict[str, Any]:
+    """Decode a plan's splits into OUT (resumable) with meta.json, the manifests and prep_report.json."""
+    t0 = time.perf_counter() if t0 is None else t0
+    dataset = plan.dataset
     for split in SPLITS:  # refuse a cache made from other lists or settings before touching anything
         _check_rows(out, split, plan.clips[split], spec)
     write_meta(out, {"dataset": dataset, "tasks": plan.tasks, "splits": list(SPLITS), "spec": spec_to_dict(spec),
@@ -639,6 +686,6 @@ def _init_pool_worker(out: str, split: str, n: int, spec: CacheSpec, threads: in
     _init_worker(out, split, n, spec, threads)
 
 
-__all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "read_class_csv",
+__all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "write_plan", "SUBSETS", "read_class_csv",
            "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex", "SPLITS",
            "VGGSOUND_TASKS", "AUDIOSET_TASKS", "OTHERS_PART1"]
