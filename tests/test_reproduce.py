@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_synthetic
 from stella_cli.config import load_recipe, recipe_to_yaml
-from stella_cli.reproduce import PAPER_METHODS, TABLES, chance_line, select_names
+from stella_cli.reproduce import PAPER_METHODS, TABLES, chance_line, scaled_epochs, select_names
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
@@ -46,6 +46,16 @@ def test_every_table_names_its_recipes():
             assert path.is_file(), f"table {name} needs {path}"
     assert select_names(TABLES["synthetic"], "stella+,finetune") == ("finetune", "stella_plus")  # paper order
     assert TABLES["synthetic"].names == PAPER_METHODS and len(PAPER_METHODS) == 11
+
+
+def test_the_laptop_budget_halves_each_recipes_epochs():
+    """10 epochs per task, and 20 over the union for Multitask, which trains on as many clips as a replay method."""
+    recipes = ROOT / "recipes"
+    assert scaled_epochs(recipes / "synthetic_er.yaml", TABLES["synthetic"].epochs_fraction) == ["train.epochs=10"]
+    assert scaled_epochs(recipes / "synthetic_multitask.yaml", 0.5) == ["train.epochs=20"]
+    assert scaled_epochs(recipes / "synthetic_ablation_random.yaml", 0.5) == ["train.epochs=10"]
+    assert scaled_epochs(recipes / "synthetic_er.yaml", 1.0) == []  # --full and the paper's tables: the recipes'
+    assert TABLES["vggsound-retrieval"].epochs_fraction == 1.0
 
 
 @pytest.mark.parametrize("args, message", [
