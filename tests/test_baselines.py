@@ -474,7 +474,9 @@ def test_every_recipe_loads_and_per_dataset_recipes_carry_the_authors_values():
     for method, name in METHOD_NAMES.items():
         synthetic = load_recipe(RECIPES / f"synthetic_{method}.yaml")
         assert synthetic.method.name == name and synthetic.output.dir == f"runs/synthetic_{method}"
-        assert (synthetic.train.epochs, synthetic.train.batch_size, synthetic.method.memory_size) == (20, 16, 200)
+        # Multitask: as many clips as a replay method trains on (B new + B replayed per step), 2 x 20 over the union
+        epochs = 40 if method == "multitask" else 20
+        assert (synthetic.train.epochs, synthetic.train.batch_size, synthetic.method.memory_size) == (epochs, 16, 200)
         for dataset, v in PER_DATASET.items():
             r = load_recipe(RECIPES / f"{dataset}_{method}.yaml")
             assert r.method.name == name and r.output.dir == f"runs/{dataset}_{method}"
