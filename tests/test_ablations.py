@@ -44,9 +44,11 @@ def train_steps(method, n, sizes=SMALL):
     return losses, orders
 
 
-# Recorded with the code before `selection` existed (commit 4a77b8e): core orderings and summed losses of 4 Adam
-# steps at lr 1e-3, seed 0, B = 2, memory 4. The orderings are exact; the losses are floats (same code, same
-# order of operations, so equal to ~1e-6 on any machine).
+# Recorded with the code before `selection` existed (commit 4a77b8e) under torch 2.13: core orderings and summed
+# losses of 4 Adam steps at lr 1e-3, seed 0, B = 2, memory 4. The orderings are exact; the losses are floats (same
+# code, same order of operations, so equal to ~1e-6 on any machine). Another torch draws other random numbers from
+# the same seed (torch 2.5.1 agrees on step 1 and differs from step 2, when replay sampling starts), so the
+# recording holds for the torch it was made with.
 BEFORE = {
     Stella: ([2.770983, 4.289356, 4.422884, 4.0439], [
         ([[6, 1, 5, 7], [4, 7, 5, 6]], [[2, 1, 6, 0], [3, 2, 5, 4]]),
@@ -67,6 +69,7 @@ BEFORE = {
 }
 
 
+@pytest.mark.skipif(not torch.__version__.startswith("2.13."), reason="recorded with torch 2.13's random streams")
 @pytest.mark.parametrize("cls", [Stella, StellaPlus])
 def test_full_selection_is_stella_as_before(cls):
     losses, orders = train_steps(make(cls, "full"), 4)
