@@ -686,6 +686,6 @@ def _init_pool_worker(out: str, split: str, n: int, spec: CacheSpec, threads: in
     _init_worker(out, split, n, spec, threads)
 
 
-__all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "write_plan", "SUBSETS", "read_class_csv",
-           "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex", "SPLITS",
+__all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "write_plan", "SUBSETS",
+           "read_class_csv", "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex", "SPLITS",
            "VGGSOUND_TASKS", "AUDIOSET_TASKS", "OTHERS_PART1"]

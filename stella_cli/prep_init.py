@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stella_cli.cache import CacheSpec
-from stella_cli.prep import Plan, plan_real, write_plan
+from stella_cli.prep import RETRIEVAL_PER_CLASS, Plan, plan_real, write_plan
 
 SOURCE_TASKS = ("audioset20k", "vggsound_unused")
 
@@ -38,11 +38,16 @@ def vggsound_unused_plan(vggsound: Path) -> Plan:
     if meta.get("dataset") != "vggsound" or src.get("subset", "tasks") != "tasks" or "root" not in src:
         raise ValueError(f"{meta_path}: not a VGGSound task split prepared by `stella prep vggsound` "
                          f"(dataset {meta.get('dataset')!r}, subset {src.get('subset', 'tasks')!r})")
-    lists = src["lists"]
-    return plan_real("vggsound", list_file=lists if isinstance(lists, dict) else None, root=Path(src["root"]),
-                     categories=src.get("categories"), labels=src.get("labels"),
-                     classes_per_task=src["classes_per_task"], max_train_per_class=src["max_train_per_class"],
-                     retrieval_per_class=src.get("retrieval_per_class") or 5, subset="unused")
+    lists = src["lists"] if isinstance(src["lists"], dict) else None  # None: a folder of clips was the list
+    inputs = [src["root"], *(lists or {}).values(), *(src[k] for k in ("categories", "labels") if src.get(k))]
+    gone = next((f for f in inputs if not Path(f).exists()), None)
+    if gone is not None:  # relative paths are relative to where `stella prep vggsound` ran
+        raise FileNotFoundError(f"{meta_path}: its input {gone} is not found from here; run from the folder that "
+                                f"`stella prep vggsound` ran in")
+    return plan_real("vggsound", list_file=lists, root=Path(src["root"]), categories=src.get("categories"),
+                     labels=src.get("labels"), classes_per_task=src["classes_per_task"],
+                     max_train_per_class=src["max_train_per_class"],
+                     retrieval_per_class=src.get("retrieval_per_class") or RETRIEVAL_PER_CLASS, subset="unused")
 
 
 def merge_plans(audioset: Plan, vggsound: Plan) -> Plan:

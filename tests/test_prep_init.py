@@ -4,7 +4,9 @@ one folder that init_audioset20k.yaml trains on."""
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -145,9 +147,15 @@ def test_prep_audioset20k_through_the_cli(sources, tmp_path):
     recipe = load_recipe(ROOT / "recipes" / "init_audioset20k.yaml", [f"data.root={out}"])
     assert check_prepared(recipe.data)["tasks"] == ["audioset20k", "vggsound_unused"]
     # wrong ways: one line, exit 2, nothing left behind
+    moved = tmp_path / "moved"  # a VGGSound folder whose recorded clips are gone
+    shutil.copytree(sources["vgg"], moved)
+    meta = json.loads((moved / "meta.json").read_text())
+    meta["sources"]["root"] = str(tmp_path / "gone")
+    (moved / "meta.json").write_text(json.dumps(meta))
     for extra, message in ((["--vggsound", str(sources["as_media"])], "no meta.json; give the folder"),
                            (["--vggsound", str(out)], "not a VGGSound task split"),
-                           ([], "--vggsound DATA_DIR (the prepared VGGSound task split) is required")):
+                           ([], "--vggsound DATA_DIR (the prepared VGGSound task split) is required"),
+                           (["--vggsound", str(moved)], "is not found from here; run from the folder")):
         bad = tmp_path / "bad"
         result = cli(*[a if a != str(out) else str(bad) for a in args], *extra)
         assert result.returncode == 2 and message in result.stdout + result.stderr, result.stdout + result.stderr
