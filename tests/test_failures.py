@@ -244,8 +244,11 @@ def is_alive(pid: int) -> bool:
 
 def start_prep(out: Path) -> tuple[subprocess.Popen, list[int]]:
     """`stella prep synthetic` (the full benchmark: a minute of work) with 2 workers, once both have started."""
+    # SIGINT at its default in the child: a test run started as a background job (`cmd &`) ignores SIGINT, and a
+    # child Python then keeps ignoring it, so Ctrl-C would never reach `stella prep`
     proc = subprocess.Popen(cli("prep", "synthetic", "--out", str(out), "--workers", "2", "--quiet"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     while len(children(proc.pid)) < 2 and time.time() < deadline:
         time.sleep(0.05)
