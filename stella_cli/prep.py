@@ -66,6 +66,11 @@ KNOWN_LISTS = {  # file names of the CAV-MAE jsons and of the authors' csvs, loo
                  "retrieval": ["audioset_eval_5_per_class_for_retrieval_cleaned.json",
                                "audioset_2m_eval_5_per_class_for_retrieval_cleaned.csv"],
                  "labels": ["class_labels_indices.csv"], "categories": ["class_labels_indices_audioset.csv"]},
+    "audioset20k": {"train": ["audioset_20k_cleaned.json", "audioset_20k_cleaned.csv"],  # `stella prep audioset20k`
+                    "test": ["audioset_eval_cleaned.json", "audioset_2m_eval_cleaned.csv"],
+                    "retrieval": ["audioset_eval_5_per_class_for_retrieval_cleaned.json",
+                                  "audioset_2m_eval_5_per_class_for_retrieval_cleaned.csv"],
+                    "labels": ["class_labels_indices.csv"]},
 }
 
 
@@ -455,7 +460,7 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
               retrieval_all_classes: bool = True, subset: str = "tasks") -> Plan:
     """Read the inputs and build the task split (or another `subset`, see the module docstring), without decoding
     anything."""
-    if dataset not in KNOWN_LISTS:
+    if dataset not in ("vggsound", "audioset"):
         raise ValueError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
     if subset not in SUBSETS or (subset == "unused" and dataset != "vggsound"):
         choices = SUBSETS if dataset == "vggsound" else ("tasks", "all")

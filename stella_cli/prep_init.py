@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stella_cli.cache import CacheSpec
-from stella_cli.prep import RETRIEVAL_PER_CLASS, Plan, plan_real, write_plan
+from stella_cli.prep import RETRIEVAL_PER_CLASS, Plan, plan_real, resolve_lists, write_plan
 
 SOURCE_TASKS = ("audioset20k", "vggsound_unused")
 
@@ -73,25 +73,9 @@ def prepare_audioset20k(out: Path, *, list_file: Any, root: Path | None, labels:
     if list_file is None:
         raise ValueError("stella prep audioset20k: --list is required (train=audioset_20k_cleaned.json,"
                          "test=audioset_eval_cleaned.json, or a folder holding them)")
-    lists, labels = _audioset20k_lists(list_file, labels)
-    audioset = plan_real("audioset", list_file=lists, root=root, labels=labels, subset="all")
+    lists, found = resolve_lists(list_file, "audioset20k")  # a folder: the 20K train list, not the 2M one
+    audioset = plan_real("audioset", list_file=lists, root=root, labels=labels or found.get("labels"), subset="all")
     plan = merge_plans(audioset, vggsound_unused_plan(vggsound))
     return write_plan(plan, Path(out), replace(spec or CacheSpec(), frames_format=frames_format), workers=workers,
                       progress=progress, t0=t0)
 
-
-def _audioset20k_lists(list_file: Any, labels: Path | None) -> tuple[Any, Path | None]:
-    """A folder of CAV-MAE lists: the 20K train list (audioset_20k_cleaned.json, not the 2M one) and, unless
-    --labels is given, the label csv found beside it."""
-    folder = Path(str(list_file))
-    if not folder.is_dir():
-        return list_file, labels
-    found = {split: folder / name for split, name in (
-        ("train", "audioset_20k_cleaned.json"), ("test", "audioset_eval_cleaned.json"),
-        ("retrieval", "audioset_eval_5_per_class_for_retrieval_cleaned.json")) if (folder / name).is_file()}
-    if "train" not in found or "test" not in found:
-        raise FileNotFoundError(f"--list {folder}: no audioset_20k_cleaned.json and audioset_eval_cleaned.json "
-                                f"here; give --list train=FILE,test=FILE")
-    if labels is None and (folder / "class_labels_indices.csv").is_file():
-        labels = folder / "class_labels_indices.csv"
-    return found, labels

@@ -16,7 +16,7 @@ import pytest
 from stella_cli.cache import read_manifest, read_meta
 from stella_cli.config import load_recipe
 from stella_cli.data import check_prepared
-from stella_cli.prep import plan_real, prepare_real
+from stella_cli.prep import plan_real, prepare_real, resolve_lists
 from stella_cli.prep_init import prepare_audioset20k
 from test_prep import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_STAT, fake_vggsound, make_clip, write_json
 
@@ -87,6 +87,18 @@ def test_audioset_all_keeps_every_class_of_the_label_csv(tmp_path):
         plan_real("audioset", list_file=lists, root=media_dir, categories=AS_LISTS, subset="all")
     with pytest.raises(ValueError, match="--subset unused: audioset subsets are tasks, all"):
         plan_real("audioset", list_file=lists, root=media_dir, labels=AS_LABELS, subset="unused")
+
+
+def test_a_list_folder_gives_audioset20k_its_20k_train_list(tmp_path):
+    for name in ("audioset_2m_cleaned.json", "audioset_20k_cleaned.json", "audioset_eval_cleaned.json",
+                 "class_labels_indices.csv"):
+        (tmp_path / name).touch()
+    lists, found = resolve_lists(tmp_path, "audioset20k")
+    assert lists == {"train": tmp_path / "audioset_20k_cleaned.json", "test": tmp_path / "audioset_eval_cleaned.json"}
+    assert found == {"labels": tmp_path / "class_labels_indices.csv"}
+    (tmp_path / "audioset_20k_cleaned.json").unlink()
+    with pytest.raises(FileNotFoundError, match="no audioset20k train/test lists here"):
+        resolve_lists(tmp_path, "audioset20k")
 
 
 # ----------------------------------------------------------------------------------------------------------
