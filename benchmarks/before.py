@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import importlib
 import importlib.util
 import io
 import shutil
@@ -37,9 +38,25 @@ def tree(ref: str) -> Path:
     return out
 
 
-def module(ref: str, relpath: str, name: str) -> ModuleType:
-    """Import one file of the tree at `ref` under a fresh name (its own imports resolve to the current tree)."""
-    spec = importlib.util.spec_from_file_location(name, tree(ref) / relpath)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
+def module(ref: str, relpath: str, name: str, moved: dict[str, dict[str, object]] | None = None) -> ModuleType:
+    """Import one file of the tree at `ref` under a fresh name (its own imports resolve to the current tree).
+
+    moved: {module: {name: object}} for names the old file imports from a module that no longer holds them (the
+    redesign moved e.g. load_authors_checkpoint from model.py to checkpoint.py); they are attached to that module
+    only while the old file is imported.
+    """
+    attached = []
+    for mod_name, names in (moved or {}).items():
+        target = importlib.import_module(mod_name)
+        for attr, obj in names.items():
+            if not hasattr(target, attr):
+                setattr(target, attr, obj)
+                attached.append((target, attr))
+    try:
+        spec = importlib.util.spec_from_file_location(name, tree(ref) / relpath)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    finally:
+        for target, attr in attached:
+            delattr(target, attr)
     return mod

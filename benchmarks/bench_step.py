@@ -8,9 +8,9 @@ and time forward + backward (the Adam update is the same for all: it is left out
 every round repeats the same work):
 - DER++ (baselines_spec §2.4): one full MAE + contrastive pass with random masking on [X_t; X_m], plus
   0.5 · (MSE(z_a) + MSE(z_v)) of the replayed rows against stored targets;
-- STELLA now (methods.Stella.step, stella_spec §3): frozen scoring passes, the AVM's matching loss, selection,
+- STELLA now (stella.Stella.step, docs/method.md §3): frozen scoring passes, the AVM's matching loss, selection,
   the core-patch pass and the penalty; its buffer is filled by a warm-up step, so the timed steps replay;
-- STELLA before: methods.py of the git ref (its Stella.score, with the matching loss's own joint pass);
+- STELLA before: the Stella class of the git ref (its Stella.score, with the matching loss's own joint pass);
 - STELLA now, frozen_bf16: `method.stella.frozen_bf16` (the frozen passes under bf16 autocast, not bit-identical).
 One backbone serves every row; the rows alternate step by step (the order rotating per round) and the median
 round is reported, so a busy machine slows them alike: compare the ratios. Now and before see the same batches
@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from before import BEFORE_SPEED, module  # benchmarks/before.py
-from stella_cli import methods
+from before import BEFORE_SPEED, module, tree  # benchmarks/before.py
+from stella_cli import checkpoint, stella
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, StellaConfig, resolve_model_preset
 from stella_cli.model import CAVMAE
 
@@ -77,16 +77,18 @@ def main() -> None:
     torch.manual_seed(0)
     backbone = CAVMAE(resolve_model_preset(ModelConfig(preset=args.preset)), **SIZES)
     rows = {"DER++ full clip": derpp_step(backbone, B)}
-    modules = {"STELLA now": methods.Stella}
-    if args.before:  # the ref's methods.py; its imports (model.py, scoring, select) resolve to this tree
-        old = module(args.before, "stella_cli/methods.py", "methods_before")
+    modules = {"STELLA now": stella.Stella}
+    if args.before:  # the ref's Stella (stella.py, or methods.py before the redesign); its imports resolve to this tree
+        has_stella_py = (tree(args.before) / "stella_cli" / "stella.py").is_file()
+        old = module(args.before, "stella_cli/stella.py" if has_stella_py else "stella_cli/methods.py", "stella_before",
+                     moved={"stella_cli.model": {"load_authors_checkpoint": checkpoint.load_authors_checkpoint}})
         modules[f"STELLA before ({args.before})"] = old.Stella
     owners = []
     for name, cls in modules.items():
         rows[name], owner = stella_step(cls, backbone, B)
         owners.append(owner)
     if not args.no_bf16:
-        rows["STELLA now, frozen_bf16"], owner = stella_step(methods.Stella, backbone, B, frozen_bf16=True)
+        rows["STELLA now, frozen_bf16"], owner = stella_step(stella.Stella, backbone, B, frozen_bf16=True)
         owners.append(owner)
     rows["DER++ full clip"](clips(B, 0))  # warm-up
     if args.score_only:  # the frozen passes alone, where the shared joint pass is saved

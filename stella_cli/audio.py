@@ -47,14 +47,6 @@ def frame_geometry(
     return window_size, window_shift, n_fft
 
 
-def fbank_num_frames(
-    num_samples: int, sample_rate: int, frame_length_ms: float = 25.0, frame_shift_ms: float = 10.0
-) -> int:
-    """Frames of a snip_edges fbank: 1 + (S - window) // shift, 0 when S < window (10 s at 16 kHz -> 998)."""
-    window_size, window_shift, _ = frame_geometry(sample_rate, frame_length_ms, frame_shift_ms)
-    return 0 if num_samples < window_size else 1 + (num_samples - window_size) // window_shift
-
-
 def mel_scale(freq: float) -> float:
     """HTK mel scale: 1127 · ln(1 + f / 700)."""
     return 1127.0 * math.log(1.0 + freq / 700.0)

@@ -27,12 +27,10 @@ from torch import Tensor
 
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, build_loader, frame_indices
-from stella_cli.heads import TaskSkipped, epoch_logger, feature_batches, fit
+from stella_cli.cache import read_meta
+from stella_cli.downstream import (FBANK_FRAMES_PER_SECOND, Context, TaskSkipped, epoch_logger, feature_batches, fit,
+                                   joint_features, pad_segment)
 from stella_cli.model import CAVMAE, Classifier
-from stella_cli.probe import joint_features
-
-FBANK_FRAMES_PER_SECOND = 100  # 10 ms shift
-
 
 def segment_labels(event: tuple[float, float] | None, num_segments: int, label: int, background: int) -> Tensor:
     """(num_segments,) long: `label` where the event covers >= half of second [s, s+1), else `background`."""
@@ -41,15 +39,6 @@ def segment_labels(event: tuple[float, float] | None, num_segments: int, label: 
         return torch.full((num_segments,), background, dtype=torch.long)
     covered = (torch.minimum(s + 1, torch.tensor(event[1])) - torch.maximum(s, torch.tensor(event[0]))).clamp(min=0)
     return torch.where(covered >= 0.5, label, background).long()
-
-
-def pad_segment(fbank: np.ndarray, target_length: int) -> np.ndarray:
-    """(n, M) fbank of one second -> (target_length, M), zeros split evenly before and after (extra one after)."""
-    n = fbank.shape[0]
-    if n >= target_length:
-        return fbank[:target_length]
-    left = (target_length - n) // 2
-    return np.pad(fbank, ((left, target_length - n - left), (0, 0)))
 
 
 def segment_accuracy(pred: Tensor, labels: Tensor) -> float:
@@ -132,11 +121,8 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
             else None, "per_task": per_task, "loss_per_epoch": losses}
 
 
-def run_ave(ctx) -> tuple[dict[str, Any], list[list[str]]]:
+def run_ave(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     """`stella eval --task ave`: the segment classifier on the final checkpoint's frozen backbone."""
-    from stella_cli.cache import read_meta
-    from stella_cli.eval_run import load_checkpoint, log
-
     r = ctx.target.recipe
     head_cfg = r.eval.ave
     root = head_cfg.root or r.data.root
@@ -145,9 +131,9 @@ def run_ave(ctx) -> tuple[dict[str, Any], list[list[str]]]:
     probe = AVDataset(data, "test", train=False)
     if probe.event(0) is None:
         raise TaskSkipped(f"{root}: no event windows (prepare AVE with `stella prep ave` and set eval.ave.root)")
-    backbone = load_checkpoint(ctx.target.final, r, ctx.device).backbone
+    backbone = ctx.load().backbone
     out = train_and_test(backbone, data, head_cfg, seed=r.eval.seed, batch_size=r.eval.batch_size, amp=ctx.amp,
-                         log=lambda m: log(ctx, m))
+                         log=ctx.log)
     metrics = {"segment accuracy": out["accuracy"], "event segments": out["accuracy_event_segments"]}
     for name, v in out["per_task"].items():
         metrics[f"segment accuracy {name}"] = v["accuracy"]

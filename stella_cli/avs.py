@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stella_cli.ave import FBANK_FRAMES_PER_SECOND, pad_segment
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, build_loader, frame_indices
-from stella_cli.heads import TaskSkipped, epoch_logger, fit
+from stella_cli.cache import read_meta
+from stella_cli.downstream import FBANK_FRAMES_PER_SECOND, Context, TaskSkipped, epoch_logger, fit, pad_segment
 from stella_cli.model import CAVMAE
 
 
@@ -223,19 +223,16 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
             "mask_share": 100 * masks.mean().item(), "per_task": per_task, "loss_per_epoch": losses}
 
 
-def run_avs(ctx) -> tuple[dict[str, Any], list[list[str]]]:
+def run_avs(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     """`stella eval --task avs`: the mask decoder on the final checkpoint's frozen backbone."""
-    from stella_cli.cache import read_meta
-    from stella_cli.eval_run import load_checkpoint, log
-
     r = ctx.target.recipe
     head_cfg = r.eval.avs
     root = head_cfg.root or r.data.root
     data = dataclasses.replace(r.data, root=root, dataset=read_meta(root)["dataset"], tasks=[])
     if not MaskDataset(data, "test", 0).has_masks():
         raise TaskSkipped(f"{root}: no masks (prepare AVSBench S4 with `stella prep avs` and set eval.avs.root)")
-    backbone = load_checkpoint(ctx.target.final, r, ctx.device).backbone
-    out = train_and_test(backbone, data, head_cfg, seed=r.eval.seed, amp=ctx.amp, log=lambda m: log(ctx, m))
+    backbone = ctx.load().backbone
+    out = train_and_test(backbone, data, head_cfg, seed=r.eval.seed, amp=ctx.amp, log=ctx.log)
     metrics = {"mIoU": out["mIoU"], "F-score": out["F"]}
     for name, v in out["per_task"].items():
         metrics[f"mIoU {name}"], metrics[f"F-score {name}"] = v["mIoU"], v["F"]

@@ -1,13 +1,12 @@
-"""The paper's replay baselines as the authors ran them (baselines_spec §2.3-2.9): ER, DER++, LUMP, MIR, GMED,
+"""The paper's replay baselines as the authors ran them (docs/baselines.md §2.3-2.9): ER, DER++, LUMP, MIR, GMED,
 CLS-ER, ESMER.
 
-All share "concat-replay" (spec §1.4-1.5), written once in `ER`: a per-rank reservoir of augmented full clips;
-B_m replay rows drawn uniformly without replacement are concatenated after the B current rows, one MAE +
-contrastive loss runs on the joint batch, and the buffer is offered the first B rows after the forward (so a step
-never replays its own batch). Each subclass shows only what makes it that method: which rows are replayed
-(`replay`: MIR picks, GMED edits), what penalty they carry (`penalty`: DER++, CLS-ER), what a slot stores
-(`memory_fields`), or a step of its own (LUMP, ESMER). Authors' quirks are the defaults; their fixes are the
-`method.<name>.*` options listed in README's Faithfulness table.
+All share "concat-replay" (docs/baselines.md §1.4-1.5), written once in `ER` on the memory of methods.Replay: B_m
+stored rows (augmented full clips) are concatenated after the B current rows, one MAE + contrastive loss runs on
+the joint batch, and the current clips are offered to the memory after the forward. Each subclass shows only what
+makes it that method: which rows are replayed (`replay`: MIR picks, GMED edits), what penalty they carry
+(`penalty`: DER++, CLS-ER), what a slot stores (`memory_fields`), or a step of its own (LUMP, ESMER). Authors'
+quirks are the defaults; their fixes are the `method.<name>.*` options of docs/method.md §9.3.
 """
 
 from __future__ import annotations
@@ -19,14 +18,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from stella_cli.config import MethodConfig
-from stella_cli.methods import METHODS, Method, clip_ids
+from stella_cli.distributed import average_over_ranks
+from stella_cli.methods import Replay, clip_ids
 from stella_cli.model import CAVMAE
-from stella_cli.replay import ReservoirBuffer
 
 LOSS_KEYS = ("loss_mae_a", "loss_mae_v", "loss_con")
 
@@ -82,13 +80,9 @@ def virtual_adam_step(optimizer: torch.optim.Optimizer, grads: list[Tensor | Non
 # concat-replay
 
 
-class ER(Method):
-    """ER (spec §2.3): L_base([X_t; X_m]), one fwd+bwd on 2B rows (B at the first step). The base of the others."""
-
-    def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
-        super().__init__(backbone, cfg, **kwargs)
-        self.replay_batch = cfg.replay_batch_size or self.batch_size  # B_m rows per step (= B, spec §3)
-        self.buffer = ReservoirBuffer(self.memory_per_rank)
+class ER(Replay):
+    """ER (docs/baselines.md §2.3): L_base([X_t; X_m]), one fwd+bwd on 2B rows (B at the first step). The base of
+    the others."""
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         B = batch["video"].shape[0]
@@ -98,11 +92,11 @@ class ER(Method):
         losses = self.backbone_losses(out)
         if replay is not None:
             losses.update(self.penalty(out["z_a"][B:], out["z_v"][B:], replay))
-        self.remember(batch, out)
+        self.remember(self.memory_fields(batch, out))
         return losses
 
     def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """X_m: B_m stored rows, uniform without replacement (spec §1.4)."""
+        """X_m: B_m stored rows, uniform without replacement (docs/baselines.md §1.4)."""
         return self.sample(self.replay_batch, batch["video"].device)
 
     def penalty(self, z_a: Tensor, z_v: Tensor, replay: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -112,26 +106,6 @@ class ER(Method):
     def memory_fields(self, batch: dict[str, Tensor], out: dict[str, Tensor]) -> dict[str, Tensor]:
         """What a slot keeps of each current clip: the augmented clip (+ ids for `stella buffer` only)."""
         return dict(video=batch["video"], audio=batch["audio"], **clip_ids(batch))
-
-    def remember(self, batch: dict[str, Tensor], out: dict[str, Tensor], keep: Tensor | None = None) -> None:
-        """Offer the current clips (the first B rows; `keep` (B,) bool selects some) to the reservoir."""
-        fields = self.memory_fields(batch, out)
-        if keep is not None:
-            fields = {k: v[keep.to(v.device)] for k, v in fields.items()}
-        if next(iter(fields.values())).shape[0]:
-            self.buffer.add(generator=self.generators["replay"], **fields)
-
-    def sample(self, n: int, device: torch.device, return_indices: bool = False) -> Any:
-        rows, idx = self.buffer.sample(n, self.generators["replay"], return_indices=True)
-        rows = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
-        return (rows, idx) if return_indices else rows
-
-    def extra_state(self) -> dict[str, Any]:
-        return {**super().extra_state(), "buffer": self.buffer.state_dict()}
-
-    def load_extra_state(self, state: dict[str, Any]) -> None:
-        super().load_extra_state(state)
-        self.buffer.load_state_dict(state["buffer"])
 
 
 def joint_inputs(batch: dict[str, Tensor], replay: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
@@ -171,7 +145,7 @@ class Lump(ER):
             lam = float(self.mix_rng.beta(self.cfg.lump.mixup_alpha, self.cfg.lump.mixup_alpha))
             audio, video = lam * audio + (1 - lam) * replay["audio"], lam * video + (1 - lam) * replay["video"]
         out = self.backbone(audio, video, generator=self.generators["mask"])
-        self.remember(batch, out)  # the clean clips
+        self.remember(self.memory_fields(batch, out))  # the clean clips
         return self.backbone_losses(out)
 
     def extra_state(self) -> dict[str, Any]:
@@ -210,10 +184,7 @@ class VirtualUpdate(ER):
             finite = True
             if fix:
                 grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
-                if dist.is_initialized():
-                    for g in grads:
-                        dist.all_reduce(g)
-                        g /= dist.get_world_size()
+                average_over_ranks(grads)
                 finite = bool(torch.stack([torch.isfinite(g).all() for g in grads]).all())
             if finite:
                 virtual_adam_step(self.optimizer, grads)
@@ -407,7 +378,7 @@ class Esmer(Teachers):
         losses = {k: (out[k] * w).mean() for k in LOSS_KEYS}
         if replay is not None:
             losses["loss_pen"] = consistency(c.reg_weight, out["z_a"][B:], out["z_v"][B:], target_a, target_v)
-        self.remember(batch, out, keep=keep)
+        self.remember(self.memory_fields(batch, out), keep=keep)
         self.count_step(c.ema_after_step)
         self.loss_mean, self.loss_std = running_loss_stats(e, self.loss_mean, self.loss_std, self.global_step,
                                                            c.loss_alpha, c.std_margin)
@@ -423,8 +394,3 @@ class Esmer(Teachers):
     def load_extra_state(self, state: dict[str, Any]) -> None:
         super().load_extra_state(state)
         self.loss_mean, self.loss_std = state["loss_mean"], state["loss_std"]
-
-
-BASELINES: dict[str, type[Method]] = {"er": ER, "derpp": DERpp, "lump": Lump, "mir": Mir, "gmed": Gmed,
-                                      "clser": ClsEr, "esmer": Esmer}
-METHODS.update(BASELINES)

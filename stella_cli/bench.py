@@ -1,4 +1,6 @@
-"""`stella bench`: the cost of one training iteration of every method, side by side (the paper's efficiency table).
+"""What a model and one training step cost: `stella model` (sizes) and `stella bench` (time, memory per method).
+
+`stella bench` lays the methods side by side, as the paper's efficiency table does.
 
 Each method runs in its own fresh process (so its peak RSS is its own) on the same recipe: the paper's input sizes
 (4×3×224×224 video, 1×1024×128 fbank), random clips, a buffer filled by real training steps before anything is
@@ -31,9 +33,16 @@ from typing import Any, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
+from stella_cli.config import (MODEL_PRESETS, DataConfig, MethodConfig, ModelConfig, Recipe, TrainConfig,
+                               num_core_tokens, resolve_preset)
+from stella_cli.distributed import amp_dtype
 from stella_cli.errors import StellaError
+from stella_cli.factory import METHODS, PAPER_METHODS, build_method
+from stella_cli.model import AVM, CAVMAE, Classifier
+from stella_cli.replay import ReservoirBuffer
+from stella_cli.train import Position, Trainer, build_optimizer
 
 SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # the paper's inputs
 REFERENCE = "derpp"  # the paper's efficiency table compares with DER++
@@ -105,22 +114,13 @@ def peak_rss_bytes() -> int:
 
 
 def all_methods() -> list[str]:
-    """Every continual-learning method once: names that are the same learner as an earlier one (multitask =
-    finetune on the union of the tasks, the same step) are left out of `all`, and so is `avm_pretrain`, a
-    preparation step of the initialisation chain (it needs a pre-trained backbone), not a compared method."""
-    from stella_cli.methods import METHODS
-
-    names: list[str] = []
-    for name, cls in METHODS.items():
-        if name != "avm_pretrain" and not any(METHODS[n] is cls for n in names):
-            names.append(name)
-    return names
+    """Every compared method once, in the paper's row order: Multitask is left out (the Finetune step, on the union
+    of the tasks), and so is `avm_pretrain`, a step of the initialisation chain, not a compared method."""
+    return [name for name in PAPER_METHODS if not METHODS[name].union]
 
 
 def parse_methods(text: str) -> list[str]:
-    """`all` or a comma-separated list of registered method names; an unknown name raises ValueError."""
-    from stella_cli.methods import METHODS
-
+    """`all` or a comma-separated list of method names (factory.METHODS); an unknown name raises ValueError."""
     if text.strip() == "all":
         return all_methods()
     names = [n.strip() for n in text.split(",") if n.strip()]
@@ -137,8 +137,6 @@ def parse_methods(text: str) -> list[str]:
 
 def bench_recipe(method: str, preset: str, batch: int, memory: int, device: str):
     """The training recipe every method is measured on: paper input sizes, `batch` current clips, one process."""
-    from stella_cli.config import DataConfig, MethodConfig, ModelConfig, Recipe, TrainConfig, resolve_preset
-
     return resolve_preset(Recipe(data=DataConfig(dataset="synthetic", root="", **SIZES),
                                  model=ModelConfig(preset=preset), method=MethodConfig(name=method, memory_size=memory),
                                  train=TrainConfig(batch_size=batch, device=device)))
@@ -155,8 +153,6 @@ def random_batch(batch: int, generator: torch.Generator, first_index: int) -> di
 
 def fill_steps(method: torch.nn.Module, batch: int) -> int:
     """Training steps that fill every replay buffer of the method (at least one warm-up step)."""
-    from stella_cli.replay import ReservoirBuffer
-
     buffers = [v for v in vars(method).values() if isinstance(v, ReservoirBuffer)]
     return max([1] + [math.ceil(b.capacity / batch) for b in buffers])
 
@@ -164,15 +160,13 @@ def fill_steps(method: torch.nn.Module, batch: int) -> int:
 def measure(method_name: str, *, preset: str = "base", batch: int = 2, device: str = "cpu",
             attention: str = "sdpa", steps: int = 2, memory: int | None = None) -> dict[str, Any]:
     """One method's row (ratios not filled in). Run it in a fresh process for a meaningful CPU peak."""
-    from stella_cli.train import Position, Trainer, amp_dtype, build_method, build_optimizer
-
     memory = memory or 5 * batch
     recipe = bench_recipe(method_name, preset, batch, memory, device)
     dev = torch.device(device)
     with attention_kernel(attention):
         method = build_method(recipe, 0, 1, dev)
         optimizer = build_optimizer(method, recipe.optim)
-        amp = amp_dtype(recipe.optim, dev)
+        amp = amp_dtype(recipe.optim.amp, dev)
         scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
         trainer = Trainer(recipe, Path("."), method, optimizer, scaler, dev, 0, 1, amp, [("bench", ["bench"])],
                           ["bench"], Position(), quiet=True)
@@ -200,6 +194,51 @@ def measure(method_name: str, *, preset: str = "base", batch: int = 2, device: s
         peak = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else peak_rss_bytes() - rss_start
     return {"method": method_name, "iter_s": statistics.median(times), "activation_bytes": activation,
             "peak_bytes": peak, "preset": preset, "batch": batch, "attention": attention, "device": device}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# sizes (`stella model`): parameters and tokens, no iteration
+
+
+def parameter_count(module: nn.Module) -> int:
+    """Number of distinct parameters (shared modules counted once)."""
+    return sum(p.numel() for p in module.parameters())
+
+
+PARTS = {"patch_embed": "patch embeddings", "pos_embed": "pos/modality embeddings", "inter_pos_embed":
+         "pos/modality embeddings", "modality": "pos/modality embeddings", "blocks_a": "audio layers",
+         "blocks_v": "video layers", "blocks_u": "fusion layers", "norm": "final norms", "decoder": "decoder",
+         "mask_token": "decoder", "mae_score": "MAE heads"}
+
+
+def model_summary(cfg: ModelConfig, *, num_frames: int = 4, image_size: int = 224, target_length: int = 1024,
+                  num_mel_bins: int = 128, core_video_ratio: float = 0.5, core_audio_ratio: float = 0.5,
+                  num_classes: int = 0) -> dict[str, Any]:
+    """Parameter and token counts, built on the meta device (no memory, no init cost).
+
+    Returns {"params": {"total", "backbone", "avm", "classifier", "parts": {part: n}}, "tokens": {...}}.
+    """
+    with torch.device("meta"):
+        model = CAVMAE(cfg, num_frames, image_size, target_length, num_mel_bins)
+        avm = AVM(cfg.embed_dim, cfg.num_heads, cfg.avm.fix_head_reshape)
+        head = Classifier(2 * cfg.embed_dim, num_classes) if num_classes else None
+    parts: dict[str, int] = {}
+    for name, param in model.named_parameters():
+        top = name.split(".")[0]
+        part = next(v for k, v in PARTS.items() if top.startswith(k))
+        parts[part] = parts.get(part, 0) + param.numel()
+    n_cls = parameter_count(head) if head is not None else 0
+    L_V, L_A = model.num_video_tokens, model.num_audio_tokens
+    n_v, n_a = int(L_V * (1 - cfg.mask_ratio_v)), int(L_A * (1 - cfg.mask_ratio_a))
+    K_V, K_A = num_core_tokens(L_V, core_video_ratio), num_core_tokens(L_A, core_audio_ratio)
+    return {"params": {"total": parameter_count(model) + parameter_count(avm) + n_cls,
+                       "backbone": parameter_count(model), "avm": parameter_count(avm), "classifier": n_cls,
+                       "parts": parts},
+            "tokens": {"video": L_V, "audio": L_A, "visible_video": n_v, "visible_audio": n_a,
+                       "core_video": K_V, "core_audio": K_A,
+                       "decoder_video": {"random": L_V, "core": K_V}, "decoder_audio": {"random": L_A, "core": K_A},
+                       "targets_video": {"random": L_V - n_v, "core": K_V - n_v},
+                       "targets_audio": {"random": L_A - n_a, "core": K_A - n_a}}}
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -231,8 +270,6 @@ def run_bench(methods: list[str], *, preset: str = "base", batch: int = 2, devic
               attention: str = "sdpa", steps: int = 2, memory: int | None = None,
               progress: Any = None) -> list[dict[str, Any]]:
     """Rows for `methods` (validated names), in order, with ratios; `progress(text)` is told what runs."""
-    from stella_cli.config import MODEL_PRESETS
-
     if preset not in MODEL_PRESETS:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
     if attention not in ATTENTIONS:
@@ -254,8 +291,6 @@ def run_bench(methods: list[str], *, preset: str = "base", batch: int = 2, devic
 
 
 def reference_note(rows: list[dict[str, Any]]) -> str:
-    from stella_cli.methods import METHODS
-
     ref = rows[0]["reference"]
     if ref == REFERENCE:
         return "ratios: to DER++"

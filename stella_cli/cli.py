@@ -10,14 +10,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
+
+from stella_cli.console import console, is_main, print_rows, rank_prefix  # rich only: no torch at start-up
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="STELLA: continual audio-video pre-training (ICML 2024), its baselines and evaluation.",
 )
-console = Console()
 DEFAULT_SYNTHETIC_OUT = Path("data/synthetic")  # where recipes/synthetic.yaml looks for it
 
 
@@ -47,7 +47,7 @@ def set_openmp_defaults(env: MutableMapping[str, str] | None = None) -> None:
 def main() -> None:
     """Run the CLI; an expected failure is one line and its exit code (errors.py), anything else a traceback."""
     set_openmp_defaults()  # before any command imports torch
-    from stella_cli.errors import Interrupted, StellaError, rank_prefix
+    from stella_cli.errors import Interrupted, StellaError
 
     try:
         app()
@@ -137,7 +137,7 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
                                     progress=not quiet)
         if not heldout:
             return summary
-        from stella_cli.synth_heldout import heldout_dir, prepare_heldout  # `stella eval --task msrvtt`'s domain
+        from stella_cli.synth import heldout_dir, prepare_heldout  # `stella eval --task msrvtt`'s domain
 
         print_prep_summary(summary)
         return prepare_heldout(heldout_dir(out), seed=seed, workers=workers, frames_format=frames_format,
@@ -155,18 +155,18 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
     if root is None:
         raise ValueError(f"stella prep {dataset}: --root VIDEOS is required")
     if dataset == "ave":
-        from stella_cli.prep_tasks import prepare_ave
+        from stella_cli.prep_downstream import prepare_ave
 
         return prepare_ave(out, root=root, annotations=Path(list_file) if list_file else None, workers=workers,
                            frames_format=frames_format, progress=not quiet)
     if dataset == "avs":
-        from stella_cli.prep_tasks import prepare_avs
+        from stella_cli.prep_downstream import prepare_avs
 
         if list_file is None or masks is None:
             raise ValueError("stella prep avs: --list s4_meta_data.csv and --masks GT_MASKS are required")
         return prepare_avs(out, root=root, meta_csv=Path(list_file), masks=masks, workers=workers,
                            frames_format=frames_format, progress=not quiet)
-    from stella_cli.msrvtt import prepare_msrvtt
+    from stella_cli.prep_downstream import prepare_msrvtt
 
     if list_file is None:
         raise ValueError("stella prep msrvtt: --list (train=FILE,test=FILE or a folder of the lists) is required")
@@ -188,18 +188,19 @@ def train(
 ) -> None:
     """Continual pre-training over the recipe's task sequence, with retrieval after every task."""
     from stella_cli.config import load_recipe, recipe_to_yaml
+    from stella_cli.factory import check_method
 
     resolved = load_recipe(recipe, overrides)
+    check_method(resolved, str(recipe))
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
     if print_config:
         console.print(recipe_to_yaml(resolved), markup=False, highlight=False)
         return
-    from stella_cli.errors import is_rank_zero
     from stella_cli.train import run
 
     run_dir = run(resolved, resume=resume, quiet=quiet, stop_after=stop_after)  # TrainingInterrupted: exit 130
-    if is_rank_zero():  # under torchrun only rank 0 prints the table and draws the plots
+    if is_main():  # under torchrun only rank 0 prints the table and draws the plots
         print_summary(run_dir)
         write_run_plots(run_dir)
 
@@ -224,7 +225,7 @@ def model(
 ) -> None:
     """Parameter and token counts of a model size (base: the paper's ViT-B two-stream model)."""
     from stella_cli.config import MODEL_PRESETS, CHOICES, ModelConfig, load_recipe, resolve_model_preset
-    from stella_cli.model import model_summary
+    from stella_cli.bench import model_summary
 
     if recipe is not None:
         r = load_recipe(recipe)
@@ -237,14 +238,11 @@ def model(
     else:
         raise ValueError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
     info = model_summary(cfg, **sizes)
-    table = Table(title=f"model {cfg.preset}: {cfg.embed_dim}-d, {cfg.num_heads} heads, {cfg.modality_depth}+"
-                        f"{cfg.fusion_depth} layers, decoder {cfg.decoder_embed_dim}-d x {cfg.decoder_depth}")
-    table.add_column("parameters")
-    table.add_column("count", justify="right")
-    for name, n in [*info["params"]["parts"].items(), ("backbone", info["params"]["backbone"]),
-                    ("AVM", info["params"]["avm"]), ("total", info["params"]["total"])]:
-        table.add_row(name, f"{n:,}")
-    console.print(table)
+    counts = [*info["params"]["parts"].items(), ("backbone", info["params"]["backbone"]),
+              ("AVM", info["params"]["avm"]), ("total", info["params"]["total"])]
+    print_rows(f"model {cfg.preset}: {cfg.embed_dim}-d, {cfg.num_heads} heads, {cfg.modality_depth}+"
+               f"{cfg.fusion_depth} layers, decoder {cfg.decoder_embed_dim}-d x {cfg.decoder_depth}",
+               [["parameters", "count"], *[[name, f"{n:,}"] for name, n in counts]])
     t = info["tokens"]
     console.print(f"tokens: video {t['video']}, audio {t['audio']}; visible at mask ratios "
                   f"{cfg.mask_ratio_v:g} / {cfg.mask_ratio_a:g}: {t['visible_video']} / {t['visible_audio']}; "
@@ -296,7 +294,7 @@ def convert_mae_command(
 ) -> None:
     """Map an ImageNet MAE ViT checkpoint into the two-stream model, as tools/adapt_imae_weights_to_vamae.py."""
     from stella_cli.config import load_recipe
-    from stella_cli.init_chain import convert_mae_for_recipe
+    from stella_cli.checkpoint import convert_mae_for_recipe
 
     resolved = load_recipe(recipe, overrides) if recipe is not None else None
     if overrides and recipe is None:
@@ -325,8 +323,7 @@ def reproduce(
     """Run every recipe a paper table needs (methods x seeds), resumably, then print the table."""
     from stella_cli.reproduce import reproduce as reproduce_table
 
-    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs,
-                    recipes=recipes, console=console)
+    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs, recipes=recipes)
 
 
 @app.command()
@@ -353,12 +350,9 @@ def buffer(
     console.print(f"{path}: {info['filled']} / {info['capacity']} slots filled, {info['n_seen']} clips offered "
                   f"({len(info['ranks'])} rank(s)), {info['bytes'] / 2**20:.1f} MiB "
                   f"({info['bytes_per_clip'] / 1e6:.3f} MB per clip)")
-    table = Table(title="stored per clip")
-    for column in ("field", "shape", "dtype", "bytes"):
-        table.add_column(column)
-    for name, f in info["fields"].items():
-        table.add_row(name, "x".join(map(str, f["shape"])) or "()", f["dtype"], f"{f['bytes_per_clip']:,}")
-    console.print(table)
+    print_rows("stored per clip", [["field", "shape", "dtype", "bytes"]]
+               + [[name, "x".join(map(str, f["shape"])) or "()", f["dtype"], f"{f['bytes_per_clip']:,}"]
+                  for name, f in info["fields"].items()], left=4)
     if "clips_per_task" in info:
         console.print("clips per task: " + ", ".join(f"{t} {n}" for t, n in info["clips_per_task"].items()))
     for name in ("mean_p_v", "mean_p_a"):
@@ -387,7 +381,7 @@ def report(
 
     result = build_table(table, expand_runs(runs, dirs=table != "efficiency"), forgetting)
     written = write_table(result, out)
-    print_table(console, result)
+    print_table(result)
     if plots:
         written += write_figures(result, out)
     console.print("wrote " + ", ".join(str(p) for p in written))
@@ -419,14 +413,11 @@ def bench(
         print(json.dumps(rows, indent=1))
         return
     unit = 2**20
-    table = Table(title=f"stella bench: preset {preset}, batch {batch}, {attention} attention, {device}")
-    for name in ("method", "s / iter", "x", "activations MiB", "x", "peak MiB", "x"):
-        table.add_column(name, justify="left" if name == "method" else "right")
-    for r in rows:
-        table.add_row(r["method"], f"{r['iter_s']:.3f}", f"{r['iter_ratio']:.2f}",
-                      f"{r['activation_bytes'] / unit:,.1f}", f"{r['activation_ratio']:.2f}",
-                      f"{r['peak_bytes'] / unit:,.1f}", f"{r['peak_ratio']:.2f}")
-    console.print(table)
+    print_rows(f"stella bench: preset {preset}, batch {batch}, {attention} attention, {device}",
+               [["method", "s / iter", "x", "activations MiB", "x", "peak MiB", "x"]]
+               + [[r["method"], f"{r['iter_s']:.3f}", f"{r['iter_ratio']:.2f}", f"{r['activation_bytes'] / unit:,.1f}",
+                   f"{r['activation_ratio']:.2f}", f"{r['peak_bytes'] / unit:,.1f}", f"{r['peak_ratio']:.2f}"]
+                  for r in rows])
     peak = "CUDA max allocated" if device == "cuda" else "growth of the peak RSS over the size before training"
     console.print(f"activations = bytes saved for backward (distinct storages, parameters excluded); peak = {peak}; "
                   f"{reference_note(rows)}")
@@ -441,29 +432,18 @@ def print_summary(run_dir: Path) -> None:
     path = run_dir / "results" / "summary.json"
     if not path.is_file():
         return
-    rows = summary_table(json.loads(path.read_text()))
-    table = Table(title=f"zero-shot retrieval, {run_dir}")
-    for name in rows[0]:
-        table.add_column(name, justify="right")
-    for row in rows[1:]:
-        table.add_row(*row)
-    console.print(table)
+    print_rows(f"zero-shot retrieval, {run_dir}", summary_table(json.loads(path.read_text())), left=0)
     console.print(f"results in {run_dir / 'results'} (retrieval.json, summary.md, summary.csv)")
 
 
 def print_prep_summary(summary: dict) -> None:
     """summary = {'out', 'splits': {split: {task: clips}}, 'skipped': {split: n}, 'seconds', 'bytes'}."""
-    table = Table(title=f"prepared {summary['out']}")
     splits = list(summary["splits"])
     tasks = list(dict.fromkeys(t for s in splits for t in summary["splits"][s]))
-    table.add_column("task")
-    for s in splits:
-        table.add_column(s, justify="right")
-    for t in tasks:
-        table.add_row(t, *[str(summary["splits"][s].get(t, 0)) for s in splits])
-    table.add_row("[bold]total", *[str(sum(summary["splits"][s].values())) for s in splits])
-    table.add_row("skipped", *[str(summary["skipped"].get(s, 0)) for s in splits])
-    console.print(table)
+    print_rows(f"prepared {summary['out']}", [["task", *splits]]
+               + [[t, *[str(summary["splits"][s].get(t, 0)) for s in splits]] for t in tasks]
+               + [["[bold]total", *[str(sum(summary["splits"][s].values())) for s in splits]],
+                  ["skipped", *[str(summary["skipped"].get(s, 0)) for s in splits]]])
     console.print(f"{summary['seconds']:.1f} s, {summary['bytes'] / 2**20:.1f} MiB on disk")
     for split, clips in summary.get("skipped_clips", {}).items():
         for item in clips[:5]:

@@ -7,6 +7,7 @@ derived values (per-rank batch, K_V, K_A, ...) come from functions, never from w
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -150,7 +151,7 @@ class EsmerConfig:
 
 @dataclass
 class MethodConfig:
-    name: str = "stella"  # finetune | multitask | stella | stella+ | er | derpp | lump | mir | gmed | clser | esmer
+    name: str = "stella"  # a key of factory.METHODS (checked when the run starts: factory.check_method)
     # | avm_pretrain (the initialisation chain: only the AVM trains, on a frozen backbone, spec §2.5)
     memory_size: int = 2000  # total replay slots over all ranks (spec §3.9); 5000 on AudioSet
     replay_batch_size: int | None = None  # None = the per-rank training batch (spec §9.2)
@@ -257,12 +258,12 @@ class Recipe:
 
 
 REQUIRED_KEYS = ("data.dataset", "data.root", "output.dir")
+# method.stella.selection: STELLA and its patch-selection ablations (docs/baselines.md §2.13), in the report's row order
+SELECTIONS = ("full", "random", "importance", "correlation")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "vggsound", "audioset"),
     "model.preset": tuple(MODEL_PRESETS),
-    "method.name": ("finetune", "multitask", "stella", "stella+", "er", "derpp", "lump", "mir", "gmed", "clser",
-                    "esmer", "avm_pretrain"),
-    "method.stella.selection": ("full", "random", "importance", "correlation"),
+    "method.stella.selection": SELECTIONS,
     "optim.amp": ("auto", "bf16", "fp16", "none"),
     "train.device": ("auto", "cpu", "cuda"),
 }
@@ -274,13 +275,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
     """Read a YAML recipe (following `extends:`), apply `key.sub=value` overrides, validate, fill the preset."""
-    raw = _read_with_extends(Path(path), seen=())
-    for item in overrides:
-        key, value = _parse_override(item)
-        _set_path(raw, key.split("."), value, source=f"--set {item}")
-    recipe = _build(Recipe, raw, prefix="", source=str(path))
-    _check_required_and_choices(recipe, source=str(path))
-    return check_values(resolve_preset(recipe), source=str(path))
+    return recipe_from_dict(_read_with_extends(Path(path), seen=()), source=str(path), overrides=overrides)
 
 
 def resolve_preset(recipe: Recipe) -> Recipe:
@@ -302,8 +297,14 @@ def recipe_to_yaml(recipe: Recipe) -> str:
     return yaml.safe_dump(recipe_to_dict(recipe), sort_keys=False)
 
 
-def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>") -> Recipe:
-    """Rebuild a recipe from `recipe_to_dict` output (e.g. the config saved in a run directory)."""
+def recipe_from_dict(raw: dict[str, Any], source: str = "<dict>",
+                     overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """A recipe from a nested dict (a YAML file's, or `recipe_to_dict` output such as a run's saved config) with
+    `key.sub=value` overrides applied, validated, its preset filled."""
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        key, value = _parse_override(item)
+        _set_path(raw, key.split("."), value, source=f"--set {item}")
     recipe = _build(Recipe, raw, prefix="", source=source)
     _check_required_and_choices(recipe, source=source)
     return check_values(resolve_preset(recipe), source=source)
@@ -465,8 +466,6 @@ def check_values(recipe: Recipe, source: str) -> Recipe:
     for key in ("data.image_size", "data.target_length", "data.num_mel_bins"):
         if get_path(recipe, key) % m.patch_size:
             raise bad(key, get_path(recipe, key), f"must be a multiple of model.patch_size={m.patch_size}")
-    if recipe.method.name in ("stella", "stella+") and recipe.method.memory_size < 1:
-        raise bad("method.memory_size", recipe.method.memory_size, f"must be at least 1 for {recipe.method.name}")
     return recipe
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -174,6 +175,13 @@ def summarize(history: list[dict[str, Any]], tasks: list[str], ks: list[int]) ->
         per_k["avg"] = {name: _mean_or_none([per_k[f"R@{k}"][name] for k in ks]) for name in ("A", "F", "F_as_coded")}
         summary[direction] = per_k
     return summary
+
+
+def mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
+    """(mean, sample std (ddof 1) or None for one value, n) over seeds; None for no values."""
+    if not values:
+        return None
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:

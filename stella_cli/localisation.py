@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 
 from stella_cli.data import AVDataset, build_loader
-from stella_cli.heads import TaskSkipped
+from stella_cli.checkpoint import task_of
+from stella_cli.downstream import Context, TaskSkipped
 from stella_cli.model import AVM, CAVMAE
 from stella_cli.scoring import patch_importance
 
@@ -91,10 +92,8 @@ def summarize_shares(shares: dict[str, Tensor], task_names: list[str]) -> dict[s
     return out
 
 
-def run_localisation(ctx) -> tuple[dict[str, Any], list[list[str]]]:
+def run_localisation(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     """`stella eval --task localisation`: importance shares after every task checkpoint of a STELLA run."""
-    from stella_cli.eval_run import CHECKPOINT_NAME, load_checkpoint, log
-
     r = ctx.target.recipe
     dataset = AVDataset(r.data, "retrieval", tasks=ctx.all_tasks, train=False, seed=r.train.seed)
     if dataset.boxes(0) is None or dataset.event(0) is None:
@@ -102,8 +101,8 @@ def run_localisation(ctx) -> tuple[dict[str, Any], list[list[str]]]:
                           "synthetic benchmark")
     rows = []
     for path in ctx.target.checkpoints:
-        loaded = load_checkpoint(path, r, ctx.device)
-        avm_state = {k.removeprefix("avm."): v for k, v in loaded.method_state.items() if k.startswith("avm.")}
+        loaded = ctx.load(path)
+        avm_state = loaded.avm_state()
         if not avm_state:
             raise TaskSkipped(f"{path}: no AVM in the checkpoint (method {r.method.name!r}); localisation scores "
                               "STELLA's patch importance")
@@ -112,13 +111,12 @@ def run_localisation(ctx) -> tuple[dict[str, Any], list[list[str]]]:
         avm.to(ctx.device).eval()
         shares = importance_shares(loaded.backbone, avm, dataset, r.method.stella.att_temperature,
                                    r.eval.batch_size, ctx.device)
-        m = CHECKPOINT_NAME.fullmatch(path.name)
-        rows.append({"after_task": m.group(2) if m else path.stem, "checkpoint": str(path),
+        rows.append({"after_task": task_of(path), "checkpoint": str(path),
                      "scores": summarize_shares(shares, dataset.task_names)})
         a = rows[-1]["scores"]["all"]
-        log(ctx, f"localisation after {rows[-1]['after_task']}: video {a['share_v']:.1f}% on the object "
-                 f"(uniform {a['uniform_v']:.1f}%), audio {a['share_a']:.1f}% in the event "
-                 f"(uniform {a['uniform_a']:.1f}%)")
+        ctx.log(f"localisation after {rows[-1]['after_task']}: video {a['share_v']:.1f}% on the object "
+                f"(uniform {a['uniform_v']:.1f}%), audio {a['share_a']:.1f}% in the event "
+                f"(uniform {a['uniform_a']:.1f}%)")
     final = rows[-1]["scores"]["all"]
     stream = {k: sum(row["scores"]["all"][k] for row in rows) / len(rows) for k in ("lift_v", "lift_a")}
     metrics = {f"{k}": final[k] for k in ("share_v", "uniform_v", "lift_v", "share_a", "uniform_a", "lift_a")}

@@ -1,6 +1,6 @@
-"""CAV-MAE two-stream backbone and the AVM module, as in the authors' code (stella_spec §1, §2).
+"""The networks of the authors' code: the CAV-MAE two-stream backbone, the AVM and the Classifier, with their losses.
 
-Notation (stella_spec, paper defaults in brackets):
+The paper's notation (docs/method.md; paper defaults in brackets):
     B    batch                      D    encoder width [768]          H    heads [12]    d_h  head width [64]
     F    frames per clip [4]        S    frame side [224]             p    patch side [16]
     T    fbank frames [1024]        M    mel bins [128]
@@ -9,22 +9,20 @@ Notation (stella_spec, paper defaults in brackets):
     K_V, K_A  core tokens kept by STELLA's selection [392, 256]
 
 Attribute names equal the authors' `models/cav.py`, `models/avm_module.py` and `models/heads.py`, so their state
-dicts load key for key (`load_authors_checkpoint`). Masks follow MAE: True = removed / reconstruction target.
+dicts load key for key (checkpoint.load_authors_checkpoint). Masks follow MAE: True = removed / reconstruction target.
 """
 
 from __future__ import annotations
 
 import contextlib
-import math
-from pathlib import Path
-from typing import Any, Mapping, NamedTuple
+from typing import NamedTuple
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from stella_cli.config import ModelConfig, num_core_tokens, token_counts
+from stella_cli.config import ModelConfig, token_counts
+from stella_cli.distributed import gather_with_grad, rank_world
 
 
 def video_patches(video: Tensor, p: int) -> Tensor:
@@ -201,49 +199,6 @@ def modality_guided_masking(ids: Tensor, n_vis: int, generator: torch.Generator 
 # contrastive loss and the cross-rank gather (spec §1.7)
 
 
-def _rank_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-class _GatherAllReduceGrad(torch.autograd.Function):
-    """all_gather in the forward; in the backward every rank's gradient w.r.t. the gathered batch is summed and
-    each rank keeps its own slice, so DDP's gradient average equals the single-process gradient."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor) -> Tensor:
-        parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
-        dist.all_gather(parts, x.contiguous())
-        return torch.cat(parts)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> Tensor:
-        grad = grad.contiguous().clone()
-        dist.all_reduce(grad)
-        rank, world = _rank_world()
-        n = grad.shape[0] // world
-        return grad[rank * n:(rank + 1) * n]
-
-
-def gather_with_grad(x: Tensor, remote_grad: bool = True) -> Tensor:
-    """Concatenate x (B, ...) of all ranks -> (W·B, ...); identity when torch.distributed is not initialised.
-
-    The local slice keeps its gradient.  remote_grad=True also sends the gradient of each slice back to the rank
-    that owns it (the single-process gradient under DDP); False is the authors' gather: other ranks' rows are
-    constants (objectives.py:271-288), which drops those gradient terms.
-    """
-    rank, world = _rank_world()
-    if world == 1:
-        return x
-    if remote_grad:
-        return _GatherAllReduceGrad.apply(x)
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.detach().contiguous())
-    parts[rank] = x
-    return torch.cat(parts)
-
-
 def info_nce(z_a: Tensor, z_v: Tensor, tau: float, reduction: str = "mean", remote_grad: bool = True) -> Tensor:
     """Symmetric InfoNCE (spec §1.7), in float32.  z_a, z_v: (B, D) un-normalised pooled embeddings.
 
@@ -254,7 +209,7 @@ def info_nce(z_a: Tensor, z_v: Tensor, tau: float, reduction: str = "mean", remo
     with torch.autocast(z_a.device.type, enabled=False):
         a, v = F.normalize(z_a.float(), dim=-1), F.normalize(z_v.float(), dim=-1)  # (B, D)
         a_all, v_all = gather_with_grad(a, remote_grad), gather_with_grad(v, remote_grad)  # (W·B, D)
-        rank, _ = _rank_world()
+        rank, _ = rank_world()
         labels = torch.arange(a.shape[0], device=a.device) + rank * a.shape[0]  # (B,)
         nce_va = F.cross_entropy(v @ a_all.T / tau, labels, reduction="none")  # (B,)
         nce_av = F.cross_entropy(a @ v_all.T / tau, labels, reduction="none")  # (B,)
@@ -653,225 +608,3 @@ def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
     logits = avm(e_a, e_v)
     with torch.autocast(logits.device.type, enabled=False):
         return F.binary_cross_entropy_with_logits(logits.float(), labels)
-
-
-# ----------------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-AUTHORS_PREFIXES = ("module.", "backbone.transformer.")  # stripped in this order (model_module.py:37-41)
-AVM_PREFIX = "avmatching_module."
-OTHER_MODULES = {AVM_PREFIX: AVM, "vacls_classifier.": Classifier}  # keys owned by the other modules
-
-
-def is_run_checkpoint(sd: Any) -> bool:
-    """A `stella train` checkpoint (runs/NAME/checkpoints/latest.pt, taskNN_*.pt): {"model", "method", ...}."""
-    return isinstance(sd, Mapping) and isinstance(sd.get("model"), Mapping) and isinstance(sd.get("method"), Mapping)
-
-
-def authors_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
-    """One flat state dict in the authors' layout from any checkpoint we read.
-
-    A `stella train` checkpoint gives its backbone ("model") plus its AVM ("method" keys `avm.*`) as
-    `avmatching_module.*`, as the authors' wrapper names it (the method's other state, e.g. teachers, is left out);
-    {"model": state_dict} gives the state dict; anything else is returned as is.
-    """
-    if is_run_checkpoint(sd):
-        avm = {f"{AVM_PREFIX}{k.removeprefix('avm.')}": v for k, v in sd["method"].items() if k.startswith("avm.")}
-        return {**sd["model"], **avm}
-    if isinstance(sd.get("model"), Mapping):
-        return dict(sd["model"])
-    return dict(sd)
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """torch.load a checkpoint (tensors only) into the authors' layout (see authors_layout)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
-        raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
-    if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
-                         f"got {type(sd).__name__}")
-    return authors_layout(sd)
-
-
-def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, Tensor],
-                            strict: bool = True) -> dict[str, Any]:
-    """Load the authors' state dict (or ours) into a CAVMAE, AVM or Classifier, like nanoGPT's from_pretrained.
-
-    source: a file or a mapping: the authors' checkpoint, a plain / {"model": ...} state dict (`stella convert mae`
-    output), or a `stella train` checkpoint (backbone from "model", AVM from the "method" keys `avm.*`).
-    Prefixes `module.` and `backbone.transformer.` are stripped; for an AVM the keys under `avmatching_module.`
-    are taken, for a Classifier those under `vacls_classifier.` (if present), for the backbone every other key.
-    Each tensor's shape is checked.  strict: missing or unexpected keys raise ValueError.
-    Returns {"loaded": n, "missing": [...], "unexpected": [...], "skipped": n keys of other modules}.
-    """
-    where = str(source) if isinstance(source, (str, Path)) else "state dict"
-    sd = read_state_dict(source) if isinstance(source, (str, Path)) else authors_layout(source)
-    clean = {}
-    for key, value in sd.items():
-        for prefix in AUTHORS_PREFIXES:
-            key = key.removeprefix(prefix)
-        clean[key] = value
-    own = next((p for p, cls in OTHER_MODULES.items() if isinstance(model, cls)), None)
-    if own is not None and any(k.startswith(own) for k in clean):
-        picked = {k.removeprefix(own): v for k, v in clean.items() if k.startswith(own)}
-    elif own is not None and "patch_embed_v.proj.weight" in clean:
-        raise ValueError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
-                         f"(e.g. a `stella train` run of a method without one)")
-    elif own is not None:
-        picked = clean
-    else:
-        picked = {k: v for k, v in clean.items() if not k.startswith(tuple(OTHER_MODULES))}
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(picked))
-    unexpected = sorted(set(picked) - set(expected))
-    if strict and (missing or unexpected):
-        raise ValueError(f"{where}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:8]} for {type(model).__name__}")
-    for key in set(picked) & set(expected):
-        if tuple(picked[key].shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(picked[key].shape)}, the model expects "
-                             f"{tuple(expected[key].shape)}")
-    model.load_state_dict({k: v for k, v in picked.items() if k in expected}, strict=False)
-    return {"loaded": len(set(picked) & set(expected)), "missing": missing, "unexpected": unexpected,
-            "skipped": len(clean) - len(picked)}
-
-
-def load_avm_checkpoint(avm: AVM, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> dict[str, Any]:
-    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`) or a
-    `stella train` checkpoint of a method with an AVM (avm_pretrain, stella, stella+)."""
-    return load_authors_checkpoint(avm, source, strict)
-
-
-# tensors tools/adapt_imae_weights_to_vamae.py never assigns: its CAV constructor leaves them at zero
-MAE_UNMAPPED = ("pos_embed_a", "inter_pos_embed_a", "decoder_pos_embed_a", "modality_a", "modality_v",
-                "decoder_modality_a", "decoder_modality_v")
-
-
-def mae_sizes(mae: Mapping[str, Tensor], where: str | Path = "MAE") -> dict[str, Any]:
-    """The sizes an ImageNet MAE state dict fixes: embed_dim, depth, patch_size, image_size (square, from the
-    pos-embed without cls), decoder_embed_dim, decoder_depth, mlp_ratio.  Heads are not in a state dict."""
-    need = ("patch_embed.proj.weight", "patch_embed.proj.bias", "pos_embed", "norm.weight", "mask_token",
-            "decoder_embed.weight", "decoder_pos_embed", "decoder_pred.weight", "decoder_norm.weight",
-            "blocks.0.mlp.fc1.weight")
-    for key in need:
-        if key not in mae:
-            raise ValueError(f"{where}: missing MAE key {key!r}")
-    D, _, p, _ = mae["patch_embed.proj.weight"].shape
-    return {"embed_dim": D, "depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks.")),
-            "patch_size": p, "image_size": math.isqrt(mae["pos_embed"].shape[1] - 1) * p,
-            "decoder_embed_dim": mae["decoder_embed.weight"].shape[0],
-            "decoder_depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("decoder_blocks.")),
-            "mlp_ratio": mae["blocks.0.mlp.fc1.weight"].shape[0] / D}
-
-
-def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int = 4, target_length: int = 1024,
-                num_mel_bins: int = 128, modality_depth: int = 10, faithful_zeros: bool = True) -> dict[str, Any]:
-    """`stella convert mae`: an ImageNet MAE ViT checkpoint -> a CAVMAE state dict (spec §1.9).
-
-    MAE blocks 0..modality_depth-1 go to blocks_a and blocks_v, the rest to blocks_u (their norms also to the _a/_v
-    sets); `norm` to norm, norm_a, norm_v; the image pos-embed (without cls) repeated per frame to pos_embed_v and
-    inter_pos_embed_v, the decoder one to decoder_pos_embed_v; audio patch embedding = sum over RGB; audio head =
-    first p² rows of decoder_pred; both mask tokens = mask_token; decoder_* copied.  Sizes come from the MAE.
-    faithful_zeros: the tensors in MAE_UNMAPPED are zeros as in the authors' output; False keeps the model init.
-    Writes a plain state dict with the authors' key names and returns a report.
-    """
-    mae = read_state_dict(ckpt_path)
-    size = mae_sizes(mae, ckpt_path)
-    D, p, depth, decoder_depth = size["embed_dim"], size["patch_size"], size["depth"], size["decoder_depth"]
-    if not 0 < modality_depth < depth:
-        raise ValueError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
-                         f"for a {depth}-block MAE")
-    cfg = ModelConfig(embed_dim=D, num_heads=1, modality_depth=modality_depth, fusion_depth=depth - modality_depth,
-                      decoder_embed_dim=size["decoder_embed_dim"], decoder_depth=decoder_depth,
-                      decoder_num_heads=1, mlp_ratio=size["mlp_ratio"], patch_size=p)
-    model = CAVMAE(cfg, num_frames, size["image_size"], target_length, num_mel_bins)
-    out = {k: v.clone() for k, v in model.state_dict().items()}
-    mapped = {}
-    for key, value in mae.items():
-        if key.startswith("blocks."):
-            i, rest = int(key.split(".")[1]), key.split(".", 2)[2]
-            if i < modality_depth:
-                mapped[f"blocks_a.{i}.{rest}"] = mapped[f"blocks_v.{i}.{rest}"] = value
-            else:
-                mapped[f"blocks_u.{i - modality_depth}.{rest}"] = value
-                if rest.startswith(("norm1.", "norm2.")):
-                    for m in ("a", "v"):
-                        mapped[f"blocks_u.{i - modality_depth}.{rest[:5]}_{m}.{rest[6:]}"] = value
-        elif key.startswith(("decoder_embed.", "decoder_blocks.", "decoder_norm.")):
-            mapped[key] = value
-    for m in ("", "_a", "_v"):
-        mapped[f"norm{m}.weight"], mapped[f"norm{m}.bias"] = mae["norm.weight"], mae["norm.bias"]
-    mapped["pos_embed_v"] = mapped["inter_pos_embed_v"] = mae["pos_embed"][:, 1:].repeat(1, num_frames, 1)
-    mapped["decoder_pos_embed_v"] = mae["decoder_pos_embed"][:, 1:].repeat(1, num_frames, 1)
-    mapped["patch_embed_v.proj.weight"] = mae["patch_embed.proj.weight"]
-    mapped["patch_embed_a.proj.weight"] = mae["patch_embed.proj.weight"].sum(dim=1, keepdim=True)
-    mapped["patch_embed_v.proj.bias"] = mapped["patch_embed_a.proj.bias"] = mae["patch_embed.proj.bias"]
-    mapped["mae_score_video.decoder.weight"] = mae["decoder_pred.weight"]
-    mapped["mae_score_video.decoder.bias"] = mae["decoder_pred.bias"]
-    mapped["mae_score_audio.decoder.weight"] = mae["decoder_pred.weight"][: p * p]
-    mapped["mae_score_audio.decoder.bias"] = mae["decoder_pred.bias"][: p * p]
-    mapped["mask_token_a"] = mapped["mask_token_v"] = mae["mask_token"]
-    for key, value in mapped.items():
-        if key not in out or tuple(value.shape) != tuple(out[key].shape):
-            raise ValueError(f"{ckpt_path}: MAE tensor for {key} has shape {tuple(value.shape)}, expected "
-                             f"{tuple(out[key].shape) if key in out else 'no such key'}")
-        out[key] = value.detach().clone().float()
-    if faithful_zeros:
-        for key in MAE_UNMAPPED:
-            out[key].zero_()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, out_path)
-    return {"out": str(out_path), "mapped": len(mapped), "zeros": list(MAE_UNMAPPED) if faithful_zeros else [],
-            "unmapped": sorted(set(out) - set(mapped)), "ignored": sorted(k for k in mae if k in ("cls_token",)),
-            "sizes": {**size, "modality_depth": modality_depth}}
-
-
-# ----------------------------------------------------------------------------------------------------------
-# sizes (`stella model`)
-
-
-def parameter_count(module: nn.Module) -> int:
-    """Number of distinct parameters (shared modules counted once)."""
-    return sum(p.numel() for p in module.parameters())
-
-
-PARTS = {"patch_embed": "patch embeddings", "pos_embed": "pos/modality embeddings", "inter_pos_embed":
-         "pos/modality embeddings", "modality": "pos/modality embeddings", "blocks_a": "audio layers",
-         "blocks_v": "video layers", "blocks_u": "fusion layers", "norm": "final norms", "decoder": "decoder",
-         "mask_token": "decoder", "mae_score": "MAE heads"}
-
-
-def model_summary(cfg: ModelConfig, *, num_frames: int = 4, image_size: int = 224, target_length: int = 1024,
-                  num_mel_bins: int = 128, core_video_ratio: float = 0.5, core_audio_ratio: float = 0.5,
-                  num_classes: int = 0) -> dict[str, Any]:
-    """Parameter and token counts, built on the meta device (no memory, no init cost).
-
-    Returns {"params": {"total", "backbone", "avm", "classifier", "parts": {part: n}}, "tokens": {...}}.
-    """
-    with torch.device("meta"):
-        model = CAVMAE(cfg, num_frames, image_size, target_length, num_mel_bins)
-        avm = AVM(cfg.embed_dim, cfg.num_heads, cfg.avm.fix_head_reshape)
-        head = Classifier(2 * cfg.embed_dim, num_classes) if num_classes else None
-    parts: dict[str, int] = {}
-    for name, param in model.named_parameters():
-        top = name.split(".")[0]
-        part = next(v for k, v in PARTS.items() if top.startswith(k))
-        parts[part] = parts.get(part, 0) + param.numel()
-    n_cls = parameter_count(head) if head is not None else 0
-    L_V, L_A = model.num_video_tokens, model.num_audio_tokens
-    n_v, n_a = int(L_V * (1 - cfg.mask_ratio_v)), int(L_A * (1 - cfg.mask_ratio_a))
-    K_V, K_A = num_core_tokens(L_V, core_video_ratio), num_core_tokens(L_A, core_audio_ratio)
-    return {"params": {"total": parameter_count(model) + parameter_count(avm) + n_cls,
-                       "backbone": parameter_count(model), "avm": parameter_count(avm), "classifier": n_cls,
-                       "parts": parts},
-            "tokens": {"video": L_V, "audio": L_A, "visible_video": n_v, "visible_audio": n_a,
-                       "core_video": K_V, "core_audio": K_A,
-                       "decoder_video": {"random": L_V, "core": K_V}, "decoder_audio": {"random": L_A, "core": K_A},
-                       "targets_video": {"random": L_V - n_v, "core": K_V - n_v},
-                       "targets_audio": {"random": L_A - n_a, "core": K_A - n_a}}}

@@ -13,6 +13,7 @@ figure. Every function writes one PNG and returns its path.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -23,7 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 import numpy as np  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
+import torch  # noqa: E402
+
+from stella_cli.cache import read_meta  # noqa: E402
+from stella_cli.checkpoint import read_checkpoint, task_checkpoints, task_of  # noqa: E402
+from stella_cli.config import load_recipe, num_core_tokens, token_counts  # noqa: E402
 from stella_cli.evaluate import DIRECTIONS, accuracy_matrix  # noqa: E402
+from stella_cli.select import prune_mask, select_audio_chunks, select_video_patches  # noqa: E402
 
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 100, "savefig.bbox": "tight", "font.size": 9, "axes.titlesize": 10,
@@ -128,8 +135,6 @@ def stream_plot(retrieval: dict[str, Any], out: Path, title: str = "") -> Path:
 
 def plot_run(run_dir: Path, out_dir: Path | None = None, prefix: str = "") -> list[Path]:
     """The heatmap and the stream plot of one run (default: RUN/plots/); [] when it has no results yet."""
-    import json
-
     path = Path(run_dir) / "results" / "retrieval.json"
     if not path.is_file():
         return []
@@ -368,10 +373,6 @@ def replay_core(clip: dict[str, np.ndarray], K_V: int, K_A: int, n_freq: int, ch
                 seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """The core token indices a replay of this STELLA slot would select: z ~ Bernoulli(stored p), then video
     sampling ∝ I·(1−z) and audio chunks (select.py, as in training), one draw from a generator seeded `seed`."""
-    import torch
-
-    from stella_cli.select import prune_mask, select_audio_chunks, select_video_patches
-
     gen = torch.Generator().manual_seed(seed)
     I_v, I_a = torch.from_numpy(clip["I_v"])[None], torch.from_numpy(clip["I_a"])[None]  # (1, L_V), (1, L_A)
     z_v = prune_mask(torch.from_numpy(clip["p_v"])[None], gen)
@@ -388,21 +389,11 @@ def pick_slots(task: np.ndarray | None, filled: int, n: int) -> list[int]:
     return [int(order[i]) for i in np.linspace(0, filled - 1, n).round().astype(int)] if n else []
 
 
-def task_checkpoints(run_dir: Path) -> list[Path]:
-    """RUN/checkpoints/taskNN_<name>.pt in stream order."""
-    return sorted((Path(run_dir) / "checkpoints").glob("task[0-9][0-9]_*.pt"))
-
-
 def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoint: str = "latest.pt",
                    buffer: dict | None = None) -> list[Path]:
     """`stella buffer RUN --show N`: N clip figures from `checkpoint` and the composition over the stream
     (each task checkpoint's buffer, or `checkpoint` alone when there are none). Default out: RUN/plots/buffer.
     `buffer`: that checkpoint's buffer when the caller has read it already (`stella buffer` has)."""
-    import torch
-
-    from stella_cli.cache import read_meta
-    from stella_cli.config import load_recipe, num_core_tokens, token_counts
-
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir else run_dir / "plots" / "buffer"
     recipe = load_recipe(run_dir / "config.yaml")
@@ -413,7 +404,7 @@ def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoin
         tasks = []
 
     def load_buffer(path: Path) -> dict:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        state = read_checkpoint(path, mmap=True)
         if "buffer" not in state["method_extra"]:
             raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
         return state["method_extra"]["buffer"]
@@ -457,7 +448,6 @@ def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoin
         for ckpt in checkpoints:
             stored = load_buffer(ckpt)["fields"].get("task")
             per_task = np.bincount(stored.numpy(), minlength=len(names)).tolist() if stored is not None else []
-            label = ckpt.stem.split("_", 1)[1] if ckpt.stem.startswith("task") else ckpt.stem
-            counts.append((label, per_task))
+            counts.append((task_of(ckpt), per_task))
         written.append(buffer_composition(counts, names, out_dir / "composition.png", int(buffer["capacity"])))
     return written

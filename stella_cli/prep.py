@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import csv
 import json
-import multiprocessing as mp
 import os
 import re
 import time
@@ -35,14 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 from tqdm import tqdm
 
 from stella_cli import media
-from stella_cli.audio import clip_fbank, one_torch_thread
-from stella_cli.errors import die_with_parent
+from stella_cli.audio import clip_fbank
 from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk_bytes, open_or_create, spec_to_dict,
                               write_manifest, write_meta)
+from stella_cli.pool import run_jobs
 
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
 VGGSOUND_CATEGORIES = {"sports", "music", "vehicle", "people", "animals", "home", "nature", "tools", "others"}
@@ -97,7 +95,7 @@ class ClassInfo:
 
 
 @dataclass
-class _Entry:
+class ListEntry:
     """One row of a clip list, before its classes and media file are resolved."""
 
     clip_id: str
@@ -220,7 +218,7 @@ def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
     return rows
 
 
-def read_cavmae_json(path: Path) -> list[_Entry]:
+def read_cavmae_json(path: Path) -> list[ListEntry]:
     """CAV-MAE json {"data": [{"video_id", "wav", "video_path", "labels": "mid1,mid2"}]}."""
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
@@ -244,12 +242,12 @@ def read_cavmae_json(path: Path) -> list[_Entry]:
         if m:
             start = int(m.group(2))
             names.append(f"{m.group(1)}_{start * 1000}_{(start + 10) * 1000}")
-        out.append(_Entry(vid, [r.strip() for r in refs if r.strip()], names, m.group(1) if m else vid, where,
+        out.append(ListEntry(vid, [r.strip() for r in refs if r.strip()], names, m.group(1) if m else vid, where,
                           path_hint))
     return out
 
 
-def read_stella_csv(path: Path) -> list[_Entry]:
+def read_stella_csv(path: Path) -> list[ListEntry]:
     """The authors' header-less csv: idx, vid, frames_dir, wav, label mid(s) (comma-joined), category (spec §7.1).
     The category column is not used: categories come from the category table."""
     out = []
@@ -263,11 +261,11 @@ def read_stella_csv(path: Path) -> list[_Entry]:
             _, vid, frames_dir, wav, label, _ = (x.strip() for x in r)
             stem = Path(frames_dir).name or Path(wav).stem or vid
             refs = [x.strip() for x in label.split(",") if x.strip()]
-            out.append(_Entry(stem, refs, [stem, Path(wav).stem, vid], vid, f"{path}:{line}"))
+            out.append(ListEntry(stem, refs, [stem, Path(wav).stem, vid], vid, f"{path}:{line}"))
     return out
 
 
-def read_clip_list(path: Path) -> list[_Entry]:
+def read_clip_list(path: Path) -> list[ListEntry]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: clip list not found")
@@ -276,15 +274,15 @@ def read_clip_list(path: Path) -> list[_Entry]:
     return read_stella_csv(path)
 
 
-def scan_folder(root: Path) -> dict[str, list[_Entry]]:
+def scan_folder(root: Path) -> dict[str, list[ListEntry]]:
     """ROOT/{train,test,retrieval}/CLASS/*.mp4 (any depth below the split; class = parent folder); without split
     folders, every clip of ROOT/**/CLASS/* is a training clip."""
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
-    out: dict[str, list[_Entry]] = {s: [] for s in SPLITS}
+    out: dict[str, list[ListEntry]] = {s: [] for s in SPLITS}
     for split, base in (split_dirs or {"train": root}).items():
         for p in sorted(base.rglob("*")):
             if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file() and p.parent != base:
-                out[split].append(_Entry(p.stem, [p.parent.name], [p.stem], p.stem, str(p), str(p)))
+                out[split].append(ListEntry(p.stem, [p.parent.name], [p.stem], p.stem, str(p), str(p)))
     return out
 
 
@@ -374,7 +372,7 @@ def _task_of(dataset: str, name: str, category: str) -> str:
     return "others_part2" if category == "others" else category
 
 
-def assign_split(split: str, entries: list[_Entry], classes: list[ClassInfo], media_index: MediaIndex, *,
+def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo], media_index: MediaIndex, *,
                  known_refs: set[str], max_per_class: int | None, retrieval_all_classes: bool,
                  label_file: Path | None, unused: bool = False
                  ) -> tuple[list[ClipSource], list[dict[str, str]], Counter]:
@@ -443,7 +441,7 @@ class MediaIndex:
                 if m:  # a YouTube id with two clips is ambiguous: None
                     self.by_ytid[m.group(1)] = None if m.group(1) in self.by_ytid else p
 
-    def find(self, e: _Entry) -> Path | None:
+    def find(self, e: ListEntry) -> Path | None:
         if e.path:
             for p in (Path(e.path), self.root / e.path):
                 if p.is_file():
@@ -669,28 +667,14 @@ def _decode_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec
     jobs = [(r, clips[r].source) for r in pending]
     if not jobs:
         return
-    if workers <= 1:
-        _init_worker(str(out), split, len(clips), spec, 0)
-        try:
-            with one_torch_thread():
-                yield from map(_prepare_row, jobs)
-        finally:
-            _WORKER.clear()
-        return
-    threads = max(1, (os.cpu_count() or 1) // workers)
-    # fork, like torch's DataLoader: the workers inherit the imports; each sets torch to one thread. Leaving the
-    # `with` (done, error, Ctrl-C) terminates the workers; a killed parent takes them along (die_with_parent)
-    with mp.get_context("fork").Pool(workers, _init_pool_worker,
-                                     (str(out), split, len(clips), spec, threads, os.getpid())) as pool:
-        yield from pool.imap_unordered(_prepare_row, jobs)
-
-
-def _init_pool_worker(out: str, split: str, n: int, spec: CacheSpec, threads: int, parent_pid: int) -> None:
-    die_with_parent(parent_pid)
-    torch.set_num_threads(1)  # one fbank per process; the processes are the parallelism
-    _init_worker(out, split, n, spec, threads)
+    threads = 0 if workers <= 1 else max(1, (os.cpu_count() or 1) // workers)  # PyAV decode threads per clip
+    try:
+        yield from run_jobs(_prepare_row, jobs, workers, initializer=_init_worker,
+                            initargs=(str(out), split, len(clips), spec, threads))
+    finally:
+        _WORKER.clear()
 
 
 __all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "write_plan", "SUBSETS",
-           "read_class_csv", "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex", "SPLITS",
-           "VGGSOUND_TASKS", "AUDIOSET_TASKS", "OTHERS_PART1"]
+           "read_class_csv", "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex",
+           "ListEntry", "SPLITS", "VGGSOUND_TASKS", "AUDIOSET_TASKS", "OTHERS_PART1"]

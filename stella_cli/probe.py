@@ -20,7 +20,7 @@ from torch import Tensor
 
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, add_fbank_noise, build_loader, frame_indices, num_batches, roll_time
-from stella_cli.heads import epoch_logger, fit, topk_correct
+from stella_cli.downstream import Context, epoch_logger, fit, joint_features, topk_correct
 from stella_cli.model import CAVMAE, Classifier
 
 
@@ -88,13 +88,6 @@ def averaged_clip_probs(logits: Tensor) -> Tensor:
     return logits.float().softmax(dim=-1).mean(dim=1)
 
 
-@torch.no_grad()
-def joint_features(backbone: CAVMAE, audio: Tensor, video: Tensor, amp: torch.dtype | None) -> Tensor:
-    device = next(backbone.parameters()).device
-    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
-        return backbone.joint_embed(audio.to(device), video.to(device)).float()
-
-
 def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, seed: int,
                    amp: torch.dtype | None = None, num_workers: int = 0, log=None) -> dict[str, Any]:
     """Train the Classifier on `data`'s train split and test it on its test split; metrics in percent."""
@@ -142,16 +135,14 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
             "chance_top1": 100 / len(classes)}
 
 
-def run_classification(ctx) -> tuple[dict[str, Any], list[list[str]]]:
+def run_classification(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     """`stella eval --task classification`: the probe on the final checkpoint's frozen backbone."""
-    from stella_cli.eval_run import load_checkpoint, log
-
     r = ctx.target.recipe
     head_cfg = r.eval.classification
     data = dataclasses.replace(r.data, root=head_cfg.root or r.data.root, tasks=[])
-    backbone = load_checkpoint(ctx.target.final, r, ctx.device).backbone
+    backbone = ctx.load().backbone
     out = train_and_test(backbone, data, head_cfg, seed=r.eval.seed, amp=ctx.amp,
-                         num_workers=data.num_workers, log=lambda m: log(ctx, m))
+                         num_workers=data.num_workers, log=ctx.log)
     metrics = {"top1": out["top1"], "top5": out["top5"]}
     for name, v in out["per_task"].items():
         metrics[f"top1 {name}"], metrics[f"top5 {name}"] = v["top1"], v["top5"]

@@ -3,8 +3,8 @@
 One buffer per rank, capacity M = memory_size // world_size (the caller passes it), never reset between tasks.
 Fields are arbitrary named tensors allocated on the CPU on the first `add`: floating fields in the buffer dtype
 (float32 as the authors), integer/bool fields (orderings) in their own dtype. STELLA stores full clips and the
-scoring of the iteration that added them (`stella_fields`); STELLA+ only the core patches and their orderings
-(`stella_plus_fields`); the baselines store subsets.
+scoring of the iteration that added them; STELLA+ only the core patches and their orderings; the baselines store
+subsets (each method's `memory_fields`).
 
 Checkpoints (spec §9.3 B22): the authors save each rank's buffer, concatenate them into the checkpoint and split
 them back evenly on resume. `merge_state_dicts` / `split_state_dict` do the same on our state dicts, so a
@@ -14,12 +14,10 @@ exactly; with another world size the stored clips are dealt out in rank order (s
 
 from __future__ import annotations
 
-import math
 
 import torch
 from torch import Tensor
 
-from stella_cli.config import token_counts
 
 
 def reservoir_slot(n_seen: int, capacity: int, generator: torch.Generator) -> int | None:
@@ -197,44 +195,6 @@ def split_state_dict(state: dict, world_size: int) -> list[dict]:
                     "fields": {name: x[start:start + take].clone() for name, x in fields.items()}})
         start += take
     return out
-
-
-# ----------------------------------------------------------------------------------------------------------
-# what one slot holds (spec §3.9 for STELLA, §3.12 for STELLA+)
-
-
-def stella_fields(*, num_frames: int, image_size: int, target_length: int, num_mel_bins: int, patch_size: int,
-                  embed_dim: int, num_heads: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-clip shapes and dtypes STELLA stores: the full augmented clip, DER targets, q̄, p and I (spec §3.9)."""
-    L_V, L_A = token_counts(num_frames, image_size, target_length, num_mel_bins, patch_size)
-    d_h = embed_dim // num_heads
-    f32 = torch.float32
-    return {
-        "video": ((num_frames, 3, image_size, image_size), f32), "audio": ((1, target_length, num_mel_bins), f32),
-        "z_a": ((embed_dim,), f32), "z_v": ((embed_dim,), f32),
-        "q_bar_v": ((num_heads, d_h), f32), "q_bar_a": ((num_heads, d_h), f32),
-        "p_v": ((L_V,), f32), "p_a": ((L_A,), f32), "I_v": ((L_V,), f32), "I_a": ((L_A,), f32),
-    }
-
-
-def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, num_mel_bins: int,
-                       patch_size: int, embed_dim: int, num_heads: int, K_V: int,
-                       K_A: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """Per-clip shapes and dtypes STELLA+ stores: core patches, orderings, DER targets, q̄ (spec §3.12)."""
-    L_V, L_A = token_counts(num_frames, image_size, target_length, num_mel_bins, patch_size)
-    d_h, p = embed_dim // num_heads, patch_size
-    f32 = torch.float32
-    return {
-        "core_v": ((K_V, 3, p, p), f32), "core_a": ((K_A, 1, p, p), f32),
-        "order_v": ((L_V,), torch.long), "order_a": ((L_A,), torch.long),
-        "z_a": ((embed_dim,), f32), "z_v": ((embed_dim,), f32),
-        "q_bar_v": ((num_heads, d_h), f32), "q_bar_a": ((num_heads, d_h), f32),
-    }
-
-
-def bytes_per_clip(fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
-    """Stored bytes of one slot for a field spec (no allocation)."""
-    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())
 
 
 # ----------------------------------------------------------------------------------------------------------

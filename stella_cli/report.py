@@ -18,29 +18,24 @@ import csv
 import glob
 import io
 import json
-import statistics
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table as RichTable
 
 from stella_cli.cache import atomic_write_text
-from stella_cli.evaluate import DIRECTIONS
+from stella_cli.config import SELECTIONS
+from stella_cli.console import console, print_rows
+from stella_cli.evaluate import DIRECTIONS, mean_std
+from stella_cli.factory import METHODS, PAPER_METHODS
+from stella_cli.plots import bench_bars, plot_run, report_bars
 
-PAPER_ORDER = ("multitask", "finetune", "er", "mir", "derpp", "gmed", "clser", "esmer", "lump", "stella", "stella+")
-DISPLAY_NAMES = {"multitask": "Multitask", "finetune": "Finetune", "er": "ER", "mir": "MIR", "derpp": "DER++",
-                 "gmed": "GMED", "clser": "CLS-ER", "esmer": "ESMER", "lump": "LUMP", "stella": "STELLA",
-                 "stella+": "STELLA+"}
-SELECTIONS = ("full", "random", "importance", "correlation")  # method.stella.selection; absent = full
 DOWNSTREAM_TASKS = ("classification", "ave", "avs", "msrvtt", "localisation")
 TABLES = ("retrieval", "efficiency", "downstream", "ablation")
 FORGETTING = {"conventional": "F", "as-coded": "F_as_coded"}  # --forgetting -> key in results/summary.json
 DIRECTION_NAMES = {"a2v": "A->V", "v2a": "V->A"}
-UPPER_BOUND = "multitask"  # never marked best: it sees every task at once
 RUN_KEYS_IGNORED = ("train.seed", "output.dir")  # what may differ between the seeds of one row
 
 
@@ -132,11 +127,16 @@ def recipe_key(run: Run) -> str:
 
 def method_rank(method: str) -> tuple[int, str]:
     """Paper order first, unknown methods after it, alphabetically."""
-    return (PAPER_ORDER.index(method), "") if method in PAPER_ORDER else (len(PAPER_ORDER), method)
+    return (PAPER_METHODS.index(method), "") if method in PAPER_METHODS else (len(PAPER_METHODS), method)
+
+
+def is_upper_bound(method: str) -> bool:
+    """Multitask sees every task at once: never marked best, and no forgetting (one checkpoint)."""
+    return method in PAPER_METHODS and METHODS[method].union
 
 
 def display_name(method: str) -> str:
-    return DISPLAY_NAMES.get(method, method)
+    return (METHODS[method].row if method in METHODS else None) or method
 
 
 def group_runs(runs: list[Run], ablation: bool = False) -> list[Group]:
@@ -213,19 +213,12 @@ class Table:
         return mean_std(self.groups[row].values.get(col, []))
 
 
-def mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
-    """(mean, sample std or None for one value, n); None for no values."""
-    if not values:
-        return None
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
-
-
 def mark_best(table: Table) -> None:
     """Best mean per column (max, or min where lower is better) among non-upper-bound rows; ties all marked.
     Nothing is marked in a column with fewer than two candidates."""
     for col in table.columns:
         cand = {i: s[0] for i, g in enumerate(table.groups)
-                if g.method != UPPER_BOUND and (s := table.stat(i, col)) is not None}
+                if not is_upper_bound(g.method) and (s := table.stat(i, col)) is not None}
         if len(cand) < 2:
             continue
         target = (min if table.lower_better[col] else max)(cand.values())
@@ -245,7 +238,7 @@ def retrieval_table(runs: list[Run], forgetting: str = "conventional", ablation:
         if summary is None:
             notes.append(f"skipped {run.path}: no results/summary.json yet")
             continue
-        complete = len(summary["trained"]) == len(summary["tasks"]) or run.method == UPPER_BOUND
+        complete = len(summary["trained"]) == len(summary["tasks"]) or is_upper_bound(run.method)
         if not complete:
             notes.append(f"skipped {run.path}: {len(summary['trained'])} of {len(summary['tasks'])} tasks trained")
             continue
@@ -469,26 +462,21 @@ def column_parts(columns: list[str]) -> list[tuple[str, list[str]]]:
     return [("", columns[i:i + 6]) for i in range(0, len(columns), 6)]
 
 
-def print_table(console: Console, table: Table) -> None:
+def print_table(table: Table) -> None:
     """rich tables, one per direction (retrieval, ablation) or per 6 columns; best cells in green."""
     rows = table_rows(table, bold=("[bold green]", "[/bold green]"))
     header = rows[0][2:]
     for part, columns in column_parts(header):
-        shown = RichTable(title=f"{table.name}{': ' + part if part else ''} (green = best per column)")
-        for i, name in enumerate(["method", "n", *columns]):
-            shown.add_column(name.removeprefix(part + " ") if part else name, justify="left" if i == 0 else "right")
         index = [0, 1, *[2 + header.index(c) for c in columns]]
-        for row in rows[1:]:
-            shown.add_row(*[row[i] for i in index])
-        console.print(shown)
+        shown = [["method", "n", *[c.removeprefix(part + " ") if part else c for c in columns]]]
+        shown += [[row[i] for i in index] for row in rows[1:]]
+        print_rows(f"{table.name}{': ' + part if part else ''} (green = best per column)", shown)
     for note in table.notes:
         console.print(f"[dim]{escape(note)}")
 
 
 def write_figures(table: Table, out: Path) -> list[Path]:
     """The table's bars (plots.py); for retrieval and ablation also every run's heatmap and stream plot."""
-    from stella_cli.plots import bench_bars, plot_run, report_bars
-
     if table.name == "efficiency":
         return [bench_bars(table, out / "efficiency_bars.png")]
     if table.name not in ("retrieval", "ablation"):

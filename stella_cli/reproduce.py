@@ -23,15 +23,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rich.console import Console
-from rich.table import Table
 
 from stella_cli.cache import atomic_write_text
+from stella_cli.config import SELECTIONS, load_recipe
+from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
+from stella_cli.factory import PAPER_METHODS, recipe_suffix
 
-PAPER_METHODS = ("multitask", "finetune", "er", "mir", "derpp", "gmed", "clser", "esmer", "lump", "stella",
-                 "stella_plus")  # recipe suffixes in the paper's row order (protocol.md "Tables")
-ABLATION_VARIANTS = ("random", "importance", "correlation", "full")
+PAPER_RECIPES = tuple(recipe_suffix(m) for m in PAPER_METHODS)  # recipe suffixes in the paper's row order
 MARKER = "reproduce.json"
 
 
@@ -54,14 +53,14 @@ TABLES: dict[str, TableSpec] = {
     # The laptop default: every method of the paper on the synthetic stream, one seed at a reduced budget
     # (README "Reproducing the tables" states what it runs and what it shows); --full: 3 seeds, recipe budget.
     # Half of each recipe's epochs: 10 per task, and 20 over the union for Multitask (synthetic_multitask.yaml).
-    "synthetic": TableSpec("synthetic", PAPER_METHODS, "retrieval", synthetic=True, epochs_fraction=0.5),
-    "synthetic-ablation": TableSpec("synthetic_ablation", ABLATION_VARIANTS, "ablation", synthetic=True,
+    "synthetic": TableSpec("synthetic", PAPER_RECIPES, "retrieval", synthetic=True, epochs_fraction=0.5),
+    "synthetic-ablation": TableSpec("synthetic_ablation", SELECTIONS, "ablation", synthetic=True,
                                     epochs_fraction=0.5),
-    "vggsound-retrieval": TableSpec("vggsound", PAPER_METHODS, "retrieval", seeds=(2021, 2022, 2023)),
-    "audioset-retrieval": TableSpec("audioset", PAPER_METHODS, "retrieval", seeds=(2021, 2022, 2023)),
-    "ablation": TableSpec("vggsound_ablation", ABLATION_VARIANTS, "ablation", seeds=(2021, 2022, 2023)),
-    "downstream": TableSpec("vggsound", PAPER_METHODS, "downstream", downstream=True),
-    "efficiency": TableSpec("", PAPER_METHODS, "efficiency", bench=True),
+    "vggsound-retrieval": TableSpec("vggsound", PAPER_RECIPES, "retrieval", seeds=(2021, 2022, 2023)),
+    "audioset-retrieval": TableSpec("audioset", PAPER_RECIPES, "retrieval", seeds=(2021, 2022, 2023)),
+    "ablation": TableSpec("vggsound_ablation", SELECTIONS, "ablation", seeds=(2021, 2022, 2023)),
+    "downstream": TableSpec("vggsound", PAPER_RECIPES, "downstream", downstream=True),
+    "efficiency": TableSpec("", PAPER_RECIPES, "efficiency", bench=True),
 }
 
 
@@ -87,7 +86,7 @@ def select_names(spec: TableSpec, methods: str | None) -> tuple[str, ...]:
     """`--methods er,stella` keeps those (in the table's order); unknown names are one-line errors."""
     if not methods:
         return spec.names
-    wanted = [m.strip().replace("+", "_plus") for m in methods.split(",") if m.strip()]
+    wanted = [recipe_suffix(m.strip()) for m in methods.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in spec.names]
     if unknown:
         raise ValueError(f"--methods: {', '.join(unknown)} not in this table; choose from {', '.join(spec.names)}")
@@ -108,16 +107,15 @@ def parse_seeds(text: str | None, spec: TableSpec, full: bool) -> tuple[int, ...
 
 def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: str | None = None,
               overrides: list[str] | None = None, full: bool = False, runs: Path = Path("runs"),
-              recipes: Path = Path("recipes"), console: Console | None = None) -> list[RunOutcome]:
+              recipes: Path = Path("recipes")) -> list[RunOutcome]:
     """Run (or continue) every run of `table`, then report it. Returns one outcome per run."""
-    console = console or Console()
     if table not in TABLES:
         raise ValueError(f"stella reproduce: unknown table {table!r}; choose one of {', '.join(TABLES)}")
     spec = TABLES[table]
     names = select_names(spec, methods)
     out_dir = runs / table
     if spec.bench:
-        return [run_bench(names, out_dir, console)]
+        return [run_bench(names, out_dir)]
     seed_list = parse_seeds(seeds, spec, full)
     sets = list(overrides or [])
     recipe_paths = [recipes / f"{spec.prefix}_{name}.yaml" for name in names]
@@ -126,7 +124,7 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
         raise FileNotFoundError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
                                 f"recipes under {recipes})")
     if spec.synthetic:
-        ensure_synthetic(recipe_paths[0], sets, console)
+        ensure_synthetic(recipe_paths[0], sets)
     outcomes = []
     total = len(recipe_paths) * len(seed_list)
     budget = {r: [] if full else scaled_epochs(r, spec.epochs_fraction) for r in recipe_paths}
@@ -146,7 +144,7 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
             evaluate_downstream(run_dir)
     stella_cli_child("report", *(str(o.run_dir) for o in outcomes), "--table", spec.report,
                      "--out", str(out_dir / "report"))
-    print_times(outcomes, console)
+    print_times(outcomes)
     if spec.report in ("retrieval", "ablation"):
         console.print(chance_line(outcomes[0].run_dir))
     return outcomes
@@ -156,8 +154,6 @@ def scaled_epochs(recipe: Path, fraction: float) -> list[str]:
     """`train.epochs=N` for a fraction of the recipe's own epochs (none when the fraction is 1)."""
     if fraction == 1.0:
         return []
-    from stella_cli.config import load_recipe
-
     return [f"train.epochs={max(1, round(load_recipe(recipe).train.epochs * fraction))}"]
 
 
@@ -197,10 +193,8 @@ def stella_cli_child(*args: str, capture: bool = False) -> str:
     return proc.stdout or ""
 
 
-def ensure_synthetic(recipe: Path, sets: list[str], console: Console) -> None:
+def ensure_synthetic(recipe: Path, sets: list[str]) -> None:
     """Prepare the synthetic benchmark where the recipe looks for it, if it is not there yet."""
-    from stella_cli.config import load_recipe
-
     root = Path(load_recipe(recipe, [s for s in sets if s.startswith("data.")]).data.root)
     if (root / "meta.json").is_file() and (root / "retrieval.csv").is_file():
         return
@@ -213,10 +207,11 @@ def evaluate_downstream(run_dir: Path) -> None:
         stella_cli_child("eval", str(run_dir), "--task", "all")
 
 
-def run_bench(names: tuple[str, ...], out_dir: Path, console: Console) -> RunOutcome:
+def run_bench(names: tuple[str, ...], out_dir: Path) -> RunOutcome:
     """The efficiency table: `stella bench` at the paper's size, both attention kernels, then the report."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    methods = ",".join(n.replace("_plus", "+") for n in names)
+    method_of = {recipe_suffix(m): m for m in PAPER_METHODS}
+    methods = ",".join(method_of[n] for n in names)
     tic = time.perf_counter()
     files = []
     for kernel in ("sdpa", "math"):
@@ -231,8 +226,6 @@ def run_bench(names: tuple[str, ...], out_dir: Path, console: Console) -> RunOut
 
 def chance_line(run_dir: Path) -> str:
     """Chance level of the retrieval table: R@K = K / N for a gallery of N clips, averaged over the recipe's K."""
-    from stella_cli.config import load_recipe
-
     recipe = load_recipe(run_dir / "config.yaml")
     with open(Path(recipe.data.root) / "retrieval.csv") as f:
         n = sum(1 for _ in f) - 1  # minus the header
@@ -241,12 +234,9 @@ def chance_line(run_dir: Path) -> str:
     return f"chance with a gallery of {n} clips: {per_k}, avg {100 * sum(ks) / len(ks) / n:.2f}"
 
 
-def print_times(outcomes: list[RunOutcome], console: Console) -> None:
-    table = Table(title="wall time per run")
-    for column in ("recipe", "seed", "run", "status", "time"):
-        table.add_column(column, justify="right" if column == "time" else "left")
-    for o in outcomes:
-        table.add_row(o.recipe.stem, str(o.seed), str(o.run_dir), o.status, f"{o.seconds:.0f} s")
-    console.print(table)
+def print_times(outcomes: list[RunOutcome]) -> None:
+    print_rows("wall time per run", [["recipe", "seed", "run", "status", "time"]]
+               + [[o.recipe.stem, str(o.seed), str(o.run_dir), o.status, f"{o.seconds:.0f} s"] for o in outcomes],
+               left=4)
     console.print(f"total {sum(o.seconds for o in outcomes) / 60:.1f} min of training over {len(outcomes)} runs "
                   "(skipped runs show the time they took when they ran)")

@@ -13,87 +13,34 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import signal
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-from torch.nn.parallel import DistributedDataParallel
 
 from stella_cli import evaluate
 from stella_cli.cache import read_manifest
-from stella_cli.checkpoint import check_compatible, read_checkpoint
-from stella_cli.config import (OptimConfig, Recipe, load_recipe, per_rank_batch, per_rank_memory,
-                               recipe_to_dict, recipe_to_yaml)
+from stella_cli.checkpoint import (LATEST, check_compatible, read_checkpoint, run_checkpoints, task_checkpoint_name,
+                                   write_checkpoint)
+from stella_cli.config import (OptimConfig, Recipe, load_recipe, per_rank_batch, recipe_to_dict, recipe_to_yaml)
+from stella_cli.console import console, is_main, log
 from stella_cli.data import AVDataset, build_loader, check_prepared, num_batches
+from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, barrier, broadcast_object, no_sync,
+                                    setup_distributed, unwrap, wrap)
 from stella_cli.errors import DivergenceError, Interrupted, StellaError
-from stella_cli.methods import METHODS, Method
-from stella_cli.model import CAVMAE, load_authors_checkpoint
+from stella_cli.factory import METHODS, build_method, check_method
+from stella_cli.methods import Method
 from stella_cli.replay import merge_state_dicts, split_state_dict
-
-console = Console()
 
 
 class TrainingInterrupted(Interrupted, RuntimeError):
     """Raised after a checkpoint has been saved because a stop was requested (signal or stop_after); exit 130."""
-
-
-# ----------------------------------------------------------------------------------------------------------
-# distributed (torchrun sets RANK / WORLD_SIZE / LOCAL_RANK)
-
-
-def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
-    """(rank, world_size, device); initialises the process group when launched by torchrun."""
-    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    if device_pref == "cuda" and not torch.cuda.is_available():
-        raise StellaError(f"train.device=cuda: no CUDA device is available here (torch {torch.__version__}, "
-                          f"CUDA build {torch.version.cuda or 'none'}); use train.device=auto or cpu")
-    if use_cuda and local_rank >= torch.cuda.device_count():
-        raise StellaError(f"LOCAL_RANK={local_rank} but only {torch.cuda.device_count()} CUDA device(s) are "
-                          f"visible; start at most that many processes per node")
-    device = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    return rank, world, device
-
-
-def is_main() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def log(message: str) -> None:
-    if is_main():
-        console.print(message, soft_wrap=True)  # one line each, whatever the terminal width
-
-
-def unwrap(module: torch.nn.Module) -> Method:
-    return module.module if isinstance(module, DistributedDataParallel) else module
-
-
-def all_reduced(flags: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """The sum over ranks of a small CPU tensor, on the CPU (NCCL reduces CUDA tensors only)."""
-    flags = flags.to(device)
-    dist.all_reduce(flags)
-    return flags.cpu()
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -111,15 +58,6 @@ def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 
-def amp_dtype(cfg: OptimConfig, device: torch.device) -> torch.dtype | None:
-    """None = fp32. 'auto': bf16 on CUDA where supported, else fp16 (with a GradScaler); fp32 on CPU."""
-    if device.type != "cuda" or cfg.amp == "none":
-        return None
-    if cfg.amp == "auto":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]
-
-
 # ----------------------------------------------------------------------------------------------------------
 # run directory and checkpoints
 
@@ -129,7 +67,7 @@ RUN_FILES = {"config.yaml", "checkpoints", "results", "metrics.jsonl"}  # what a
 
 def is_claimed(run_dir: Path) -> bool:
     """A run directory belongs to a run once it holds a checkpoint (temp files of a killed save do not count)."""
-    return any((run_dir / "checkpoints").glob("*.pt"))
+    return bool(run_checkpoints(run_dir))
 
 
 def is_empty_claim(run_dir: Path) -> bool:
@@ -143,11 +81,11 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
     A folder left by a start that wrote no checkpoint is not a run: it is emptied and reused, saying so.
     """
     run_dir = Path(recipe.output.dir)
-    latest = run_dir / "checkpoints" / "latest.pt"
+    latest = run_dir / "checkpoints" / LATEST
     reuse = False
     if resume and not latest.is_file():
         if is_claimed(run_dir):
-            others = sorted((run_dir / "checkpoints").glob("*.pt"))
+            others = run_checkpoints(run_dir)
             raise StellaError(f"{latest}: missing, but {run_dir / 'checkpoints'} holds {others[-1].name}; copy it to "
                               f"latest.pt to resume from it, or start a new output.dir")
         raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
@@ -172,13 +110,6 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
         (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
     barrier()
     return run_dir
-
-
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    """Temp file + rename: a crash never leaves a half-written checkpoint."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
 
 
 @dataclass
@@ -224,8 +155,7 @@ class Trainer:
         method = unwrap(self.method)
         extra = method.extra_state()
         if self.world > 1:  # every rank's generators, and one merged buffer (spec §9.3 B22), in rank 0's file
-            gathered: list[Any] = [None] * self.world
-            dist.all_gather_object(gathered, extra)
+            gathered = all_gather_object(extra)
             extra = {"per_rank": [{k: v for k, v in e.items() if k != "buffer"} for e in gathered]}
             if "buffer" in gathered[0]:
                 extra["buffer"] = merge_state_dicts([e["buffer"] for e in gathered])
@@ -246,15 +176,7 @@ class Trainer:
         state = self.state()
         if is_main():
             first = self.run_dir / "checkpoints" / names[0]
-            save_checkpoint(first, state)
-            for name in names[1:]:
-                tmp = first.with_name(name + ".tmp")
-                tmp.unlink(missing_ok=True)
-                try:
-                    os.link(first, tmp)
-                except OSError:
-                    shutil.copyfile(first, tmp)
-                os.replace(tmp, first.with_name(name))
+            write_checkpoint(first, state, also=names[1:])
             self.last_good = first
         self.last_save = time.monotonic()
         barrier()
@@ -288,7 +210,7 @@ class Trainer:
             unwrap(self.method).end_task(name)
             self.evaluate(name)
             self.pos = Position(task=self.pos.task + 1, step=self.pos.step, history=self.pos.history)
-            self.save(f"task{self.pos.task:02d}_{name}.pt", "latest.pt")
+            self.save(task_checkpoint_name(self.pos.task, name), LATEST)
 
     def train_task(self, name: str, tasks: list[str]) -> None:
         r = self.recipe
@@ -333,8 +255,7 @@ class Trainer:
         logged: dict[str, float] = {}
         for i, chunk in enumerate(chunks):
             chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
-            sync = i == len(chunks) - 1 or not isinstance(method, DistributedDataParallel)
-            with nullcontext() if sync else method.no_sync():
+            with no_sync(method, sync=i == len(chunks) - 1):  # DDP all-reduces after the last chunk only
                 with torch.autocast(self.device.type, dtype=self.amp or torch.float32, enabled=self.amp is not None):
                     losses = method(chunk)
                 total = sum(losses.values()) / len(chunks)
@@ -380,12 +301,12 @@ class Trainer:
             flags = all_reduced(flags, self.device)
         stop, save = flags.tolist()
         if stop > 0:
-            self.save("latest.pt")
+            self.save(LATEST)
             raise TrainingInterrupted(f"stopped at step {self.pos.step} (task {self.pos.task + 1}/"
                                       f"{len(self.schedule)}, epoch {self.pos.epoch + 1}); checkpoint saved, continue "
                                       f"with `stella train ... --resume`")
         if save > 0:
-            self.save("latest.pt")
+            self.save(LATEST)
 
     # -- evaluation and logging -----------------------------------------------------------------------------
     def evaluate(self, name: str) -> None:
@@ -393,7 +314,7 @@ class Trainer:
         if r.eval.retrieval and is_main():
             scores = evaluate.gallery_scores(unwrap(self.method).backbone, r, self.all_tasks, self.device, self.amp)
             self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
-            checkpoint = self.run_dir / "checkpoints" / f"task{self.pos.task + 1:02d}_{name}.pt"  # written next
+            checkpoint = self.run_dir / "checkpoints" / task_checkpoint_name(self.pos.task + 1, name)  # written next
             summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
                                              r.eval.recall_at, {"checkpoint": str(checkpoint), "command":
                                                                 "stella " + " ".join(sys.argv[1:]),
@@ -404,9 +325,7 @@ class Trainer:
                 f"  V->A {v2a['R@1']:.1f}/{v2a['R@5']:.1f}/{v2a['R@10']:.1f}"
                 f"  (avg A so far: {summary['a2v']['avg']['A']:.2f} / {summary['v2a']['avg']['A']:.2f})")
         if self.world > 1:  # every rank keeps the same history, so any rank's checkpoint state agrees
-            holder = [self.pos.history]
-            dist.broadcast_object_list(holder, src=0)
-            self.pos.history = holder[0]
+            self.pos.history = broadcast_object(self.pos.history)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if is_main():
@@ -437,25 +356,9 @@ class _TaskProgress:
 # entry point
 
 
-def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) -> Method:
-    d = recipe.data
-    if recipe.method.name == "avm_pretrain" and not recipe.model.checkpoint:
-        raise ValueError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint")
-    torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
-    backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
-    if recipe.model.checkpoint:
-        try:
-            load_authors_checkpoint(backbone, recipe.model.checkpoint)
-        except (ValueError, FileNotFoundError) as err:
-            raise StellaError(f"model.checkpoint: {err}") from err
-    method = METHODS[recipe.method.name](
-        backbone, recipe.method, avm_cfg=recipe.model.avm, batch_size=per_rank_batch(recipe.train, world),
-        memory_per_rank=per_rank_memory(recipe.method, world), seed=recipe.train.seed, rank=rank, device=device)
-    return method.to(device)
-
-
 def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after: int | None = None) -> Path:
     """Train the recipe's task stream; returns the run directory. Raises TrainingInterrupted after a saved stop."""
+    check_method(recipe, "the recipe")
     rank, world, device = setup_distributed(recipe.train.device)
     if resume and is_empty_claim(Path(recipe.output.dir)):  # nothing to resume: prepare_run_dir reuses it, saying so
         resume = False
@@ -470,20 +373,19 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
             recipe = run_recipe
     meta = check_prepared(recipe.data)  # also refuses data.tasks that the prepared folder does not have
     tasks = recipe.data.tasks or meta["tasks"]
-    union = recipe.method.name in ("multitask", "avm_pretrain")  # one pass over all tasks' clips
+    union = METHODS[recipe.method.name].union  # one pass over all tasks' clips
     schedule = [("all", tasks)] if union else [(t, [t]) for t in tasks]
     check_task_sizes(recipe, schedule, world)
     method = build_method(recipe, rank, world, device)  # before the run directory: a bad model.checkpoint leaves none
     run_dir = prepare_run_dir(recipe, resume)
     optimizer = build_optimizer(method, recipe.optim)
-    amp = amp_dtype(recipe.optim, device)
+    amp = amp_dtype(recipe.optim.amp, device)
     scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
-    wrapped = DistributedDataParallel(method, device_ids=[device.index] if device.type == "cuda" else None) \
-        if world > 1 else method
+    wrapped = wrap(method, device, world)
     trainer = Trainer(recipe, run_dir, wrapped, optimizer, scaler, device, rank, world, amp, schedule, tasks,
                       Position(), quiet=quiet, stop_after=stop_after)
     if resume:
-        trainer.load(run_dir / "checkpoints" / "latest.pt")
+        trainer.load(run_dir / "checkpoints" / LATEST)
         truncate_metrics(run_dir / "metrics.jsonl", trainer.pos.step)
         log(f"resumed {run_dir} at step {trainer.pos.step} (task {trainer.pos.task + 1}/{len(schedule)}, "
             f"epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch})")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import sysconfig
 from pathlib import Path
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from stella_cli.config import token_counts
 from stella_cli.synth import SynthConfig, prepare_synthetic
 
 SPEECH_DIR = Path("/usr/share/asterisk/sounds/en_US_f_Allison")
@@ -53,3 +55,41 @@ def tiny_synthetic(out: Path, test_per_class: int = 1) -> Path:
                       config=SynthConfig(num_classes=4, num_tasks=2, train_per_class=8, test_per_class=test_per_class,
                                          retrieval_per_class=3))
     return out
+
+
+# what one memory slot holds (docs/method.md §3.9 for STELLA, §3.12 for STELLA+): the expected shapes, written out
+# from the method's description independently of the methods' memory_fields
+
+
+def stella_fields(*, num_frames: int, image_size: int, target_length: int, num_mel_bins: int, patch_size: int,
+                  embed_dim: int, num_heads: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-clip shapes and dtypes STELLA stores: the full augmented clip, DER targets, q̄, p and I (spec §3.9)."""
+    L_V, L_A = token_counts(num_frames, image_size, target_length, num_mel_bins, patch_size)
+    d_h = embed_dim // num_heads
+    f32 = torch.float32
+    return {
+        "video": ((num_frames, 3, image_size, image_size), f32), "audio": ((1, target_length, num_mel_bins), f32),
+        "z_a": ((embed_dim,), f32), "z_v": ((embed_dim,), f32),
+        "q_bar_v": ((num_heads, d_h), f32), "q_bar_a": ((num_heads, d_h), f32),
+        "p_v": ((L_V,), f32), "p_a": ((L_A,), f32), "I_v": ((L_V,), f32), "I_a": ((L_A,), f32),
+    }
+
+
+def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, num_mel_bins: int,
+                       patch_size: int, embed_dim: int, num_heads: int, K_V: int,
+                       K_A: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """Per-clip shapes and dtypes STELLA+ stores: core patches, orderings, DER targets, q̄ (spec §3.12)."""
+    L_V, L_A = token_counts(num_frames, image_size, target_length, num_mel_bins, patch_size)
+    d_h, p = embed_dim // num_heads, patch_size
+    f32 = torch.float32
+    return {
+        "core_v": ((K_V, 3, p, p), f32), "core_a": ((K_A, 1, p, p), f32),
+        "order_v": ((L_V,), torch.long), "order_a": ((L_A,), torch.long),
+        "z_a": ((embed_dim,), f32), "z_v": ((embed_dim,), f32),
+        "q_bar_v": ((num_heads, d_h), f32), "q_bar_a": ((num_heads, d_h), f32),
+    }
+
+
+def bytes_per_clip(fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
+    """Stored bytes of one slot for a field spec (no allocation)."""
+    return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())

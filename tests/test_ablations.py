@@ -10,9 +10,9 @@ import torch
 from test_methods import PAPER_SIZES, batch, make_method, record_sequences
 from test_train import data_root, retrieval_rows, tiny_recipe  # noqa: F401 (data_root is a fixture)
 
-from stella_cli import methods, select
+from stella_cli import select, stella
 from stella_cli.config import RecipeError, StellaConfig, load_recipe
-from stella_cli.methods import Stella, StellaPlus
+from stella_cli.stella import Stella, StellaPlus
 from stella_cli.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,7 +120,7 @@ def test_random_has_no_avm_and_draws_k_patches_and_whole_audio_chunks():
 
 def test_importance_only_never_prunes_and_samples_by_importance(monkeypatch):
     method = make(Stella, "importance")
-    video_calls = capture(monkeypatch, methods, "select_video_patches")
+    video_calls = capture(monkeypatch, stella, "select_video_patches")
     scores = []
     score_fn = method.score
     method.score = lambda *a: scores.append(score_fn(*a)) or scores[-1]
@@ -136,7 +136,7 @@ def test_importance_only_never_prunes_and_samples_by_importance(monkeypatch):
 
 def test_correlation_only_prunes_by_rca_and_chooses_uniformly(monkeypatch):
     method = make(Stella, "correlation")
-    video_calls = capture(monkeypatch, methods, "select_video_patches")
+    video_calls = capture(monkeypatch, stella, "select_video_patches")
     for step in range(3):
         method.step(batch(seed=step, sizes=SMALL))
     assert len(video_calls) == 3  # no importance top-K in the first iteration either: uniform draw
@@ -152,7 +152,7 @@ def test_stella_plus_variants(monkeypatch):
     """STELLA+ (current clips only once the buffer is full): importance -> I weights and no pruning;
     correlation -> uniform weights with RCA; random -> uniform weights, no pruning, no AVM."""
     calls = capture(monkeypatch, select, "select_video_patches_plus")
-    calls_direct = capture(monkeypatch, methods, "select_video_patches_plus")
+    calls_direct = capture(monkeypatch, stella, "select_video_patches_plus")
     for variant, uniform, pruned in (("importance", False, False), ("correlation", True, True),
                                      ("random", True, False)):
         calls.clear(), calls_direct.clear()

@@ -19,7 +19,7 @@ from torch import nn
 from stella_cli.baselines import (ER, ClsEr, DERpp, Esmer, Gmed, Lump, Mir, clser_targets, esmer_weights,
                                   per_sample_loss, running_loss_stats, virtual_adam_step)
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
-from stella_cli.methods import METHODS
+from stella_cli.factory import METHODS
 from stella_cli.model import CAVMAE
 from stella_cli.train import build_optimizer
 
@@ -220,7 +220,7 @@ def test_gmed_ages(age_samples):
 def real_method(name, B=2, memory=8, **overrides):
     torch.manual_seed(0)
     backbone = CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 2, 32, 64, 32)
-    method = METHODS[name](backbone, method_cfg(name, **overrides), avm_cfg=AVMConfig(), batch_size=B,
+    method = METHODS[name].cls(backbone, method_cfg(name, **overrides), avm_cfg=AVMConfig(), batch_size=B,
                            memory_per_rank=memory, seed=0, rank=0, device=torch.device("cpu"))
     optimizer = build_optimizer(method, OptimConfig(lr=1e-3))
     method.attach_optimizer(optimizer, torch.amp.GradScaler("cpu", enabled=False))

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from stella_cli.factory import METHODS, check_method
 from stella_cli.config import (MODEL_PRESETS, RecipeError, load_recipe, num_core_tokens, per_rank_batch,
                                per_rank_memory, recipe_from_dict, recipe_to_dict)
 
@@ -87,7 +88,6 @@ def test_overrides_are_parsed_and_typed(tmp_path):
     (MINIMAL, ["optim.betas=0.9"], r"optim\.betas: expected a list"),
     (MINIMAL, ["method.stella.core_ratio=0.3"], r"unknown key method\.stella\.'core_ratio'; did you mean"),
     (MINIMAL, ["train.epochs"], r"expected key\.sub=value"),
-    (MINIMAL, ["method.name=stela"], r"method\.name: 'stela' is not one of .*\(did you mean 'stella'\?\)"),
     (MINIMAL, ["model.preset=huge"], r"model\.preset: 'huge' is not one of base, small, tiny"),
     ("data: {dataset: synthetic, root: x}\n", [], r"r\.yaml: missing required key 'output\.dir'"),
     ("output: {dir: x}\ndata: {root: x}\n", [], r"missing required key 'data\.dataset'"),
@@ -98,6 +98,18 @@ def test_overrides_are_parsed_and_typed(tmp_path):
 def test_bad_recipes_name_the_file_and_key(tmp_path, text, overrides, expected):
     with pytest.raises(RecipeError, match=expected):
         load_recipe(write(tmp_path, "r.yaml", text), overrides)
+
+
+def test_method_names_are_the_keys_of_the_method_table(tmp_path):
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    with pytest.raises(RecipeError, match=r"r\.yaml: method\.name: 'stela' is not one of multitask, finetune.*"
+                                          r"\(did you mean 'stella'\?\)"):
+        check_method(load_recipe(path, ["method.name=stela"]), str(path))
+    with pytest.raises(RecipeError, match=r"method\.memory_size: 0 must be at least 1 for stella\+"):
+        check_method(load_recipe(path, ["method.name=stella+", "method.memory_size=0"]), str(path))
+    check_method(load_recipe(path, ["method.name=er", "method.memory_size=0"]), str(path))  # ER without a memory
+    assert set(METHODS) == {"multitask", "finetune", "er", "mir", "derpp", "gmed", "clser", "esmer", "lump", "stella",
+                            "stella+", "avm_pretrain"}
 
 
 def test_missing_file_and_extends_cycle(tmp_path):

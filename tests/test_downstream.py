@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from stella_cli.config import HeadConfig
-from stella_cli.heads import feature_batches, fit, topk_correct, warmup_cosine
+from stella_cli.downstream import feature_batches, fit, topk_correct, warmup_cosine
 from stella_cli.model import Classifier
 from stella_cli.probe import averaged_clip_probs, spec_augment
 

@@ -14,6 +14,7 @@ import torch
 
 from conftest import tiny_synthetic
 from stella_cli import eval_run
+from stella_cli.checkpoint import latest_run
 from stella_cli.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -102,10 +103,10 @@ def test_latest_run_and_errors(stella_run, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
     with pytest.raises(FileNotFoundError, match="no run with checkpoints"):
-        eval_run.latest_run(runs)
+        latest_run(runs)
     (runs / "old").mkdir()
     (runs / "demo").symlink_to(stella_run)
-    assert eval_run.latest_run(runs) == runs / "demo"
+    assert latest_run(runs) == runs / "demo"
     with pytest.raises(FileNotFoundError, match="--checkpoint task07: not in"):
         eval_run.resolve_target(stella_run, recipe=None, overrides=[], checkpoint="task07")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -16,10 +16,11 @@ from typer.testing import CliRunner
 from conftest import tiny_synthetic
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
-from stella_cli.init_chain import convert_mae_for_recipe
-from stella_cli.methods import METHODS, AVMPretrain
-from stella_cli.model import AVM, CAVMAE, load_authors_checkpoint, load_avm_checkpoint
-from stella_cli.train import TrainingInterrupted, build_method, build_optimizer, run
+from stella_cli.checkpoint import convert_mae_for_recipe, load_authors_checkpoint, load_avm_checkpoint
+from stella_cli.factory import METHODS, build_method
+from stella_cli.model import AVM, CAVMAE
+from stella_cli.stella import AVMPretrain
+from stella_cli.train import TrainingInterrupted, build_optimizer, run
 from test_model import fake_mae_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,7 +108,7 @@ def test_chain_recipes_carry_the_authors_values():
 def avm_pretrain_method(seed=0, lr=1e-2) -> tuple[AVMPretrain, torch.optim.Optimizer]:
     torch.manual_seed(seed)
     backbone = CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 2, 32, 64, 32)
-    method = METHODS["avm_pretrain"](backbone, MethodConfig(name="avm_pretrain"), avm_cfg=AVMConfig(), batch_size=8,
+    method = METHODS["avm_pretrain"].cls(backbone, MethodConfig(name="avm_pretrain"), avm_cfg=AVMConfig(), batch_size=8,
                                      memory_per_rank=0, seed=seed, rank=0, device=torch.device("cpu"))
     return method, build_optimizer(method, OptimConfig(lr=lr))
 

@@ -6,9 +6,11 @@ import torch
 import torch.nn.functional as F
 
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, resolve_model_preset
-from stella_cli.methods import Finetune, Stella, StellaPlus
+from stella_cli.methods import Finetune
+from stella_cli.stella import Stella, StellaPlus
 from stella_cli.model import CAVMAE
-from stella_cli.replay import stella_fields, stella_plus_fields, summarize_buffer
+from conftest import stella_fields, stella_plus_fields
+from stella_cli.replay import summarize_buffer
 
 PAPER_SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # L_V 784, L_A 512
 
@@ -65,8 +67,8 @@ def test_loss_terms_and_where_their_gradients_go():
     small = dict(num_frames=2, image_size=32, target_length=64, num_mel_bins=32)
     method.step(batch(seed=0, sizes=small))
     captured = {}
-    sample, forward = method.sample_replay, method.backbone.forward
-    method.sample_replay = lambda device: captured.setdefault("replay", sample(device))
+    sample, forward = method.sample, method.backbone.forward
+    method.sample = lambda n, device: captured.setdefault("replay", sample(n, device))
     method.backbone.forward = lambda *a, **k: captured.setdefault("out", forward(*a, **k))
     losses = method.step(batch(seed=1, sizes=small))
     assert set(losses) == {"loss_mae_a", "loss_mae_v", "loss_con", "loss_vam", "loss_pen"}

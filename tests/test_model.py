@@ -8,10 +8,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import stella_cli.checkpoint as C
 import stella_cli.model as M
 from stella_cli.config import MODEL_PRESETS, ModelConfig, resolve_model_preset
-from stella_cli.model import (AVM, CAVMAE, Classifier, audio_patches, convert_mae, load_authors_checkpoint,
-                              matching_loss, matching_pairs, model_summary, parameter_count, video_patches)
+from stella_cli.bench import model_summary, parameter_count
+from stella_cli.checkpoint import convert_mae, load_authors_checkpoint
+from stella_cli.model import AVM, CAVMAE, Classifier, audio_patches, matching_loss, matching_pairs, video_patches
 
 # tiny inputs: 2 frames of 64² -> L_V = 2·4·4 = 32; fbank 128 x 64 -> L_A = 8 time x 4 freq = 32
 SIZES = dict(num_frames=2, image_size=64, target_length=128, num_mel_bins=64)
@@ -552,7 +554,7 @@ def test_authors_state_dict_loads_strictly():
     for k, v in model.state_dict().items():
         assert torch.equal(v, sd["module.backbone.transformer." + k]), k
     avm = AVM(64, 4)
-    assert M.load_avm_checkpoint(avm, sd)["loaded"] == 14
+    assert C.load_avm_checkpoint(avm, sd)["loaded"] == 14
     assert torch.equal(avm.to_a_q.weight, sd["module.avmatching_module.to_a_q.weight"])
     head = Classifier(128, 5)
     cls = random_state(authors_classifier_keys(128, 5), "module.backbone.transformer.vacls_classifier.", 3)
@@ -628,7 +630,7 @@ def test_convert_mae(tmp_path):
     assert torch.equal(sd["mae_score_video.decoder.bias"], mae["decoder_pred.bias"])
     for k in ("decoder_embed.weight", "decoder_blocks.0.attn.proj.weight", "decoder_norm.bias"):
         assert torch.equal(sd[k], mae[k])
-    for k in M.MAE_UNMAPPED:  # faithful: the authors' script leaves these at the constructor's zeros
+    for k in C.MAE_UNMAPPED:  # faithful: the authors' script leaves these at the constructor's zeros
         assert not sd[k].any(), k
     model(*inputs(B=2), generator=gen())  # the converted weights run
 

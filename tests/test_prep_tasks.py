@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from stella_cli.ave import SegmentDataset, pad_segment, segment_accuracy, segment_labels
+from stella_cli.ave import SegmentDataset, segment_accuracy, segment_labels
 from stella_cli.cache import CacheSpec, read_manifest, read_meta
 from stella_cli.config import DataConfig
-from stella_cli.prep_tasks import prepare_ave, read_ave_list
+from stella_cli.downstream import pad_segment
+from stella_cli.prep_downstream import prepare_ave, read_ave_list
 from tests.test_prep import make_clip
 
 TINY = CacheSpec(num_frames=8, frame_size=16, fps=4.0, clip_seconds=2.0, target_length=192, num_mel_bins=64)
@@ -120,7 +121,7 @@ def test_mask_iou_and_f_score_on_known_masks():
 
 def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
     from stella_cli.avs import MaskDataset
-    from stella_cli.prep_tasks import prepare_avs
+    from stella_cli.prep_downstream import prepare_avs
 
     videos, masks = tmp_path / "videos", tmp_path / "gt_masks"
     (tmp_path / "s4_meta_data.csv").write_text("name,category,split\nclipA,dog,train\nclipB,cat,train\n"
@@ -151,7 +152,7 @@ def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
 
 
 def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
-    from stella_cli.msrvtt import prepare_msrvtt, read_video_list
+    from stella_cli.prep_downstream import prepare_msrvtt, read_video_list
 
     videos, lists = tmp_path / "videos", tmp_path / "lists"
     for k in range(4):
@@ -176,7 +177,7 @@ def test_the_held_out_domain_has_new_categories_and_another_rendering():
     from dataclasses import asdict
 
     from stella_cli.synth import SynthConfig, class_identities
-    from stella_cli.synth_heldout import HELDOUT_CONFIG, HELDOUT_TASKS, heldout_dir
+    from stella_cli.synth import HELDOUT_CONFIG, HELDOUT_TASKS, heldout_dir
 
     main = class_identities(SynthConfig())
     held = [i for i in class_identities(HELDOUT_CONFIG) if i.task in HELDOUT_TASKS]

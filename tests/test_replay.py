@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from stella_cli.config import MODEL_PRESETS, num_core_tokens
-from stella_cli.replay import (ReservoirBuffer, bytes_per_clip, merge_state_dicts, reservoir_slot, split_state_dict,
-                               stella_fields, stella_plus_fields)
+from conftest import bytes_per_clip, stella_fields, stella_plus_fields
+from stella_cli.replay import ReservoirBuffer, merge_state_dicts, reservoir_slot, split_state_dict
 
 
 def gen(seed: int) -> torch.Generator:

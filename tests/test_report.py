@@ -262,7 +262,8 @@ def test_buffer_composition_counts_and_replay_core(tiny_runs):
     import numpy as np
     import torch
 
-    from stella_cli.plots import pick_slots, replay_core, task_checkpoints
+    from stella_cli.checkpoint import task_checkpoints
+    from stella_cli.plots import pick_slots, replay_core
 
     ckpts = task_checkpoints(tiny_runs["stella"])
     assert [c.name for c in ckpts] == ["task01_task1.pt", "task02_task2.pt"]

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import tiny_synthetic
 from stella_cli.config import load_recipe, recipe_to_yaml
-from stella_cli.reproduce import PAPER_METHODS, TABLES, chance_line, scaled_epochs, select_names
+from stella_cli.reproduce import PAPER_RECIPES, TABLES, chance_line, scaled_epochs, select_names
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
@@ -45,7 +45,7 @@ def test_every_table_names_its_recipes():
             path = ROOT / "recipes" / f"{spec.prefix}_{method}.yaml"
             assert path.is_file(), f"table {name} needs {path}"
     assert select_names(TABLES["synthetic"], "stella+,finetune") == ("finetune", "stella_plus")  # paper order
-    assert TABLES["synthetic"].names == PAPER_METHODS and len(PAPER_METHODS) == 11
+    assert TABLES["synthetic"].names == PAPER_RECIPES and len(PAPER_RECIPES) == 11
 
 
 def test_the_laptop_budget_halves_each_recipes_epochs():

@@ -1,4 +1,4 @@
-"""`stella prep ave|avs`: the downstream datasets' annotation files -> the prepared-data layout of cache.py.
+"""`stella prep ave|avs|msrvtt`: the downstream datasets' annotation files -> the prepared-data layout of cache.py.
 
 AVE (Tian et al. 2018): `Annotations.txt`, `trainSet.txt`, `testSet.txt` (and `valSet.txt`), one video a line,
 '&'-separated: category & video id & quality & start second & end second (Annotations.txt opens with a header
@@ -8,19 +8,27 @@ unreadable file is skipped and reported (prep_report.json), as for `stella prep 
 
 AVSBench S4: `s4_meta_data.csv` (name, category, split), a video per name under --root, the first frame's mask
 png under --masks; the masks are cached beside the frames (cache/{split}/masks.npy), resized and cropped alike.
+
+MSR-VTT: the train and test lists, one video id a line, or a csv with a `video_id` column (Miech's
+MSRVTT_train.9k.csv, the JSFusion test csv MSRVTT_JSFUSION_test.csv); the test list becomes the `retrieval` split.
+Videos without audio are skipped and reported, and so are listed videos with no file under --root.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import av
 import numpy as np
 
 from stella_cli.cache import CacheSpec, disk_bytes, spec_to_dict, write_meta
-from stella_cli.prep import ClipSource, MediaIndex, _Entry, prepare_split
+from stella_cli.media import resize_geometry
+from stella_cli.prep import ClipSource, MediaIndex, ListEntry, prepare_split
 
 AVE_FILES = {"train": "trainSet.txt", "test": "testSet.txt"}
 
@@ -66,7 +74,7 @@ def prepare_ave(out: Path, *, root: Path, annotations: Path | None = None, worke
     for split, rows in lists.items():
         clips[split], missing[split] = [], []
         for r in rows:
-            path = index.find(_Entry(r["video_id"], [], [r["video_id"]], r["video_id"], r["where"]))
+            path = index.find(ListEntry(r["video_id"], [], [r["video_id"]], r["video_id"], r["where"]))
             if path is None:
                 missing[split].append({"clip_id": r["video_id"], "source": r["where"],
                                        "reason": "no media file under --root"})
@@ -85,8 +93,6 @@ def write_prepared(out: Path, dataset: str, tasks: list[str], classes: list[dict
                    workers: int, frames_format: str, progress: bool, sources: dict[str, Any],
                    extra_meta: dict[str, Any] | None = None) -> dict[str, Any]:
     """Decode every split (prep.prepare_split), then meta.json and prep_report.json; returns prep's summary."""
-    from dataclasses import replace
-
     t0 = time.perf_counter()
     out = Path(out)
     spec = replace(spec, frames_format=frames_format)
@@ -118,8 +124,6 @@ def write_prepared(out: Path, dataset: str, tasks: list[str], classes: list[dict
 def read_s4_csv(path: Path) -> list[dict[str, Any]]:
     """Rows {name, category, split, where} of AVSBench's s4_meta_data.csv (header name,category,split, any order;
     extra columns ignored)."""
-    import csv
-
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: AVSBench S4 csv not found")
@@ -141,10 +145,6 @@ def read_s4_csv(path: Path) -> list[dict[str, Any]]:
 def decode_mask(path: Path, size: int) -> np.ndarray:
     """uint8 (size, size) 0/1 mask from a png (PyAV's png decoder), resized and centre-cropped as the frames are
     (media.resize_geometry), thresholded at half intensity."""
-    import av
-
-    from stella_cli.media import resize_geometry
-
     try:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
@@ -174,7 +174,7 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: 
         clips[split], missing[split], mask_files[split] = [], [], []
         for r in (r for r in rows if r["split"] == split):
             png = pngs.get(f"{r['name']}_1.png") or pngs.get(f"{r['name']}.png")
-            path = index.find(_Entry(r["name"], [], [r["name"]], r["name"], r["where"]))
+            path = index.find(ListEntry(r["name"], [], [r["name"]], r["name"], r["where"]))
             reason = ("no media file under --root" if path is None else
                       "no mask png under --masks" if png is None else None)
             if reason:
@@ -193,3 +193,88 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: 
             arr[row] = decode_mask(png, spec.frame_size)
         np.save(Path(out) / "cache" / split / "masks.npy", arr)
     return summary
+
+
+# ----------------------------------------------------------------------------------------------------------
+# MSR-VTT
+
+
+MSRVTT_LISTS = {"train": ["MSRVTT_train.9k.csv", "train_list.txt", "train.txt"],
+                "retrieval": ["MSRVTT_JSFUSION_test.csv", "test_list.txt", "test.txt"]}
+
+
+def read_video_list(path: Path) -> list[tuple[str, str]]:
+    """[(video id, file:line)] of a list: a csv whose header has `video_id`, or one id per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: MSR-VTT list not found")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    head = [h.strip() for h in next(csv.reader(lines[:1]), [])]
+    if "video_id" in head:
+        col = head.index("video_id")
+        out = []
+        for line_no, row in enumerate(csv.reader(lines[1:]), start=2):
+            if not row:
+                continue
+            if len(row) <= col or not row[col].strip():
+                raise ValueError(f"{path}:{line_no}: no video_id in column {col + 1}: {row}")
+            out.append((row[col].strip(), f"{path}:{line_no}"))
+        return out
+    out = []
+    for line_no, line in enumerate(lines, start=1):
+        vid = line.strip()
+        if vid:
+            if "," in vid or " " in vid:
+                raise ValueError(f"{path}:{line_no}: expected one video id a line (or a csv with a video_id "
+                                 f"column), got {vid!r}")
+            out.append((vid, f"{path}:{line_no}"))
+    return out
+
+
+def prepare_msrvtt(out: Path, *, root: Path, lists: Path, workers: int = 2, frames_format: str = "raw",
+                   progress: bool = True, spec: CacheSpec | None = None) -> dict[str, Any]:
+    """`stella prep msrvtt`: `lists` is the folder holding the train and test lists under their usual names
+    (MSRVTT_LISTS), or `train=FILE,test=FILE`. The test list becomes the `retrieval` split."""
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"--root {root}: folder of MSR-VTT videos not found")
+    files = resolve_msrvtt_lists(lists)
+    index = MediaIndex(root)
+    clips, missing = {}, {}
+    for split, path in files.items():
+        clips[split], missing[split], seen = [], [], set()
+        for vid, where in read_video_list(path):
+            if vid in seen:
+                continue
+            seen.add(vid)
+            media = index.find(ListEntry(vid, [], [vid], vid, where))
+            if media is None:
+                missing[split].append({"clip_id": vid, "source": where, "reason": "no media file under --root"})
+                continue
+            clips[split].append(ClipSource(vid, str(media), 0, [0], "msrvtt", "msrvtt"))
+    classes = [{"index": 0, "name": "msrvtt", "category": "msrvtt", "task": "msrvtt"}]
+    return write_prepared(out, "msrvtt", ["msrvtt"], classes, clips, missing, spec or CacheSpec(), workers=workers,
+                          frames_format=frames_format, progress=progress,
+                          sources={"root": str(root), "lists": {k: str(v) for k, v in files.items()}})
+
+
+def resolve_msrvtt_lists(lists: Path | str) -> dict[str, Path]:
+    text = str(lists)
+    if Path(text).is_dir():
+        found = {}
+        for split, names in MSRVTT_LISTS.items():
+            hit = next((Path(text) / n for n in names if (Path(text) / n).is_file()), None)
+            if hit is None:
+                raise FileNotFoundError(f"{text}: no {split} list (looked for {names})")
+            found[split] = hit
+        return found
+    found = {}
+    for part in text.split(","):
+        split, sep, file = part.partition("=")
+        split = {"test": "retrieval"}.get(split.strip(), split.strip())
+        if not sep or split not in MSRVTT_LISTS:
+            raise ValueError(f"--list {part}: give train=FILE,test=FILE or a folder holding {MSRVTT_LISTS}")
+        found[split] = Path(file.strip())
+    if set(found) != set(MSRVTT_LISTS):
+        raise ValueError(f"--list {text}: both train= and test= lists are required")
+    return found

@@ -1,19 +1,63 @@
-"""Training a downstream head on a frozen backbone (stella_spec §6.3), shared by classification, AVE and AVS.
+"""What the evaluation tasks share: the target, frozen-backbone features, segment padding, the head training loop.
 
-The backbone never trains: `fit` sees features (or inputs the caller turns into features under no_grad) and
-optimises only the head with AdamW, `warmup_epochs` of linear warm-up and then a cosine decay to 0, stepped per
-batch (the authors' `custom_lr_scheduler`; they also step it once more per epoch, which only shifts the curve).
+docs/method.md §6.3 defines the tasks.
+
+Every task of `stella eval` (probe.py, ave.py, avs.py, msrvtt.py, localisation.py, and retrieval in eval_run.py)
+is a function of a `Context` returning (result dict, table rows). A head never trains the backbone: `fit` sees
+features (or inputs the caller turns into features under no_grad) and optimises only the head with AdamW,
+`warmup_epochs` of linear warm-up and then a cosine decay to 0, stepped per batch (the authors'
+`custom_lr_scheduler`; they also step it once more per epoch, which only shifts the curve).
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Iterable
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
-from stella_cli.config import HeadConfig
+from stella_cli.checkpoint import Loaded, load_backbone
+from stella_cli.config import HeadConfig, Recipe
+from stella_cli.console import console
+from stella_cli.model import CAVMAE
+
+FBANK_FRAMES_PER_SECOND = 100  # 10 ms shift
+
+
+@dataclass
+class Target:
+    """What one `stella eval` argument resolves to."""
+
+    label: str  # run (or checkpoint) name, for tables
+    recipe: Recipe
+    recipe_path: str  # the recipe file the result names
+    checkpoints: list[Path]  # task checkpoints in stream order, ending with `final`
+    final: Path  # the checkpoint the downstream tasks use
+    results_dir: Path
+    run_dir: Path | None = None
+
+
+@dataclass
+class Context:
+    """One `stella eval` target on its device: what every task function receives."""
+
+    target: Target
+    device: torch.device
+    amp: torch.dtype | None
+    quiet: bool
+    all_tasks: list[str]  # the stream's tasks (the retrieval gallery's)
+
+    def log(self, message: str) -> None:
+        if not self.quiet:
+            console.print(message)
+
+    def load(self, path: Path | None = None) -> Loaded:
+        """A checkpoint of the target (default: the final one) on the device, backbone frozen."""
+        return load_backbone(path or self.target.final, self.target.recipe, self.device)
 
 
 class TaskSkipped(ValueError):
@@ -77,3 +121,19 @@ def feature_batches(x: Tensor, y: Tensor, batch_size: int,
             idx = order[i:i + batch_size]
             yield x[idx], y[idx]
     return batches
+
+
+@torch.no_grad()
+def joint_features(backbone: CAVMAE, audio: Tensor, video: Tensor, amp: torch.dtype | None) -> Tensor:
+    device = next(backbone.parameters()).device
+    with torch.autocast(device.type, dtype=amp or torch.float32, enabled=amp is not None):
+        return backbone.joint_embed(audio.to(device), video.to(device)).float()
+
+
+def pad_segment(fbank: np.ndarray, target_length: int) -> np.ndarray:
+    """(n, M) fbank of one second -> (target_length, M), zeros split evenly before and after (extra one after)."""
+    n = fbank.shape[0]
+    if n >= target_length:
+        return fbank[:target_length]
+    left = (target_length - n) // 2
+    return np.pad(fbank, ((left, target_length - n - left), (0, 0)))
