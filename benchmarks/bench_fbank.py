@@ -7,7 +7,7 @@ removal, fbank (128 mel, 25 / 10 ms, hanning), zero-pad to 1024 frames (`audio.c
 - clip by clip: one call per clip (what `stella prep` does);
 - batched: one call on all clips, (N, S);
 - torchaudio: `torchaudio.compliance.kaldi.fbank` with CAV-MAE's arguments on each float32 clip, run by
-  `--torchaudio-python` (default `.venv-torchaudio/bin/python`, built as README's fbank section says; the row is
+  `--torchaudio-python` (default `.venv-torchaudio/bin/python`, built as docs/design.md "Audio features" says; the row is
   left out when it is missing: torchaudio does not import beside this venv's torch).
 All on one torch thread, as prep runs it. The variants are interleaved (one of each per round, the order rotating)
 and the median round is reported (and the best round, the least disturbed on a busy machine): compare the
@@ -109,7 +109,7 @@ def main() -> None:
 
         variants["torchaudio, clip by clip"] = torchaudio_run
     else:
-        console.print(f"no {args.torchaudio_python}: torchaudio row left out (README, fbank section, builds it)")
+        console.print(f"no {args.torchaudio_python}: torchaudio row left out (docs/design.md, "Audio features", builds it)")
     names = list(variants)
     seconds: dict[str, list[float]] = {k: [] for k in names}
     for r in range(args.rounds):

@@ -6,9 +6,9 @@ Each case runs in a fresh subprocess so that its RSS is its own. Reported per ca
 of --repeats steps after one warm-up step), the bytes of the distinct non-parameter tensors autograd saves for
 backward in the warm-up step (activation memory, fp32), the RSS growth after its forward (graph alive) and the peak
 RSS growth over it (this includes the parameter gradients, 4 bytes x parameters, the same in both cases). The last
-column gives core / full. Spec §8 explains where the saving comes from (the decoder runs on K instead of L tokens).
+column gives core / full. method.md §8 explains where the saving comes from (the decoder runs on K instead of L tokens).
 --attention math replaces scaled_dot_product_attention by the authors' explicit softmax(q·kᵀ)·v, which keeps the
-attention maps for backward (the setting of spec §8's measurement). The kernel switch, the saved-bytes count and
+attention maps for backward (the setting of method.md §8's measurement). The kernel switch, the saved-bytes count and
 the input sizes are `stella bench`'s (stella_cli/bench.py), which compares whole training iterations of methods.
 """
 

@@ -1,4 +1,4 @@
-"""Audio time-chunk selection: batch-vectorised vs the authors' per-clip loop (stella_spec §3.6), on CPU.
+"""Audio time-chunk selection: batch-vectorised vs the authors' per-clip loop (method.md §3.6), on CPU.
 
 Paper token counts: L_A = 512 (64 time x 8 frequency tokens), K_A = 256, chunks of 4 time steps. Each timed
 iteration is a full `select_audio_chunks` call (chunk draw + greedy fill + ordering) on inputs shaped like one

@@ -6,9 +6,9 @@
 All steps train on B current + B replayed clips at the paper's input sizes (4 x 224² frames, 1024 x 128 fbank)
 and time forward + backward (the Adam update is the same for all: it is left out, so the weights stay fixed and
 every round repeats the same work):
-- DER++ (baselines_spec §2.4): one full MAE + contrastive pass with random masking on [X_t; X_m], plus
+- DER++ (baselines.md §2.4): one full MAE + contrastive pass with random masking on [X_t; X_m], plus
   0.5 · (MSE(z_a) + MSE(z_v)) of the replayed rows against stored targets;
-- STELLA now (stella.Stella.step, docs/method.md §3): frozen scoring passes, the AVM's matching loss, selection,
+- STELLA now (stella.Stella.step, method.md §3): frozen scoring passes, the AVM's matching loss, selection,
   the core-patch pass and the penalty; its buffer is filled by a warm-up step, so the timed steps replay;
 - STELLA before: the Stella class of the git ref (its Stella.score, with the matching loss's own joint pass);
 - STELLA now, frozen_bf16: `method.stella.frozen_bf16` (the frozen passes under bf16 autocast, not bit-identical).

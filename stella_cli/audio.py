@@ -1,4 +1,4 @@
-"""Kaldi-compatible log-mel filterbank in plain torch, as CAV-MAE computes it (stella_spec §7.2).
+"""Kaldi-compatible log-mel filterbank in plain torch, as CAV-MAE computes it (method.md §7.2).
 
 CAV-MAE (and STELLA after it) reads a clip, removes the waveform mean and calls
 `torchaudio.compliance.kaldi.fbank(waveform, htk_compat=True, sample_frequency=sr, use_energy=False,
@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FBANK_MEAN = -5.081  # spec §7.2: normalised fbank = (x - FBANK_MEAN) / FBANK_STD
+FBANK_MEAN = -5.081  # method.md §7.2: normalised fbank = (x - FBANK_MEAN) / FBANK_STD
 FBANK_STD = 4.4849
 EPSILON = float(torch.finfo(torch.float32).eps)  # Kaldi's log floor (torchaudio: finfo of the input dtype)
 
@@ -102,7 +102,7 @@ def kaldi_fbank(
     high_freq: float = 0.0,
     use_power: bool = True,
 ) -> Tensor:
-    """Log-mel fbank of torchaudio.compliance.kaldi.fbank with CAV-MAE's arguments (spec §7.2), without mean removal.
+    """torchaudio.compliance.kaldi.fbank's log-mel fbank with CAV-MAE's arguments (method.md §7.2), no mean removal.
 
     waveform: (S,) or (N, S) float, equal-length clips.  Returns float32 (frames, M) or (N, frames, M), where
     frames = 1 + (S - window) // shift (snip_edges; 0 frames when S < window).  Window 'hanning', dither 0,
@@ -155,7 +155,7 @@ def kaldi_fbank(
 
 
 def pad_or_cut(fbank: Tensor, target_length: int) -> Tensor:
-    """Zero-pad at the end or cut the time axis (the last-but-one) to target_length, as CAV-MAE (spec §7.2).
+    """Zero-pad at the end or cut the time axis (the last-but-one) to target_length, as CAV-MAE (method.md §7.2).
 
     fbank: (..., T, M) -> (..., target_length, M).  Padding happens before normalisation, so padded frames are 0.
     """
@@ -170,7 +170,7 @@ def pad_or_cut(fbank: Tensor, target_length: int) -> Tensor:
 def clip_fbank(
     waveform: np.ndarray | Tensor, sample_rate: int, target_length: int, num_mel_bins: int = 128
 ) -> np.ndarray:
-    """The fbank that `stella prep` caches: remove the clip mean, kaldi_fbank, pad or cut (spec §7.2).
+    """The fbank that `stella prep` caches: remove the clip mean, kaldi_fbank, pad or cut (method.md §7.2).
 
     waveform: (S,) or (N, S) float mono clip(s).  Returns float32 (target_length, M) or (N, target_length, M),
     un-normalised (normalize_fbank happens at load time).
@@ -191,7 +191,7 @@ def clip_fbank(
 
 
 def normalize_fbank(x: Tensor | np.ndarray, mean: float = FBANK_MEAN, std: float = FBANK_STD) -> Tensor | np.ndarray:
-    """(x - mean) / std; with the defaults (x + 5.081) / 4.4849 (spec §7.2)."""
+    """(x - mean) / std; with the defaults (x + 5.081) / 4.4849 (method.md §7.2)."""
     return (x - mean) / std
 
 

@@ -1,4 +1,4 @@
-"""Audio-visual event localisation (AVE; stella_spec §6.3): a segment classifier on the frozen backbone.
+"""Audio-visual event localisation (AVE; method.md §6.3): a segment classifier on the frozen backbone.
 
 Each video is cut into one-second segments (10 for AVE's 10 s videos, 4 for the synthetic 4 s clips). Segment s
 gets `num_frames` frames at fps / num_frames stride inside second s (4 frames at 4 fps, as the authors extract them)

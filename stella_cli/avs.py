@@ -1,4 +1,4 @@
-"""Sound-source segmentation (AVSBench S4; stella_spec §6.3): a mask decoder on the frozen backbone.
+"""Sound-source segmentation (AVSBench S4; method.md §6.3): a mask decoder on the frozen backbone.
 
 Input: `num_frames` frames at 1 fps from the clip's start (AVSBench's 1 fps frames) and the first second of audio
 (the authors' audio_duration=1.0), padded like an AVE segment. Target: the sounding object's mask on the first

@@ -1,12 +1,12 @@
-"""The paper's replay baselines as the authors ran them (docs/baselines.md §2.3-2.9): ER, DER++, LUMP, MIR, GMED,
+"""The paper's replay baselines as the authors ran them (baselines.md §2.3-2.9): ER, DER++, LUMP, MIR, GMED,
 CLS-ER, ESMER.
 
-All share "concat-replay" (docs/baselines.md §1.4-1.5), written once in `ER` on the memory of methods.Replay: B_m
+All share "concat-replay" (baselines.md §1.4-1.5), written once in `ER` on the memory of methods.Replay: B_m
 stored rows (augmented full clips) are concatenated after the B current rows, one MAE + contrastive loss runs on
 the joint batch, and the current clips are offered to the memory after the forward. Each subclass shows only what
 makes it that method: which rows are replayed (`replay`: MIR picks, GMED edits), what penalty they carry
 (`penalty`: DER++, CLS-ER), what a slot stores (`memory_fields`), or a step of its own (LUMP, ESMER). Authors'
-quirks are the defaults; their fixes are the `method.<name>.*` options of docs/method.md §9.3.
+quirks are the defaults; their fixes are the `method.<name>.*` options of method.md §9.3.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ LOSS_KEYS = ("loss_mae_a", "loss_mae_v", "loss_con")
 
 
 def per_sample_loss(out: dict[str, Tensor]) -> Tensor:
-    """ℓ_i = MAE_a,i + MAE_v,i + λ_c·NCE_i of a reduction="none" pass (spec §1.1). (N,)"""
+    """ℓ_i = MAE_a,i + MAE_v,i + λ_c·NCE_i of a reduction="none" pass (baselines.md §1.1). (N,)"""
     return sum(out[k] for k in LOSS_KEYS)
 
 
@@ -55,7 +55,7 @@ def ema_update(teacher: nn.Module, student: nn.Module, step: int, alpha: float) 
 @torch.no_grad()
 def virtual_adam_step(optimizer: torch.optim.Optimizer, grads: list[Tensor | None]) -> None:
     """One Adam step on the parameters that reads but never writes m, v or the step count (the authors'
-    `step_wo_state_update_adam`, spec §2.6): m' = β1·m + (1−β1)g, v' = β2·v + (1−β2)g² with g including the L2
+    `step_wo_state_update_adam`, baselines.md §2.6): m' = β1·m + (1−β1)g, v' = β2·v + (1−β2)g² with g including the L2
     weight decay, θ ← θ − lr·√(1−β2^{s+1})/(1−β1^{s+1})·m'/(√v' + ε).  grads: one per parameter, in group order."""
     if not isinstance(optimizer, torch.optim.Adam):
         raise TypeError(f"virtual_adam_step: expected torch.optim.Adam, got {type(optimizer).__name__}")
@@ -81,7 +81,7 @@ def virtual_adam_step(optimizer: torch.optim.Optimizer, grads: list[Tensor | Non
 
 
 class ER(Replay):
-    """ER (docs/baselines.md §2.3): L_base([X_t; X_m]), one fwd+bwd on 2B rows (B at the first step). The base of
+    """ER (baselines.md §2.3): L_base([X_t; X_m]), one fwd+bwd on 2B rows (B at the first step). The base of
     the others."""
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -96,7 +96,7 @@ class ER(Replay):
         return losses
 
     def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """X_m: B_m stored rows, uniform without replacement (docs/baselines.md §1.4)."""
+        """X_m: B_m stored rows, uniform without replacement (baselines.md §1.4)."""
         return self.sample(self.replay_batch, batch["video"].device)
 
     def penalty(self, z_a: Tensor, z_v: Tensor, replay: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -109,14 +109,14 @@ class ER(Replay):
 
 
 def joint_inputs(batch: dict[str, Tensor], replay: dict[str, Tensor] | None) -> tuple[Tensor, Tensor]:
-    """(audio, video) of [X_t; X_m] (spec §1.5), or of X_t alone."""
+    """(audio, video) of [X_t; X_m] (baselines.md §1.5), or of X_t alone."""
     if replay is None:
         return batch["audio"], batch["video"]
     return torch.cat([batch["audio"], replay["audio"]]), torch.cat([batch["video"], replay["video"]])
 
 
 class DERpp(ER):
-    """DER++ (spec §2.4): + α·[MSE(z_a(X_m), z_a^stored) + MSE(z_v(X_m), z_v^stored)], α = `method.alpha` 0.5.
+    """DER++ (baselines.md §2.4): + α·[MSE(z_a(X_m), z_a^stored) + MSE(z_v(X_m), z_v^stored)], α = `method.alpha` 0.5.
 
     The stored targets are the pooled embeddings of the training forward in which the clip was current."""
 
@@ -129,7 +129,7 @@ class DERpp(ER):
 
 
 class Lump(ER):
-    """LUMP (spec §2.5): train only on X̃ = λ·X_t + (1−λ)·X_m, one λ ~ Beta(a, a) per batch for both modalities;
+    """LUMP (baselines.md §2.5): train only on X̃ = λ·X_t + (1−λ)·X_m, one λ ~ Beta(a, a) per batch for both modalities;
     one fwd+bwd on B rows; the un-mixed X_t is stored. a = `method.lump.mixup_alpha`."""
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
@@ -157,7 +157,7 @@ class Lump(ER):
 
 
 class VirtualUpdate(ER):
-    """MIR and GMED look at the loss after a virtual optimiser step on X_t (spec §2.6 step 4)."""
+    """MIR and GMED look at the loss after a virtual optimiser step on X_t (baselines.md §2.6 step 4)."""
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
@@ -196,7 +196,7 @@ class VirtualUpdate(ER):
 
 
 class Mir(VirtualUpdate):
-    """MIR (spec §2.6): of C = factor·B_m candidates, replay the B_m whose loss rises most after a virtual step:
+    """MIR (baselines.md §2.6): of C = factor·B_m candidates, replay the B_m whose loss rises most after a virtual step:
     s_i = ℓ_i(θ') − ℓ_i(θ). Passes: 2 no-grad on C rows, 1 fwd+bwd on B (virtual), 1 fwd+bwd on 2B."""
 
     def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -206,7 +206,7 @@ class Mir(VirtualUpdate):
         with torch.no_grad():
             pre = per_sample_loss(self.backbone(cand["audio"], cand["video"], reduction="none", generator=g))
         with self.virtually_updated(batch, c.fix_virtual_step), torch.no_grad():
-            # faithful: fresh masks for the post scores (spec §7.4); same_masks: the pre pass's masks again
+            # faithful: fresh masks for the post scores (baselines.md §7.4); same_masks: the pre pass's masks again
             post_g = torch.Generator(device=g.device).set_state(masks) if c.same_masks else g
             post = per_sample_loss(self.backbone(cand["audio"], cand["video"], reduction="none", generator=post_g))
         top = torch.sort(post - pre, descending=True, stable=True).indices[:self.replay_batch]  # (B_m,)
@@ -214,11 +214,11 @@ class Mir(VirtualUpdate):
 
 
 class Gmed(VirtualUpdate):
-    """GMED (spec §2.7): edit X_m ← X_m + γ·(1−d)^age·∇_X[L(X_m; θ') − (1−β)·L(X_m; θ)] (mean losses, θ' after a
+    """GMED (baselines.md §2.7): edit X_m ← X_m + γ·(1−d)^age·∇_X[L(X_m; θ') − (1−β)·L(X_m; θ)] (mean losses, θ' after a
     virtual step), write the edited clips back to their slots, then replay them.
 
-    Faithful: ages never grow (spec §7.3), so every replay edits the clip again whatever d; age_samples=True ages
-    a slot by one per edit (d = 1 then allows one edit, as the original GMED)."""
+    Faithful: ages never grow (baselines.md §7.3), so every replay edits the clip again whatever d;
+    age_samples=True ages a slot by one per edit (d = 1 then allows one edit, as the original GMED)."""
 
     def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         c = self.cfg.gmed
@@ -249,7 +249,7 @@ class Gmed(VirtualUpdate):
 class Teachers(ER):
     """CLS-ER and ESMER: EMA copies of the backbone (in the checkpoint as parameters, never optimised), updated
     with a probability per step; `global_step` counts steps. Faithful: the update runs inside the step, before the
-    optimiser step (spec §7.5); `ema_after_step` moves it after the optimiser step."""
+    optimiser step (baselines.md §7.5); `ema_after_step` moves it after the optimiser step."""
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
@@ -282,7 +282,7 @@ class Teachers(ER):
 
 def clser_targets(stable: tuple[Tensor, Tensor], plastic: tuple[Tensor, Tensor],
                   tau: float) -> tuple[Tensor, Tensor]:
-    """Per replay row, the teacher that matches the pair better (spec §2.8 steps 3-4).
+    """Per replay row, the teacher that matches the pair better (baselines.md §2.8 steps 3-4).
 
     stable, plastic: (z_a, z_v), each (N, D). P_av = softmax_j(cos(z_a,i, z_v,j)/τ) picks the video target,
     P_va = softmax_j(cos(z_v,i, z_a,j)/τ) the audio target; the stable teacher wins a row when its diagonal
@@ -299,7 +299,7 @@ def clser_targets(stable: tuple[Tensor, Tensor], plastic: tuple[Tensor, Tensor],
 
 
 class ClsEr(Teachers):
-    """CLS-ER (spec §2.8): a plastic and a stable EMA teacher (update probability 0.8 / 0.6, a ≤ 0.999) embed
+    """CLS-ER (baselines.md §2.8): a plastic and a stable EMA teacher (update probability 0.8 / 0.6, a ≤ 0.999) embed
     X_m with an encoder-only pass; each row's target comes from the teacher with the higher diagonal contrastive
     probability; + r·[MSE_a + MSE_v] to the targets, r = 0.1. The working backbone is evaluated (as the authors)."""
 
@@ -334,7 +334,7 @@ class ClsEr(Teachers):
 
 
 def esmer_weights(e: Tensor, running_mean: float, margin: float) -> tuple[Tensor, Tensor]:
-    """spec §2.9 step 2: w_i = μ/e_i where e_i ≥ margin·μ, else 1; clip i is kept for the buffer unless
+    """baselines.md §2.9 step 2: w_i = μ/e_i where e_i ≥ margin·μ, else 1; clip i is kept for the buffer unless
     e_i > margin·μ. Before the first statistics (μ = 0) every weight is 1 and every clip kept. -> (B,), (B,) bool"""
     if running_mean <= 0:
         return torch.ones_like(e), torch.ones_like(e, dtype=torch.bool)
@@ -344,7 +344,7 @@ def esmer_weights(e: Tensor, running_mean: float, margin: float) -> tuple[Tensor
 
 def running_loss_stats(e: Tensor, mean: float, std: float, step: int, alpha: float,
                        std_margin: float) -> tuple[float, float]:
-    """spec §2.9 step 6: drop losses above mean(e) + k·std(e), then EMA of the kept losses' mean and std with
+    """baselines.md §2.9 step 6: drop losses above mean(e) + k·std(e), then EMA of the kept losses' mean and std with
     rate a = min(1 − 1/(t+1), alpha). -> (mean, std)"""
     kept = e[~(e > e.mean() + std_margin * e.std())]
     a = min(1 - 1 / (step + 1), alpha)
@@ -352,7 +352,7 @@ def running_loss_stats(e: Tensor, mean: float, std: float, step: int, alpha: flo
 
 
 class Esmer(Teachers):
-    """ESMER (spec §2.9): an EMA teacher's per-sample loss e on X_t down-weights clips with e ≥ 2.5·μ (weight
+    """ESMER (baselines.md §2.9): an EMA teacher's per-sample loss e on X_t down-weights clips with e ≥ 2.5·μ (weight
     μ/e) and keeps clips with e > 2.5·μ out of the buffer; + r·[MSE_a + MSE_v] of X_m to the teacher's
     encoder-only embeddings, r = 0.15. Passes: no-grad full (B), encoder-only (B_m), fwd+bwd (2B)."""
 

@@ -41,7 +41,7 @@ MANIFEST_COLUMNS = ["clip_id", "row", "label", "labels", "category", "task", "du
 class CacheSpec:
     """What one cached clip holds. Real clips: 80 frames (8 fps x 10 s) of 256x256 and a 1024x128 fbank."""
 
-    num_frames: int = 80  # F frames per clip (spec §7.1: indices floor(i*N/80), N = min(count, 10*fps))
+    num_frames: int = 80  # F frames per clip (method.md §7.1: indices floor(i*N/80), N = min(count, 10*fps))
     frame_size: int = 256  # S: short side resized to S, then centre-cropped to S x S
     fps: float = 8.0  # frames per second of the cache
     clip_seconds: float = 10.0

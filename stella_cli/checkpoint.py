@@ -9,7 +9,7 @@ checkpoint of another model size or method.
 
 The authors' checkpoints use their module names (`module.`, `backbone.transformer.`, `avmatching_module.`,
 `vacls_classifier.`); `load_authors_checkpoint` maps them, and ours, onto our modules with a shape check per tensor
-(nanoGPT's from_pretrained). The initialisation chain (docs/method.md §1.9, §2.5) starts from an ImageNet MAE:
+(nanoGPT's from_pretrained). The initialisation chain (method.md §1.9, §2.5) starts from an ImageNet MAE:
 `convert_mae` maps it into the two-stream layout, sized for the recipe that will load it.
 
 ImageNet MAE  --stella convert mae-->  init.pth  --recipes/init_audioset20k.yaml-->  AudioSet-20K backbone
@@ -301,7 +301,7 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
 
 
 def load_avm_checkpoint(avm: AVM, source: str | Path | Mapping[str, Tensor], strict: bool = True) -> dict[str, Any]:
-    """spec §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`) or a
+    """method.md §2.5: AVM weights from a Finetune_submodule / STELLA checkpoint (`module.avmatching_module.*`) or a
     `stella train` checkpoint of a method with an AVM (avm_pretrain, stella, stella+)."""
     return load_authors_checkpoint(avm, source, strict)
 
@@ -334,7 +334,7 @@ def mae_sizes(mae: Mapping[str, Tensor], where: str | Path = "MAE") -> dict[str,
 
 def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int = 4, target_length: int = 1024,
                 num_mel_bins: int = 128, modality_depth: int = 10, faithful_zeros: bool = True) -> dict[str, Any]:
-    """`stella convert mae`: an ImageNet MAE ViT checkpoint -> a CAVMAE state dict (spec §1.9).
+    """`stella convert mae`: an ImageNet MAE ViT checkpoint -> a CAVMAE state dict (method.md §1.9).
 
     MAE blocks 0..modality_depth-1 go to blocks_a and blocks_v, the rest to blocks_u (their norms also to the _a/_v
     sets); `norm` to norm, norm_a, norm_v; the image pos-embed (without cls) repeated per frame to pos_embed_v and
@@ -394,7 +394,7 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
             "sizes": {**size, "modality_depth": modality_depth}}
 
 
-DEFAULT_INPUTS = {"num_frames": 4, "target_length": 1024, "num_mel_bins": 128, "modality_depth": 10}  # spec §1.1
+DEFAULT_INPUTS = {"num_frames": 4, "target_length": 1024, "num_mel_bins": 128, "modality_depth": 10}  # method.md §1.1
 
 
 def recipe_inputs(recipe: Recipe) -> dict[str, int]:

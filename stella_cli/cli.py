@@ -26,7 +26,7 @@ def _root() -> None:
     """STELLA: continual audio-video pre-training (ICML 2024), its baselines and evaluation."""
 
 
-# OpenMP waiting (README "Speed where users wait"). torch's OpenMP (libgomp) lets a thread that waits for the others
+# OpenMP waiting (docs/benchmarks.md "Threads on a busy CPU"). torch's OpenMP (libgomp) lets a thread that waits for the others
 # spin for 300000 iterations (milliseconds) before it sleeps: on a busy CPU (a laptop, CI, a shared server) the
 # spinning threads take the cores from the ones doing the work. PASSIVE sleeps at once and pays a wake-up per
 # parallel region when idle. Demo steps on 2 cores (benchmarks/bench_threads.py): with other jobs running, 300000

@@ -1,6 +1,6 @@
 """Recipes: typed dataclasses, YAML loading with `extends:`, `key.sub=value` overrides, validation.
 
-Every default equals the authors' code (stella_spec §9.2, protocol.md) unless a comment says otherwise. A
+Every default equals the authors' code (method.md §9.2, docs/protocol.md) unless a comment says otherwise. A
 recipe is resolved once (extends merged, overrides applied, model preset filled in) and then treated as frozen:
 derived values (per-rank batch, K_V, K_A, ...) come from functions, never from writing back into the config.
 """
@@ -34,23 +34,23 @@ class DataConfig:
     dataset: str = ""  # required: synthetic | vggsound | audioset
     root: str = ""  # required: the folder `stella prep ... --out` wrote (manifests + cache)
     tasks: list[str] = field(default_factory=list)  # training order; empty = every task of the prepared data
-    num_frames: int = 4  # spec §7.2: 4 frames ...
+    num_frames: int = 4  # method.md §7.2: 4 frames ...
     frame_stride: int = 8  # ... 8 cached frames apart (1 fps from the 8 fps cache)
-    image_size: int = 224  # spec §1.1; frames are cropped/resized to this
+    image_size: int = 224  # method.md §1.1; frames are cropped/resized to this
     target_length: int = 1024  # fbank frames (10 s at 10 ms shift, padded); must match the cache
     num_mel_bins: int = 128  # must match the cache
-    fbank_mean: float = -5.081  # spec §7.2: fbank is normalised as (x - fbank_mean) / fbank_std
+    fbank_mean: float = -5.081  # method.md §7.2: fbank is normalised as (x - fbank_mean) / fbank_std
     fbank_std: float = 4.4849
-    train_noise: bool = True  # spec §7.2: U(0,1)*r/10 additive noise, r ~ U(0,1) per clip
-    train_time_roll: bool = True  # spec §7.2: circular roll along time
-    multiscale_crop: bool = True  # spec §7.2: GroupMultiScaleCrop shared by all frames (train only)
+    train_noise: bool = True  # method.md §7.2: U(0,1)*r/10 additive noise, r ~ U(0,1) per clip
+    train_time_roll: bool = True  # method.md §7.2: circular roll along time
+    multiscale_crop: bool = True  # method.md §7.2: GroupMultiScaleCrop shared by all frames (train only)
     num_workers: int = 4  # DataLoader workers per rank
 
 
 @dataclass
 class AVMConfig:
-    fix_head_reshape: bool = False  # faithful: reshape without permute (spec §9.3 B6); true = heads merged properly
-    checkpoint: str = ""  # pre-trained AVM weights (spec §2.5); "" = random init as the shipped scripts (B2)
+    fix_head_reshape: bool = False  # faithful: reshape without permute (method.md §9.3 B6); true = heads merged right
+    checkpoint: str = ""  # pre-trained AVM weights (method.md §2.5); "" = random init as the shipped scripts (B2)
 
 
 @dataclass
@@ -66,11 +66,11 @@ class ModelConfig:
     decoder_depth: int | None = None
     decoder_num_heads: int | None = None
     mlp_ratio: float | None = None
-    patch_size: int = 16  # spec §1.1, video and audio
-    mask_ratio_v: float = 0.8  # spec §1.5
+    patch_size: int = 16  # method.md §1.1, video and audio
+    mask_ratio_v: float = 0.8  # method.md §1.5
     mask_ratio_a: float = 0.8
-    norm_pix_loss: bool = True  # spec §1.7 (set by every pretraining command)
-    contrast_tau: float = 0.05  # spec §1.7
+    norm_pix_loss: bool = True  # method.md §1.7 (set by every pretraining command)
+    contrast_tau: float = 0.05  # method.md §1.7
     contrast_weight: float = 0.1
     mae_weight: float = 1.0
     # faithful: true = the authors' all-gather, where other ranks' embeddings are constants, so the contrastive
@@ -81,7 +81,7 @@ class ModelConfig:
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
-    # spec §1.1 / §9.2: the paper's ViT-B two-stream model
+    # method.md §1.1 / §9.2: the paper's ViT-B two-stream model
     "base": dict(embed_dim=768, num_heads=12, modality_depth=10, fusion_depth=2, decoder_embed_dim=512,
                  decoder_depth=8, decoder_num_heads=16, mlp_ratio=4.0),
     # CPU sizes for the synthetic benchmark and the tests (not in the paper)
@@ -94,13 +94,13 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass
 class StellaConfig:
-    core_video_ratio: float = 0.5  # spec §9.2: keep int(L_V * (1 - r)) = 392 video patches
+    core_video_ratio: float = 0.5  # method.md §9.2: keep int(L_V * (1 - r)) = 392 video patches
     core_audio_ratio: float = 0.5  # keep 256 audio patches
     num_core_audio_times: int = 4  # audio chunk = 4 time tokens (0.64 s) x all frequency bins
-    att_temperature: float = 0.4  # tau of the importance softmax (spec §3.2)
-    matching_loss_weight: float = 1.0  # L_vam weight (spec §2.4)
-    faithful_plus_rca_rows: bool = False  # STELLA+ only: reproduce bug B8 (spec §9.3); false = fixed
-    # patch-selection ablation (baselines_spec §2.13): full (the paper's method) | random (uniform patches and
+    att_temperature: float = 0.4  # tau of the importance softmax (method.md §3.2)
+    matching_loss_weight: float = 1.0  # L_vam weight (method.md §2.4)
+    faithful_plus_rca_rows: bool = False  # STELLA+ only: reproduce bug B8 (method.md §9.3); false = fixed
+    # patch-selection ablation (baselines.md §2.13): full (the paper's method) | random (uniform patches and
     # audio chunks, no AVM) | importance (AVM importance, no RCA pruning) | correlation (RCA pruning, uniform choice)
     selection: str = "full"
     frozen_bf16: bool = False  # speed, not bit-identical: frozen scoring passes (Steps A-C's joint codes) in bf16
@@ -108,19 +108,19 @@ class StellaConfig:
 
 @dataclass
 class LumpConfig:
-    mixup_alpha: float = 0.1  # baselines_spec §2.5: lambda ~ Beta(a, a); VGGSound 0.1, AudioSet 0.05 (config 0.5)
+    mixup_alpha: float = 0.1  # baselines.md §2.5: lambda ~ Beta(a, a); VGGSound 0.1, AudioSet 0.05 (config 0.5)
 
 
 @dataclass
 class MirConfig:
-    candidates_factor: int = 5  # baselines_spec §2.6: 5 x per-rank replay batch candidates (60 / 45 per GPU)
+    candidates_factor: int = 5  # baselines.md §2.6: 5 x per-rank replay batch candidates (60 / 45 per GPU)
     same_masks: bool = False  # faithful: pre and post scores use different random masks; true = the same masks
     fix_virtual_step: bool = False  # faithful: local, unscaled virtual gradient; true = GradScaler + DDP average
 
 
 @dataclass
 class GmedConfig:
-    gamma: float = 0.1  # baselines_spec §2.7: edit stride (grad_stride)
+    gamma: float = 0.1  # baselines.md §2.7: edit stride (grad_stride)
     beta: float = 0.05  # regularisation strength (reg_strength); VGGSound 0.05, AudioSet 0.01
     decay: float = 1.0  # edit decay d: the step is scaled by (1 - d) ** age
     age_samples: bool = False  # faithful: ages never grow, so d is inert; true = each edit ages the slot by 1
@@ -129,7 +129,7 @@ class GmedConfig:
 
 @dataclass
 class ClsErConfig:
-    reg_weight: float = 0.1  # baselines_spec §2.8: consistency weight r
+    reg_weight: float = 0.1  # baselines.md §2.8: consistency weight r
     plastic_update_prob: float = 0.8  # probability of an EMA update of the plastic teacher per step
     plastic_alpha: float = 0.999  # EMA decay cap (a = min(1 - 1/(t+1), alpha))
     stable_update_prob: float = 0.6
@@ -140,7 +140,7 @@ class ClsErConfig:
 
 @dataclass
 class EsmerConfig:
-    reg_weight: float = 0.15  # baselines_spec §2.9 (STELLA@8ed637f configs/cl_algo/esmer.yaml)
+    reg_weight: float = 0.15  # baselines.md §2.9 (STELLA@8ed637f configs/cl_algo/esmer.yaml)
     ema_update_prob: float = 0.2
     ema_alpha: float = 0.999
     loss_margin: float = 2.5  # clips with teacher loss >= margin x running mean are down-weighted (> : not stored)
@@ -152,10 +152,10 @@ class EsmerConfig:
 @dataclass
 class MethodConfig:
     name: str = "stella"  # a key of factory.METHODS (checked when the run starts: factory.check_method)
-    # | avm_pretrain (the initialisation chain: only the AVM trains, on a frozen backbone, spec §2.5)
-    memory_size: int = 2000  # total replay slots over all ranks (spec §3.9); 5000 on AudioSet
-    replay_batch_size: int | None = None  # None = the per-rank training batch (spec §9.2)
-    alpha: float = 0.5  # DER-style logit replay weight (spec §3.8; DER++ baselines_spec §2.4)
+    # | avm_pretrain (the initialisation chain: only the AVM trains, on a frozen backbone, method.md §2.5)
+    memory_size: int = 2000  # total replay slots over all ranks (method.md §3.9); 5000 on AudioSet
+    replay_batch_size: int | None = None  # None = the per-rank training batch (method.md §9.2)
+    alpha: float = 0.5  # DER-style logit replay weight (method.md §3.8; DER++ baselines.md §2.4)
     stella: StellaConfig = field(default_factory=StellaConfig)
     lump: LumpConfig = field(default_factory=LumpConfig)
     mir: MirConfig = field(default_factory=MirConfig)
@@ -166,7 +166,7 @@ class MethodConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-4  # spec §5.3: Adam, constant LR, one optimiser for the whole stream
+    lr: float = 1e-4  # method.md §5.3: Adam, constant LR, one optimiser for the whole stream
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 5e-7  # L2-style, on weights with ndim > 1 only
     amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | bf16 | fp16 | none
@@ -176,7 +176,7 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10  # per task (VGGSound 10, AudioSet 15)
-    batch_size: int = 48  # global batch of current clips (spec §5.3: 12 per GPU x 4)
+    batch_size: int = 48  # global batch of current clips (method.md §5.3: 12 per GPU x 4)
     seed: int = 2021
     log_every: int = 10  # steps between metrics.jsonl lines
     checkpoint_every: int = 0  # steps between 'latest' checkpoints inside a task; 0 = only at task ends
@@ -187,7 +187,7 @@ class TrainConfig:
 
 @dataclass
 class HeadConfig:
-    """A downstream head trained on the frozen backbone by `stella eval` (spec §6.3); these defaults are the
+    """A downstream head trained on the frozen backbone by `stella eval` (method.md §6.3); these defaults are the
     classification probe's (15 epochs, AdamW 5e-4, warm-up 2, batch 48). AdamW, `warmup_epochs` of linear warm-up
     then cosine to 0, stepped per batch."""
 
@@ -206,7 +206,7 @@ class HeadConfig:
 
 @dataclass
 class AVEHeadConfig(HeadConfig):
-    """AVE (spec §6.3): AdamW 1e-3, 15 epochs, batch 12, warm-up 2."""
+    """AVE (method.md §6.3): AdamW 1e-3, 15 epochs, batch 12, warm-up 2."""
 
     lr: float = 1e-3
     batch_size: int = 12
@@ -214,7 +214,7 @@ class AVEHeadConfig(HeadConfig):
 
 @dataclass
 class AVSHeadConfig(HeadConfig):
-    """AVSBench S4 (spec §6.3): AdamW 5e-4, 20 epochs, batch 48, warm-up 3."""
+    """AVSBench S4 (method.md §6.3): AdamW 5e-4, 20 epochs, batch 48, warm-up 3."""
 
     epochs: int = 20
     warmup_epochs: int = 3
@@ -222,7 +222,8 @@ class AVSHeadConfig(HeadConfig):
 
 @dataclass
 class TransferConfig:
-    """MSR-VTT-style transfer (spec §6.3): more MAE + contrastive epochs on a new domain, then zero-shot retrieval."""
+    """MSR-VTT-style transfer (method.md §6.3): more MAE + contrastive epochs on a new domain, then zero-shot
+    retrieval."""
 
     root: str = ""  # `stella prep msrvtt` output; "" on the synthetic benchmark = its held-out domain (DATA/heldout)
     epochs: int = 15
@@ -231,11 +232,11 @@ class TransferConfig:
 
 @dataclass
 class EvalConfig:
-    retrieval: bool = True  # zero-shot A<->V retrieval after every task (spec §6.1)
+    retrieval: bool = True  # zero-shot A<->V retrieval after every task (method.md §6.1)
     batch_size: int = 32
     recall_at: list[int] = field(default_factory=lambda: [1, 5, 10])
     seed: int = 0  # head initialisation and data order of the downstream heads
-    classification: HeadConfig = field(default_factory=HeadConfig)  # spec §6.3 (VGGSound probe)
+    classification: HeadConfig = field(default_factory=HeadConfig)  # method.md §6.3 (VGGSound probe)
     ave: AVEHeadConfig = field(default_factory=AVEHeadConfig)
     avs: AVSHeadConfig = field(default_factory=AVSHeadConfig)
     msrvtt: TransferConfig = field(default_factory=TransferConfig)
@@ -258,7 +259,7 @@ class Recipe:
 
 
 REQUIRED_KEYS = ("data.dataset", "data.root", "output.dir")
-# method.stella.selection: STELLA and its patch-selection ablations (docs/baselines.md §2.13), in the report's row order
+# method.stella.selection: STELLA and its patch-selection ablations (baselines.md §2.13), in the report's row order
 SELECTIONS = ("full", "random", "importance", "correlation")
 CHOICES: dict[str, tuple[str, ...]] = {
     "data.dataset": ("synthetic", "vggsound", "audioset"),
@@ -480,14 +481,14 @@ def get_path(obj: Any, key: str) -> Any:
 
 
 def per_rank_batch(train: TrainConfig, world_size: int) -> int:
-    """spec §9.3 B13: the global batch is split over ranks (48 / 4 GPUs = 12 per GPU)."""
+    """method.md §9.3 B13: the global batch is split over ranks (48 / 4 GPUs = 12 per GPU)."""
     if train.batch_size % world_size:
         raise RecipeError(f"train.batch_size={train.batch_size} is not divisible by world size {world_size}")
     return train.batch_size // world_size
 
 
 def per_rank_memory(method: MethodConfig, world_size: int) -> int:
-    """spec §3.9: each rank keeps an independent reservoir of memory_size // world_size slots."""
+    """method.md §3.9: each rank keeps an independent reservoir of memory_size // world_size slots."""
     return method.memory_size // world_size
 
 
@@ -498,5 +499,5 @@ def token_counts(num_frames: int, image_size: int, target_length: int, num_mel_b
 
 
 def num_core_tokens(num_tokens: int, core_ratio: float) -> int:
-    """K = int(L * (1 - core_ratio)); 784 -> 392 and 512 -> 256 at the default 0.5 (spec §3.7)."""
+    """K = int(L * (1 - core_ratio)); 784 -> 392 and 512 -> 256 at the default 0.5 (method.md §3.7)."""
     return int(num_tokens * (1 - core_ratio))

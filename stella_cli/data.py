@@ -1,4 +1,4 @@
-"""The Dataset over a prepared folder and the DataLoader that feeds training (issue 2 §6, stella_spec §7.2).
+"""The Dataset over a prepared folder and the DataLoader that feeds training (method.md §7.2).
 
 One item = one clip of the cache written by `stella prep` (cache.py):
 
@@ -30,9 +30,9 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 from stella_cli.cache import DONE, SplitReader, read_manifest, read_meta, spec_from_meta
 from stella_cli.config import DataConfig
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)  # spec §7.2
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # method.md §7.2
 IMAGENET_STD = (0.229, 0.224, 0.225)
-CROP_SCALES = (1.0, 0.875, 0.75)  # spec §7.2: GroupMultiScaleCrop(input_size, [1, .875, .75]), max_distort 1
+CROP_SCALES = (1.0, 0.875, 0.75)  # method.md §7.2: GroupMultiScaleCrop(input_size, [1, .875, .75]), max_distort 1
 PREP_COMMANDS = {
     "synthetic": "stella prep synthetic --out {root}",
     "vggsound": "stella prep vggsound --list LIST --root CLIPS --categories stat.csv --out {root}",
@@ -85,7 +85,7 @@ def check_prepared(data_cfg: DataConfig, splits: tuple[str, ...] = ("train", "re
 
 
 # ----------------------------------------------------------------------------------------------------------
-# frame sampling (spec §7.2)
+# frame sampling (method.md §7.2)
 
 
 def window_starts(num_cached: int, num_frames: int, frame_stride: int) -> range:
@@ -103,12 +103,12 @@ def eval_start(num_cached: int, num_frames: int, frame_stride: int) -> int:
 
 
 def frame_indices(start: int, num_frames: int, frame_stride: int) -> np.ndarray:
-    """Cached frame indices start + k·frame_stride, k < num_frames (spec §7.2: s·8 + {0, 8, 16, 24})."""
+    """Cached frame indices start + k·frame_stride, k < num_frames (method.md §7.2: s·8 + {0, 8, 16, 24})."""
     return start + frame_stride * np.arange(num_frames)
 
 
 # ----------------------------------------------------------------------------------------------------------
-# video transforms (spec §7.2, the authors' transforms/video.py)
+# video transforms (method.md §7.2, the authors' transforms/video.py)
 
 
 def fixed_crop_offsets(image_w: int, image_h: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
@@ -169,7 +169,7 @@ def normalize_video(video: np.ndarray) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# audio transforms (spec §7.2, the authors' transforms/audio.py Noise)
+# audio transforms (method.md §7.2, the authors' transforms/audio.py Noise)
 
 
 def add_fbank_noise(fbank: np.ndarray, generator: torch.Generator) -> np.ndarray:

@@ -2,7 +2,7 @@
 
 torchrun sets RANK / WORLD_SIZE / LOCAL_RANK; without it every helper is a no-op for one process (rank 0 of 1), so
 single-process code calls them freely (MAE's `misc.py`, open_clip's `distributed.py`). The contrastive loss gathers
-the other ranks' embeddings through `gather_with_grad` (docs/method.md §1.7); nothing else all-gathers tensors.
+the other ranks' embeddings through `gather_with_grad` (method.md §1.7); nothing else all-gathers tensors.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """What the evaluation tasks share: the target, frozen-backbone features, segment padding, the head training loop.
 
-docs/method.md §6.3 defines the tasks.
+method.md §6.3 defines the tasks.
 
 Every task of `stella eval` (probe.py, ave.py, avs.py, msrvtt.py, localisation.py, and retrieval in eval_run.py)
 is a function of a `Context` returning (result dict, table rows). A head never trains the backbone: `fit` sees

@@ -1,4 +1,4 @@
-"""`stella eval`: score a run or a checkpoint on retrieval and the downstream tasks (docs/method.md §6).
+"""`stella eval`: score a run or a checkpoint on retrieval and the downstream tasks (method.md §6).
 
 A target is a run directory (its config.yaml and task checkpoints), one checkpoint file (ours, with the recipe
 beside it or inside it, or the authors' state dict with --recipe), or nothing: the most recent run under runs/.

@@ -1,10 +1,10 @@
-"""Zero-shot audio<->video retrieval, the accuracy matrix, average accuracy and forgetting (stella_spec §6.1-6.2).
+"""Zero-shot audio<->video retrieval, the accuracy matrix, average accuracy and forgetting (method.md §6.1-6.2).
 
 After task l the retrieval clips of *all* tasks form one gallery; clip i's audio and video are a true pair.
 a(l, k) = R@K of task k's queries against the whole gallery after training task l (x100).
     A               = mean_k a(T, k)
     F_conventional  = 1/(T-1) * sum_{k<T} max_{k<=l<T} (a(l,k) - a(T,k))
-    F_as_coded      = 1/(T-1) * sum_{k<=T} max_{l<T} (a(l,k) - a(T,k))      (the authors' script, spec §9.3 B15)
+    F_as_coded      = 1/(T-1) * sum_{k<=T} max_{l<T} (a(l,k) - a(T,k))      (the authors' script, method.md §9.3 B15)
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ def embed_gallery(model: torch.nn.Module, loader, device: torch.device,
                   amp_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor]:
     """Retrieval embeddings of every clip in `loader`: z_a, z_v (N, D) L2-normalised, task (N,) long.
 
-    Runs on one process over the whole gallery (no distributed sampler), so no clip is dropped (spec §9.3 B16).
+    Runs on one process over the whole gallery (no distributed sampler), so no clip is dropped (method.md §9.3 B16).
     """
     was_training = model.training
     model.eval()
@@ -48,7 +48,7 @@ def embed_gallery(model: torch.nn.Module, loader, device: torch.device,
 
 def gallery_scores(backbone: torch.nn.Module, recipe: Recipe, tasks: list[str], device: torch.device,
                    amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, dict[str, float]]]:
-    """Embed the retrieval split of `tasks` (one gallery) and score both directions (spec §6.1)."""
+    """Embed the retrieval split of `tasks` (one gallery) and score both directions (method.md §6.1)."""
     gallery = AVDataset(recipe.data, "retrieval", tasks=tasks, train=False, seed=recipe.train.seed)
     loader = build_loader(gallery, recipe.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
                           num_workers=recipe.data.num_workers)
@@ -111,7 +111,7 @@ def retrieval_scores(z_a: Tensor, z_v: Tensor, task: Tensor, task_names: list[st
                      chunk: int = 2048) -> dict[str, dict[str, dict[str, float]]]:
     """{'a2v'|'v2a': {'all' | task name: {'R@1', 'R@5', 'R@10', 'MedR'}}}, in tiles (bounded memory).
 
-    A->V ranks the rows of sim = z_a @ z_v.T, V->A its columns (spec §6.1); per task: that task's queries against
+    A->V ranks the rows of sim = z_a @ z_v.T, V->A its columns (method.md §6.1); per task: that task's queries against
     the whole gallery.
     """
     a2v, v2a = pair_ranks(z_a, z_v, chunk)
@@ -151,7 +151,7 @@ def forgetting_conventional(a: list[list]) -> float | None:
 
 
 def forgetting_as_coded(a: list[list]) -> float | None:
-    """The authors' F (spec §6.2, B15): every task k <= T, every checkpoint l < T, divided by T-1."""
+    """The authors' F (method.md §6.2, B15): every task k <= T, every checkpoint l < T, divided by T-1."""
     T = len(a)
     if T < 2:
         return None

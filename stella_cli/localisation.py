@@ -1,13 +1,13 @@
 """Localisation diagnostic: does STELLA's patch importance land on what makes the sound? (synthetic benchmark)
 
-STELLA's first idea (stella_spec §3.2) is that the AVM's cross-attention points at the sounding object in the
+STELLA's first idea (method.md §3.2) is that the AVM's cross-attention points at the sounding object in the
 frames and at the event in the audio. The synthetic benchmark knows both: the sounding object's box in every frame
 and the event window. For each task checkpoint of a STELLA run, on the retrieval clips (evaluation window):
 
     share_v = Σ_j I_v[j]·o_v[j]    o_v[j] = fraction of video patch j's area inside the box of its frame
     share_a = Σ_j I_a[j]·o_a[j]    o_a[j] = fraction of audio token j's time span inside the event window
 
-with I_v (B, L_V) and I_a (B, L_A) the importance of spec §3.2 (each sums to 1). A uniform importance scores
+with I_v (B, L_V) and I_a (B, L_A) the importance of method.md §3.2 (each sums to 1). A uniform importance scores
 mean_j o[j] (the box's share of the frame, the event's share of the fbank): `lift` = share / uniform, 1 = no
 localisation. Reported per task (the clips of each task) and over the stream (after every task checkpoint).
 """

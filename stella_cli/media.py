@@ -1,4 +1,4 @@
-"""Decoding real clips with PyAV, as the authors' offline extraction does (stella_spec §7.1).
+"""Decoding real clips with PyAV, as the authors' offline extraction does (method.md §7.1).
 
     frames  80 frames at indices floor(i·N/80), N = min(decoded frames, int(10 s · native fps)):
             8 fps over the first 10 s; a shorter clip spreads the 80 frames over what it has (and repeats
@@ -44,7 +44,7 @@ class DecodedClip:
 
 
 def sample_indices(num_source_frames: int, num_frames: int) -> np.ndarray:
-    """Frame indices floor(i·N/F), i = 0..F-1 (spec §7.1); int64 (F,). N < F repeats frames."""
+    """Frame indices floor(i·N/F), i = 0..F-1 (method.md §7.1); int64 (F,). N < F repeats frames."""
     return (np.arange(num_frames) * num_source_frames) // num_frames
 
 
@@ -69,7 +69,7 @@ def decode_clip(
     downmix: str = "ffmpeg",
     threads: int = 0,
 ) -> DecodedClip:
-    """Frames and mono 16 kHz audio of one clip, as the authors extract them (spec §7.1).
+    """Frames and mono 16 kHz audio of one clip, as the authors extract them (method.md §7.1).
 
     `fps` is the nominal cache rate (num_frames / clip_seconds); the sampling itself is defined by num_frames and
     clip_seconds. Frame i is source frame floor(i·N/F) as the spec states; the authors' OpenCV loop seeks to that

@@ -3,7 +3,7 @@
 A method is an nn.Module (so DDP can wrap it) holding the backbone and whatever the method adds (the AVM, a replay
 buffer, teachers). `step(batch)` = `forward(batch)` returns {"loss_*": scalar}; train.py sums every value, runs
 backward, the AMP scaler and the optimiser step. Methods never see a task id during training (task-free protocol,
-docs/baselines.md §1.3): `begin_task` / `end_task` exist for bookkeeping only. `Replay` owns the per-rank reservoir
+baselines.md §1.3): `begin_task` / `end_task` exist for bookkeeping only. `Replay` owns the per-rank reservoir
 memory that STELLA (stella.py) and the replay baselines (baselines.py) share. The table of every method by name is
 factory.METHODS.
 """
@@ -87,7 +87,7 @@ class Method(nn.Module):
 
 
 class Finetune(Method):
-    """Sequential MAE + contrastive training with no memory (baselines_spec §0). Multitask = this on the union."""
+    """Sequential MAE + contrastive training with no memory (baselines.md §0). Multitask = this on the union."""
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         out = self.backbone(batch["audio"], batch["video"], generator=self.generators["mask"])
@@ -95,12 +95,12 @@ class Finetune(Method):
 
 
 class Multitask(Finetune):
-    """Multitask (docs/baselines.md §2.2): the Finetune learner, trained once on the union of every task's clips
+    """Multitask (baselines.md §2.2): the Finetune learner, trained once on the union of every task's clips
     (train.py builds that schedule from factory.METHODS); the upper bound of the paper's tables."""
 
 
 class Replay(Method):
-    """A method with a per-rank reservoir memory (docs/baselines.md §1.4, docs/method.md §3.9): B_m rows replayed per
+    """A method with a per-rank reservoir memory (baselines.md §1.4, method.md §3.9): B_m rows replayed per
     step (method.replay_batch_size, default B), drawn uniformly without replacement; the current clips are offered
     to the reservoir after the forward, so a step never replays its own batch. Subclasses say what a slot stores."""
 

@@ -43,7 +43,7 @@ def audio_patches(audio: Tensor, p: int) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# positional tables (spec §1.2)
+# positional tables (method.md §1.2)
 
 
 def sincos_1d(dim: int, pos: Tensor) -> Tensor:
@@ -57,14 +57,14 @@ def sincos_2d(dim: int, num_tokens: int, width: int) -> Tensor:
     """Token n gets [1-D(n mod width) | 1-D(n // width)] (the authors' raw reshape of the meshgrid).  -> (n, dim)
 
     Video frames: width = S/p, the usual MAE table (col | row).  Audio: width = T/p (64) although the tokens are
-    time-major t·(M/p) + f, so the halves do not encode (t, f).  # faithful: spec §9.3 B7, inherited from CAV-MAE.
+    time-major t·(M/p) + f, so the halves do not encode (t, f).  # faithful: method.md §9.3 B7, inherited from CAV-MAE.
     """
     n = torch.arange(num_tokens)
     return torch.cat([sincos_1d(dim // 2, n % width), sincos_1d(dim // 2, n // width)], dim=1).float()
 
 
 # ----------------------------------------------------------------------------------------------------------
-# blocks (spec §1.3); module and attribute names follow the authors' checkpoints
+# blocks (method.md §1.3); module and attribute names follow the authors' checkpoints
 
 
 class Attention(nn.Module):
@@ -108,7 +108,7 @@ class Block(nn.Module):
             self.norm1_v, self.norm2_v = nn.LayerNorm(dim), nn.LayerNorm(dim)
 
     def forward(self, x: Tensor, modality: str = "") -> Tensor:
-        """modality "" = joint / shared norms, "a" = audio alone, "v" = video alone (spec §1.3)."""
+        """modality "" = joint / shared norms, "a" = audio alone, "v" = video alone (method.md §1.3)."""
         if modality == "a":
             norm1, norm2 = self.norm1_a, self.norm2_a
         elif modality == "v":
@@ -152,7 +152,7 @@ def init_linear_and_norm(m: nn.Module) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------------
-# masking (spec §1.5)
+# masking (method.md §1.5)
 
 
 class Masked(NamedTuple):
@@ -180,7 +180,7 @@ def shuffle(B: int, N: int, device: torch.device, generator: torch.Generator | N
 
 
 def modality_guided_masking(ids: Tensor, n_vis: int, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
-    """spec §1.5: shuffle the N input tokens (the core set), the first n_vis are visible, the rest are targets.
+    """method.md §1.5: shuffle the N input tokens (the core set), the first n_vis are visible, the rest are targets.
 
     ids: (B, N) token ids of the input tokens.  Returns pos_vis (B, n_vis) long, is_target (B, N) bool.
     Random masking is the case N = L, ids = 0..L-1: the authors' `random_masking` (same noise, same argsort).
@@ -196,11 +196,11 @@ def modality_guided_masking(ids: Tensor, n_vis: int, generator: torch.Generator 
 
 
 # ----------------------------------------------------------------------------------------------------------
-# contrastive loss and the cross-rank gather (spec §1.7)
+# contrastive loss and the cross-rank gather (method.md §1.7)
 
 
 def info_nce(z_a: Tensor, z_v: Tensor, tau: float, reduction: str = "mean", remote_grad: bool = True) -> Tensor:
-    """Symmetric InfoNCE (spec §1.7), in float32.  z_a, z_v: (B, D) un-normalised pooled embeddings.
+    """Symmetric InfoNCE (method.md §1.7), in float32.  z_a, z_v: (B, D) un-normalised pooled embeddings.
 
     L_i = ½(-log softmax_j(ẑ_v,i·ẑ_a,j/τ)[i] - log softmax_j(ẑ_a,i·ẑ_v,j/τ)[i]), j over the batch of all ranks,
     anchors i over the local batch.  Returns the mean, or (B,) for reduction="none".
@@ -222,7 +222,8 @@ def info_nce(z_a: Tensor, z_v: Tensor, tau: float, reduction: str = "mean", remo
 
 
 class CAVMAE(nn.Module):
-    """Two-stream audio-video masked autoencoder (spec §1): modality layers, fusion layers, per-modality decoder."""
+    """Two-stream audio-video masked autoencoder (method.md §1): modality layers, fusion layers, a decoder per
+    modality."""
 
     def __init__(self, cfg: ModelConfig, num_frames: int, image_size: int, target_length: int, num_mel_bins: int):
         super().__init__()
@@ -275,7 +276,7 @@ class CAVMAE(nn.Module):
         self.initialize_weights()
 
     def initialize_weights(self) -> None:
-        """spec §1.2: sin-cos tables (repeated per frame), xavier patch embeddings, N(0, 0.02) tokens."""
+        """method.md §1.2: sin-cos tables (repeated per frame), xavier patch embeddings, N(0, 0.02) tokens."""
         with torch.no_grad():
             for param in (self.pos_embed_v, self.inter_pos_embed_v, self.decoder_pos_embed_v):
                 frame = sincos_2d(param.shape[-1], self.grid**2, self.grid)  # (S/p · S/p, dim)
@@ -298,7 +299,9 @@ class CAVMAE(nn.Module):
     # -- embeddings ------------------------------------------------------------------------------------
 
     def input_patches(self, x: Tensor, ids: Tensor | None, modality: str) -> tuple[Tensor, Tensor]:
-        """Full input, or pre-cut core patches in `ids` order (spec §1.5).  -> patches (B, N, C, p, p), ids (B, N)."""
+        """Full input, or pre-cut core patches in `ids` order (method.md §1.5).
+
+        -> patches (B, N, C, p, p), ids (B, N)."""
         p, B = self.patch_size, x.shape[0]
         if modality == "v":
             name, L, C, cut = "video", self.num_video_tokens, 3, video_patches
@@ -326,7 +329,7 @@ class CAVMAE(nn.Module):
         return self.patch_embed_a(patches) + self.modality_a + lookup(self.pos_embed_a, ids)
 
     def unimodal_codes(self, audio: Tensor, video: Tensor) -> tuple[Tensor, Tensor]:
-        """Full inputs through the modality layers, no masking (spec §1.4 "inter").
+        """Full inputs through the modality layers, no masking (method.md §1.4 "inter").
 
         -> c_a (B, L_A, D), c_v (B, L_V, D): before the intermediate pos-embed.
         """
@@ -341,7 +344,7 @@ class CAVMAE(nn.Module):
     def joint_codes(self, c_a: Tensor, c_v: Tensor) -> tuple[Tensor, Tensor]:
         """Codes + intermediate pos-embed, [audio; video] through the fusion layers with the shared norms.
 
-        spec §1.4 "codes": returns e_a (B, L_A, D), e_v (B, L_V, D) before the final `norm` (the AVM inputs).
+        method.md §1.4 "codes": returns e_a (B, L_A, D), e_v (B, L_V, D) before the final `norm` (the AVM inputs).
         """
         L_A = c_a.shape[1]
         x = torch.cat([c_a + self.inter_pos_embed_a, c_v + self.inter_pos_embed_v], dim=1)  # (B, L_A + L_V, D)
@@ -350,13 +353,15 @@ class CAVMAE(nn.Module):
         return x[:, :L_A], x[:, L_A:]
 
     def joint_embed(self, audio: Tensor, video: Tensor) -> Tensor:
-        """Classifier input (spec §6.3): [mean audio; mean video] of the unmasked joint pass after `norm`. (B, 2D)"""
+        """Classifier input (method.md §6.3): [mean audio; mean video] of the unmasked joint pass after `norm`.
+
+        -> (B, 2D)"""
         e_a, e_v = self.joint_codes(*self.unimodal_codes(audio, video))
         x = self.norm(torch.cat([e_a, e_v], dim=1))
         return torch.cat([x[:, : e_a.shape[1]].mean(1), x[:, e_a.shape[1]:].mean(1)], dim=1)
 
     def modality_embed(self, x_a: Tensor, x_v: Tensor) -> tuple[Tensor, Tensor]:
-        """Fusion layers per modality with the _a / _v norms, then norm_a / norm_v (spec §1.4, latent_c_*).
+        """Fusion layers per modality with the _a / _v norms, then norm_a / norm_v (method.md §1.4, latent_c_*).
 
         x_a, x_v: tokens after the modality layers and the intermediate pos-embed.  -> same shapes.
         """
@@ -367,7 +372,7 @@ class CAVMAE(nn.Module):
         return self.norm_a(x_a), self.norm_v(x_v)
 
     def retrieval_embed(self, audio: Tensor, video: Tensor) -> tuple[Tensor, Tensor]:
-        """spec §1.8: full inputs through the modality path, mean-pooled, L2-normalised.  -> (B, D), (B, D)"""
+        """method.md §1.8: full inputs through the modality path, mean-pooled, L2-normalised.  -> (B, D), (B, D)"""
         c_a, c_v = self.unimodal_codes(audio, video)
         lat_a, lat_v = self.modality_embed(c_a + self.inter_pos_embed_a, c_v + self.inter_pos_embed_v)
         return F.normalize(lat_a.mean(1).float(), dim=-1), F.normalize(lat_v.mean(1).float(), dim=-1)
@@ -392,7 +397,7 @@ class CAVMAE(nn.Module):
         return out[0], out[1]
 
     def forward_decoder(self, a: Masked, v: Masked) -> tuple[Tensor, Tensor]:
-        """Joint fusion on the visible tokens, `norm`, then the decoder once per modality (spec §1.6).
+        """Joint fusion on the visible tokens, `norm`, then the decoder once per modality (method.md §1.6).
 
         Each decoder sequence holds the N input tokens (L with random masking, K with core patches): visible
         tokens in place, mask tokens elsewhere.  Returns predictions of the targets only, in input order:
@@ -421,7 +426,7 @@ class CAVMAE(nn.Module):
         return head(z[m.is_target].reshape(B, -1, Dd))  # (B, N - n, P)
 
     def forward_loss(self, pred: Tensor, m: Masked, reduction: str = "mean") -> Tensor:
-        """spec §1.7: MSE to per-patch-normalised pixels (unbiased var, eps 1e-6), on target tokens only, float32.
+        """method.md §1.7: MSE to per-patch-normalised pixels (unbiased var, eps 1e-6), on target tokens only, float32.
 
         Targets flatten a patch in (row, col, channel) order, as the authors' patchify.  Returns the mean over all
         targets of the batch, or (B,) per-sample means for reduction="none".
@@ -437,15 +442,15 @@ class CAVMAE(nn.Module):
         return self.mae_weight * (loss if reduction == "none" else loss.mean())
 
     def forward_contrastive(self, x_a: Tensor, x_v: Tensor, reduction: str = "mean") -> tuple[Tensor, Tensor, Tensor]:
-        """spec §1.7: InfoNCE on the mean-pooled modality path of the visible tokens. -> loss, z_a, z_v (B, D)"""
+        """method.md §1.7: InfoNCE on the mean-pooled modality path of the visible tokens. -> loss, z_a, z_v (B, D)"""
         lat_a, lat_v = self.modality_embed(x_a, x_v)
-        z_a, z_v = lat_a.mean(1).float(), lat_v.mean(1).float()  # un-normalised: the DER targets (spec §3.8)
+        z_a, z_v = lat_a.mean(1).float(), lat_v.mean(1).float()  # un-normalised: the DER targets (method.md §3.8)
         loss = info_nce(z_a, z_v, self.contrast_tau, reduction, remote_grad=self.contrast_remote_grad)
         return self.contrast_weight * loss, z_a, z_v
 
     def encode_pooled(self, audio: Tensor, video: Tensor,
                       generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
-        """Encoder-only pass of the CLS-ER / ESMER teachers (baselines_spec §2.8): random masking, the modality
+        """Encoder-only pass of the CLS-ER / ESMER teachers (baselines.md §2.8): random masking, the modality
         layers and the per-modality fusion path, no decoder.  -> pooled z_a, z_v (B, D) as in forward."""
         a, v = self.forward_encoder(audio, video, None, None, generator)
         lat_a, lat_v = self.modality_embed(a.x, v.x)
@@ -453,7 +458,7 @@ class CAVMAE(nn.Module):
 
     def forward(self, audio: Tensor, video: Tensor, ids_a: Tensor | None = None, ids_v: Tensor | None = None,
                 reduction: str = "mean", generator: torch.Generator | None = None) -> dict[str, Tensor]:
-        """MAE + contrastive pass (spec §1.4-1.7).
+        """MAE + contrastive pass (method.md §1.4-1.7).
 
         audio (B, 1, T, M) and video (B, F, 3, S, S) with random masking; or core patches (B, K_A, 1, p, p),
         (B, K_V, 3, p, p) with orderings ids_a (B, L_A), ids_v (B, L_V) whose first K entries are the core set.
@@ -470,7 +475,7 @@ class CAVMAE(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# AVM (spec §2) and heads (models/heads.py)
+# AVM (method.md §2) and heads (models/heads.py)
 
 
 class Pooler(nn.Module):
@@ -494,7 +499,7 @@ class MatchingHead(nn.Module):
 
 
 class Classifier(nn.Module):
-    """Downstream probe head (spec §6.3): Pooler (Linear + tanh), Linear, LayerNorm, GELU, Linear on (B, 2D).
+    """Downstream probe head (method.md §6.3): Pooler (Linear + tanh), Linear, LayerNorm, GELU, Linear on (B, 2D).
 
     `pooler` and `fc1` are also registered inside `classifier`, so the state dict holds both names, as the authors'.
     """
@@ -533,11 +538,11 @@ class AVM(nn.Module):
         B, H, L, d_h = x.shape
         if self.fix_head_reshape:
             return x.transpose(1, 2).reshape(B, L, H * d_h)  # (B, L, D)
-        return x.reshape(B, L, H * d_h)  # faithful: spec §9.3 B6, heads and tokens interleaved; avm.fix_head_reshape
+        return x.reshape(B, L, H * d_h)  # faithful (method.md §9.3 B6): heads and tokens interleave; fix_head_reshape
 
     def attention_logits(self, e_a: Tensor, e_v: Tensor) -> dict[str, Tensor]:
-        """spec §2.3: raw scaled logits S_av (B, H, L_A, L_V) = scale·q_a·k_vᵀ, S_va (B, H, L_V, L_A) = scale·q_v·k_aᵀ,
-        and q_a, k_a (B, H, L_A, d_h), q_v, k_v (B, H, L_V, d_h)."""
+        """method.md §2.3: raw scaled logits S_av (B, H, L_A, L_V) = scale·q_a·k_vᵀ,
+        S_va (B, H, L_V, L_A) = scale·q_v·k_aᵀ, and q_a, k_a (B, H, L_A, d_h), q_v, k_v (B, H, L_V, d_h)."""
         e_a, e_v = self.norm_a(e_a), self.norm_v(e_v)
         q_a, k_a = self.split_heads(e_a, self.to_a_q), self.split_heads(e_a, self.to_a_k)
         q_v, k_v = self.split_heads(e_v, self.to_v_q), self.split_heads(e_v, self.to_v_k)
@@ -545,7 +550,7 @@ class AVM(nn.Module):
                 "q_a": q_a, "k_a": k_a, "q_v": q_v, "k_v": k_v}
 
     def forward(self, e_a: Tensor, e_v: Tensor) -> Tensor:
-        """spec §2.2: cross attention both ways, mean over tokens, MatchingHead([video; audio]).  -> (B,) logits"""
+        """method.md §2.2: cross attention both ways, mean over tokens, MatchingHead([video; audio]).  -> (B,) logits"""
         e_a, e_v = self.norm_a(e_a), self.norm_v(e_v)
         q_a, k_a, v_a = (self.split_heads(e_a, proj) for proj in (self.to_a_q, self.to_a_k, self.to_a_v))
         q_v, k_v, v_v = (self.split_heads(e_v, proj) for proj in (self.to_v_q, self.to_v_k, self.to_v_v))
@@ -556,7 +561,7 @@ class AVM(nn.Module):
 
 def matching_pairs(B: int, generator: torch.Generator | None = None,
                    device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
-    """spec §2.4: ⌊B/2⌋ positives at random rows (all positive when B <= 2); negatives get a deranged video.
+    """method.md §2.4: ⌊B/2⌋ positives at random rows (all positive when B <= 2); negatives get a deranged video.
 
     Returns labels (B,) float (1 = matched) and video_index (B,) long: the video paired with each audio.
     """
@@ -584,7 +589,7 @@ def frozen_autocast(device: torch.device, bf16: bool) -> contextlib.AbstractCont
 def matching_loss(backbone: CAVMAE, avm: AVM, c_a: Tensor, c_v: Tensor,
                   generator: torch.Generator | None = None, joint: tuple[Tensor, Tensor] | None = None,
                   frozen_bf16: bool = False) -> Tensor:
-    """spec §2.4: BCE-with-logits of the AVM on (audio, possibly swapped video) codes through the frozen joint pass.
+    """method.md §2.4: BCE-with-logits of the AVM on (audio, maybe swapped video) codes through the frozen joint pass.
 
     c_a (B, L_A, D), c_v (B, L_V, D) unimodal codes.  Only the AVM gets gradients.  Unweighted (the caller
     multiplies by matching_loss_weight).  joint: the caller's joint pass on the same, unswapped codes (e_a, e_v),

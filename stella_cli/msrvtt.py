@@ -1,4 +1,4 @@
-"""MSR-VTT-style transfer (docs/method.md §6.3): more pre-training on a new domain, then zero-shot retrieval.
+"""MSR-VTT-style transfer (method.md §6.3): more pre-training on a new domain, then zero-shot retrieval.
 
 Not a head: from the final continual checkpoint, `eval.msrvtt.epochs` (15) more epochs of MAE + contrastive
 training (the Finetune learner, the recipe's optimiser at constant LR, as the authors' run_task_free) on the new

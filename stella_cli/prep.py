@@ -1,13 +1,13 @@
 """`stella prep vggsound|audioset`: clip lists -> continual task split -> decoded feature cache.
 
-Task split (stella_spec §5.2, the authors' tools/{vggsound,audioset}/data_preprocess):
+Task split (method.md §5.2, the authors' tools/{vggsound,audioset}/data_preprocess):
   VGGSound  8 tasks sports, music, vehicle, people, animals, home_nature (home + nature), others_part1 (tools + the
             8 OTHERS_PART1 classes), others_part2 (the other "others"). Classes keep the label csv's order; the
             first 20 of a task are trained (train + test, at most 400 train clips per class, in list order). The
-            retrieval split keeps every class of the task (spec §6.1), 5 clips per class.
+            retrieval split keeps every class of the task (method.md §6.1), 5 clips per class.
   AudioSet  7 tasks human, vehicle, nature, animal, others, home, music; a clip's labels are cut to the classes
             of the category table, and a clip whose remaining labels fall in more than one task is excluded.
-Subsets (`--subset`) for the initialisation chain (stella_spec §1.9, §2.5):
+Subsets (`--subset`) for the initialisation chain (method.md §1.9, §2.5):
   tasks     the continual task split above (default).
   unused    VGGSound only: the clips the task split leaves out (train: every clip of the classes beyond the first
             20 of a task, and the clips over the 400-clip cap; test: the test clips of those classes), the
@@ -45,9 +45,9 @@ from stella_cli.pool import run_jobs
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
 VGGSOUND_CATEGORIES = {"sports", "music", "vehicle", "people", "animals", "home", "nature", "tools", "others"}
 OTHERS_PART1 = ["fireworks banging", "slot machine", "machine gun shooting", "civil defense siren", "missile launch",
-                "cap gun shooting", "printer printing", "lathe spinning"]  # spec §5.2: joined with "tools"
+                "cap gun shooting", "printer printing", "lathe spinning"]  # method.md §5.2: joined with "tools"
 AUDIOSET_TASKS = ["human", "vehicle", "nature", "animal", "others", "home", "music"]
-CLASSES_PER_TASK = 20  # spec §5.2 (VGGSound)
+CLASSES_PER_TASK = 20  # method.md §5.2 (VGGSound)
 MAX_TRAIN_PER_CLASS = 400
 RETRIEVAL_PER_CLASS = 5  # used when the retrieval list is derived from the test list
 SUBSETS = ("tasks", "unused", "all")
@@ -248,7 +248,7 @@ def read_cavmae_json(path: Path) -> list[ListEntry]:
 
 
 def read_stella_csv(path: Path) -> list[ListEntry]:
-    """The authors' header-less csv: idx, vid, frames_dir, wav, label mid(s) (comma-joined), category (spec §7.1).
+    """The authors' header-less csv: idx, vid, frames_dir, wav, label mid(s) (comma-joined), category (method.md §7.1).
     The category column is not used: categories come from the category table."""
     out = []
     with open(path, newline="", encoding="utf-8") as fh:
@@ -326,7 +326,7 @@ def resolve_lists(list_file: Any, dataset: str) -> tuple[dict[str, Path], dict[s
 def build_classes(dataset: str, table: dict[str, tuple[str, str]], label_rows: list[dict] | None,
                   classes_per_task: int, warnings: list[str], label_file: Path | None = None) -> list[ClassInfo]:
     """Classes in the label csv's order (else the table's, sorted by name for VGGSound), with their task; indices
-    put the trained classes first, task by task (spec §5.2)."""
+    put the trained classes first, task by task (method.md §5.2)."""
     if label_rows is not None:
         rows = [(r["name"], r["mid"], r.get("category"), r["line"]) for r in label_rows]
     else:
@@ -354,7 +354,7 @@ def build_classes(dataset: str, table: dict[str, tuple[str, str]], label_rows: l
     if dataset == "vggsound":
         for task in tasks:
             for k, c in enumerate(c for c in classes if c.task == task):
-                c.trained = k < classes_per_task  # spec §5.2: the first 20 classes of each task
+                c.trained = k < classes_per_task  # method.md §5.2: the first 20 classes of each task
     ordered = [c for t in tasks for c in classes if c.task == t and c.trained]
     ordered += [c for t in tasks for c in classes if c.task == t and not c.trained]
     for i, c in enumerate(ordered):
@@ -376,7 +376,7 @@ def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo],
                  known_refs: set[str], max_per_class: int | None, retrieval_all_classes: bool,
                  label_file: Path | None, unused: bool = False
                  ) -> tuple[list[ClipSource], list[dict[str, str]], Counter]:
-    """Resolve each entry's classes, apply the task rules, find its media file; keep list order (spec §5.2).
+    """Resolve each entry's classes, apply the task rules, find its media file; keep list order (method.md §5.2).
 
     known_refs: every mid of the label csv (AudioSet classes outside the category table are known but unused).
     unused: keep exactly the clips the task split drops for their class or the cap (`--subset unused`).
@@ -396,10 +396,10 @@ def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo],
             excluded["no label in the category table"] += 1
             continue
         if len({c.task for c in hits}) > 1:
-            excluded["labels in more than one category"] += 1  # spec §5.2 (AudioSet)
+            excluded["labels in more than one category"] += 1  # method.md §5.2 (AudioSet)
             continue
         primary = hits[0]
-        # faithful: the retrieval split keeps every class of a task, also those not trained (spec §6.1)
+        # faithful: the retrieval split keeps every class of a task, also those not trained (method.md §6.1)
         if not primary.trained and not (split == "retrieval" and retrieval_all_classes) and not unused:
             excluded["class not trained (beyond the first classes of its task)"] += 1
             continue

@@ -1,7 +1,7 @@
 """`stella prep audioset20k`: the data of the initialisation chain's step 2 in one folder.
 
 The authors pre-train the VGGSound stream's starting point on AudioSet-20K together with the VGGSound clips the
-continual tasks leave out (stella_spec §1.9; data/video_datasets/audioset20k.py concatenates
+continual tasks leave out (method.md §1.9; data/video_datasets/audioset20k.py concatenates
 audioset_20k_cleaned.csv and vgg_unused_cleaned_shrink8.csv), and train the AVM on the same data (§2.5). Here the
 two sources become two tasks of one prepared folder, trained as one union (`method: multitask`, `tasks: []`):
 

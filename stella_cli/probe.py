@@ -1,4 +1,4 @@
-"""Audio-visual classification probe (stella_spec §6.3, the authors' `Finetune_head` on VGGSound).
+"""Audio-visual classification probe (method.md §6.3, the authors' `Finetune_head` on VGGSound).
 
 Frozen backbone; the trainable `Classifier` reads cls_feats = [mean audio; mean video] of the unmasked joint pass
 after `norm` (CAVMAE.joint_embed, (B, 2D)). One-hot CE; AdamW lr 5e-4, betas (0.95, 0.999), wd 5e-6, 15 epochs,

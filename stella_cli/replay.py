@@ -1,4 +1,4 @@
-"""Task-free reservoir replay buffer (stella_spec §3.9, §3.12; baselines_spec §1.4; `utils/buffer.py`).
+"""Task-free reservoir replay buffer (method.md §3.9, §3.12; baselines.md §1.4; `utils/buffer.py`).
 
 One buffer per rank, capacity M = memory_size // world_size (the caller passes it), never reset between tasks.
 Fields are arbitrary named tensors allocated on the CPU on the first `add`: floating fields in the buffer dtype
@@ -6,7 +6,7 @@ Fields are arbitrary named tensors allocated on the CPU on the first `add`: floa
 scoring of the iteration that added them; STELLA+ only the core patches and their orderings; the baselines store
 subsets (each method's `memory_fields`).
 
-Checkpoints (spec §9.3 B22): the authors save each rank's buffer, concatenate them into the checkpoint and split
+Checkpoints (method.md §9.3 B22): the authors save each rank's buffer, concatenate them into the checkpoint and split
 them back evenly on resume. `merge_state_dicts` / `split_state_dict` do the same on our state dicts, so a
 checkpoint holds one world-size independent buffer: resuming with the same world size restores every rank
 exactly; with another world size the stored clips are dealt out in rank order (see `split_state_dict`).
@@ -21,7 +21,7 @@ from torch import Tensor
 
 
 def reservoir_slot(n_seen: int, capacity: int, generator: torch.Generator) -> int | None:
-    """Classic reservoir sampling (stella_spec §3.9, `buffer.py:10-24`).
+    """Classic reservoir sampling (method.md §3.9, `buffer.py:10-24`).
 
     The (n_seen+1)-th item goes to slot n_seen while n_seen < M; afterwards r ~ U{0..n_seen} and it replaces
     slot r if r < M, else it is dropped (None). Every item of a stream of n is then kept with probability M/n.
@@ -146,7 +146,7 @@ class ReservoirBuffer:
 
 
 def merge_state_dicts(states: list[dict]) -> dict:
-    """One checkpoint buffer from the per-rank states, in rank order (spec §9.3 B22: concatenate).
+    """One checkpoint buffer from the per-rank states, in rank order (method.md §9.3 B22: concatenate).
 
     capacity and n_seen are summed, filled rows concatenated; `ranks` keeps each rank's (capacity, n_seen) so
     that `split_state_dict` with the same world size restores every rank exactly.
@@ -169,7 +169,7 @@ def merge_state_dicts(states: list[dict]) -> dict:
 
 
 def split_state_dict(state: dict, world_size: int) -> list[dict]:
-    """Per-rank buffer states from a merged one (spec §9.3 B22: split evenly by rank).
+    """Per-rank buffer states from a merged one (method.md §9.3 B22: split evenly by rank).
 
     Same world size as when merged: exact per-rank states. Another world size: rank r gets capacity
     M_total // W and n_seen = n_total // W (+1 for r < n_total % W), and the stored rows are dealt out in order,

@@ -1,4 +1,4 @@
-"""`stella report`: the paper's tables (protocol.md "Tables") over any set of run directories.
+"""`stella report`: the paper's tables (docs/protocol.md "Tables") over any set of run directories.
 
 A row is one recipe: runs whose resolved recipes (config.yaml) differ only in `train.seed` and `output.dir` are
 seeds of one row, shown as mean ± sample standard deviation over the seeds (n = number of seeds; n = 1 shows the

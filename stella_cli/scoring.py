@@ -1,6 +1,6 @@
 """STELLA's scoring steps: Localized Patch Importance Scoring and Replay-guided Correlation Assessment.
 
-stella_spec §3.2 (importance I and candidates C), §3.4 (query prototypes q̄), §3.5 (RCA probabilities p).
+method.md §3.2 (importance I and candidates C), §3.4 (query prototypes q̄), §3.5 (RCA probabilities p).
 Pure functions: tensors in, tensors out, computed in float32 whatever the input dtype (the AVM logits may come
 out of an autocast region in bf16/fp16). Notation as in `model.py`: B clips, H heads, d_h head width, L_V / L_A
 tokens, K_V / K_A candidates (= core tokens: both are int(L·(1 − core_ratio)) in the authors' code).
@@ -16,7 +16,7 @@ from torch import Tensor
 
 
 def patch_importance(S: Tensor, tau: float) -> Tensor:
-    """Localized patch importance (stella_spec §3.2, `stella.py:296, 299`).
+    """Localized patch importance (method.md §3.2, `stella.py:296, 299`).
 
     I[b, j] = 1/(H·L_q) Σ_h Σ_i softmax_j(S[b, h, i, j] / τ);  Σ_j I[b, j] = 1.
     S: (B, H, L_q, L_k) attention logits, queries × keys. S_av gives I_v (B, L_V); S_va gives I_a (B, L_A).
@@ -30,12 +30,12 @@ def patch_importance(S: Tensor, tau: float) -> Tensor:
 
 
 def importance_ranking(I: Tensor) -> Tensor:
-    """π = argsort(I, descending) (stella_spec §3.2), ties broken by token index (stable sort).  (B, L) long"""
+    """π = argsort(I, descending) (method.md §3.2), ties broken by token index (stable sort).  (B, L) long"""
     return torch.sort(I, dim=1, descending=True, stable=True).indices  # (B, L)
 
 
 def candidates(I: Tensor, K: int) -> Tensor:
-    """Candidate set C = the K most important tokens (stella_spec §3.2: C = π[:K]).
+    """Candidate set C = the K most important tokens (method.md §3.2: C = π[:K]).
 
     I: (B, L).  Returns C: (B, K) long, most important first.
     """
@@ -51,7 +51,7 @@ def gather_tokens(x: Tensor, C: Tensor) -> Tensor:
 
 
 def query_prototypes(q: Tensor, I: Tensor, C: Tensor) -> Tensor:
-    """Importance-weighted query prototype of one modality, per head (stella_spec §3.4, `stella.py:73-91`).
+    """Importance-weighted query prototype of one modality, per head (method.md §3.4, `stella.py:73-91`).
 
     q̄[b, h] = Σ_{j∈C_b} I[b, j]·q[b, h, j] / Σ_{j∈C_b} I[b, j].
     q: (B, H, L, d_h) queries, I: (B, L) importance, C: (B, K) candidates.  Returns q̄: (B, H, d_h) float32.
@@ -62,7 +62,7 @@ def query_prototypes(q: Tensor, I: Tensor, C: Tensor) -> Tensor:
 
 
 def pair_with_replay(q_bar_past: Tensor, B: int) -> Tensor:
-    """Current clip b is compared with replayed clip b (stella_spec §3.5, `audio_query[:N]`, B11).
+    """Current clip b is compared with replayed clip b (method.md §3.5, `audio_query[:N]`, B11).
 
     q_bar_past: (R, H, d_h) prototypes of the replay batch.  Returns (B, H, d_h): rows 0..B-1 when R ≥ B (the
     authors' slice). When R < B (per-rank memory smaller than the batch) the authors' code fails on a shape
@@ -78,7 +78,7 @@ def pair_with_replay(q_bar_past: Tensor, B: int) -> Tensor:
 
 def correlation_probs(k: Tensor, q_bar_cur_other: Tensor, q_bar_past_other: Tensor, C: Tensor,
                       scale: float) -> Tensor:
-    """Replay-guided Correlation Assessment (stella_spec §3.5, `stella.py:93-143`).
+    """Replay-guided Correlation Assessment (method.md §3.5, `stella.py:93-143`).
 
     p[b, j] = 1/H Σ_h σ(s_past[b, h, j] − s_cur[b, h, j]) for j ∈ C_b, and 0 elsewhere, with
       s_past = scale·⟨k[b, h, j], q̄_past[b, h]⟩   (the other modality's prototype of replayed clip b),
@@ -102,7 +102,7 @@ def correlation_probs_from_logits(S_other: Tensor, rows: Tensor, row_weights: Te
     `correlation_probs`. S_other: (B, H, L_other, L) logits with the other modality as queries (S_av for video
     probabilities, S_va for audio); rows: (B, R) query rows; row_weights: (B, R); k: (B, H, L, d_h); C: (B, K).
     STELLA uses rows = the other modality's candidates and row_weights = their importance, which equals
-    `correlation_probs`; STELLA+ as released passes rows that no longer match the weights (spec §9.3 B8, see
+    `correlation_probs`; STELLA+ as released passes rows that no longer match the weights (method.md §9.3 B8, see
     `select.select_plus_current`). Returns p: (B, L) float32.
     """
     B, H, L, _ = k.shape

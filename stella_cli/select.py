@@ -1,8 +1,8 @@
-"""STELLA's probabilistic patch selection (stella_spec §3.6, §3.12).
+"""STELLA's probabilistic patch selection (method.md §3.6, §3.12).
 
 Pure functions, randomness only from the `generator` argument (which must live on the tensors' device).
 An *ordering* is a (B, L) long permutation of the token indices whose first K entries are the core set; it is
-what the backbone takes as `ids_v` / `ids_a` (spec §1.5). Masks follow MAE: True = pruned.
+what the backbone takes as `ids_v` / `ids_a` (method.md §1.5). Masks follow MAE: True = pruned.
 Token layouts (model.py): video t·(S/p)² + row·(S/p) + col; audio time-major t·F + f with F = M/p frequency
 tokens, so an audio "chunk" of `chunk_times` time steps is a contiguous run of chunk_times·F token indices.
 
@@ -27,7 +27,7 @@ from stella_cli.scoring import correlation_probs, correlation_probs_from_logits,
 
 
 def prune_mask(p: Tensor, generator: torch.Generator) -> Tensor:
-    """Bernoulli pruning z ~ Bernoulli(p) (stella_spec §3.6, `stella.py:120, 143, 146, 156`).
+    """Bernoulli pruning z ~ Bernoulli(p) (method.md §3.6, `stella.py:120, 143, 146, 156`).
 
     p: (B, L) probabilities (0 outside the candidates).  Returns z: (B, L) bool, True = pruned.
     A NaN p (a diverged step, which train.py's guard then stops) is read as 0 instead of raising inside bernoulli.
@@ -36,7 +36,7 @@ def prune_mask(p: Tensor, generator: torch.Generator) -> Tensor:
 
 
 def select_video_patches(I_v: Tensor, z_v: Tensor, K_V: int, generator: torch.Generator) -> Tensor:
-    """Video ordering by sampling without replacement ∝ w = I_v·(1 − z_v) (stella_spec §3.6, `stella.py:150-151`).
+    """Video ordering by sampling without replacement ∝ w = I_v·(1 − z_v) (method.md §3.6, `stella.py:150-151`).
 
     torch.multinomial without replacement (an exponential race) ranks zero-weight patches last, in arbitrary
     order (B10), so a pruned patch is never preferred over an unpruned one; the first K_V entries are the core.
@@ -52,13 +52,13 @@ def select_video_patches(I_v: Tensor, z_v: Tensor, K_V: int, generator: torch.Ge
 
 
 def uniform_importance(B: int, L: int, device: torch.device | str = "cpu") -> Tensor:
-    """I = 1/L for every token (ablations without importance, baselines_spec §2.13): sampling ∝ I·(1 − z) is then
+    """I = 1/L for every token (ablations without importance, baselines.md §2.13): sampling ∝ I·(1 − z) is then
     uniform among the unpruned tokens and the audio chunks are drawn uniformly.  Returns (B, L) float32."""
     return torch.full((B, L), 1.0 / L, device=device)
 
 
 def first_iteration_order(I: Tensor, K: int) -> Tensor:
-    """Empty-buffer special case (stella_spec §3.6, B9): deterministic importance ranking, no pruning, no chunking.
+    """Empty-buffer special case (method.md §3.6, B9): deterministic importance ranking, no pruning, no chunking.
 
     I: (B, L).  Returns π = argsort(I, descending) (B, L) long; its first K entries are the top-K core (and the
     candidate set of `scoring.candidates`). The caller stores p = 0 for these clips.
@@ -69,7 +69,7 @@ def first_iteration_order(I: Tensor, K: int) -> Tensor:
 
 
 def gather_patches(patches: Tensor, order: Tensor, K: int) -> Tensor:
-    """Core patches = the first K entries of the ordering (stella_spec §3.6, `stella.py:365-389`).
+    """Core patches = the first K entries of the ordering (method.md §3.6, `stella.py:365-389`).
 
     patches: (B, L, C, p, p) from `model.video_patches` / `model.audio_patches`; order: (B, L) long.
     Returns (B, K, C, p, p).
@@ -97,12 +97,12 @@ def _chunk_sizes(L_A: int, num_freq_tokens: int, chunk_times: int) -> tuple[int,
 
 def draw_audio_chunks(I_a: Tensor, num_freq_tokens: int, chunk_times: int,
                       generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """The random part of the audio selection: chunk order and trim side (stella_spec §3.6).
+    """The random part of the audio selection: chunk order and trim side (method.md §3.6).
 
     u[t] = Σ_f I_a[t·F + f]; chunk score c[k] = mean(u[k·chunk_times : (k+1)·chunk_times]);
     chunk_order = multinomial(c, n_chunks, without replacement) (`stella.py:314-321`); and one fair coin per clip,
     trim_end, used only when the crossing chunk has both or neither neighbour taken (the authors'
-    `random.randint(0, 1) == 0`, drawn here from the generator for every clip, spec §9.3 B17).
+    `random.randint(0, 1) == 0`, drawn here from the generator for every clip, method.md §9.3 B17).
     I_a: (B, L_A).  Returns chunk_order (B, n_chunks) long and trim_end (B,) bool.
     """
     B, L_A = I_a.shape
@@ -116,7 +116,7 @@ def draw_audio_chunks(I_a: Tensor, num_freq_tokens: int, chunk_times: int,
 
 def audio_chunk_prune(z_a: Tensor, K_A: int, num_freq_tokens: int, chunk_times: int, chunk_order: Tensor,
                       trim_end: Tensor) -> Tensor:
-    """Greedy chunk fill to exactly K_A unpruned tokens, vectorised over the batch (stella_spec §3.6).
+    """Greedy chunk fill to exactly K_A unpruned tokens, vectorised over the batch (method.md §3.6).
 
     Walk the chunks in `chunk_order`, adding up n_k = unpruned tokens of chunk k. The crossing chunk is the first
     one where the running total exceeds K_A (strictly); chunks before it keep their Bernoulli mask, chunks after
@@ -194,7 +194,7 @@ def audio_chunk_prune_loop(z_a: Tensor, K_A: int, num_freq_tokens: int, chunk_ti
 
 
 def order_unpruned_first(z: Tensor) -> Tensor:
-    """Audio ordering = unpruned tokens first (stella_spec §3.6, `stella.py:162-164`).
+    """Audio ordering = unpruned tokens first (method.md §3.6, `stella.py:162-164`).
 
     z: (B, L) bool.  Returns (B, L) long; each group in ascending token index (the authors' argsort leaves the
     order inside a group unspecified).
@@ -204,7 +204,7 @@ def order_unpruned_first(z: Tensor) -> Tensor:
 
 def select_audio_chunks(I_a: Tensor, z_a: Tensor, K_A: int, num_freq_tokens: int, chunk_times: int,
                         generator: torch.Generator) -> Tensor:
-    """Audio ordering by time-chunk selection (stella_spec §3.6, `compute_core_audio_indices`), vectorised.
+    """Audio ordering by time-chunk selection (method.md §3.6, `compute_core_audio_indices`), vectorised.
 
     I_a: (B, L_A) importance (current, or stored for replayed clips; unpruned, as the authors use it for the
     chunk scores); z_a: (B, L_A) bool Bernoulli mask.  Returns order_a: (B, L_A) long whose first K_A entries are
@@ -228,7 +228,7 @@ def select_audio_chunks_loop(I_a: Tensor, z_a: Tensor, K_A: int, num_freq_tokens
 
 
 def select_video_patches_plus(I_v: Tensor, z_v: Tensor, K_V: int, generator: torch.Generator) -> Tensor:
-    """STELLA+ video ordering (stella_spec §3.12, `stella_p.py:125-130`).
+    """STELLA+ video ordering (method.md §3.12, `stella_p.py:125-130`).
 
     K_V patches drawn without replacement ∝ I_v·(1 − z_v); ordering = [drawn, ascending index; rest, ascending].
     I_v: (B, L_V); z_v: (B, L_V) bool.  Returns order_v: (B, L_V) long.
@@ -250,11 +250,11 @@ def select_plus_current(I_v: Tensor, I_a: Tensor, C_v: Tensor, C_a: Tensor, S_va
                         *, K_A: int, num_freq_tokens: int, chunk_times: int, scale: float,
                         generator: torch.Generator, faithful_plus_rca_rows: bool = False,
                         uniform_choice: bool = False) -> PlusSelection:
-    """STELLA+ selection of the current clips when the buffer is non-empty (stella_spec §3.12, `stella_p.py:101-155`).
+    """STELLA+ selection of the current clips when the buffer is non-empty (method.md §3.12, `stella_p.py:101-155`).
 
     1. p_v = RCA on the video candidates; z_v ~ Bernoulli(p_v); order_v = `select_video_patches_plus`.
     2. p_a = RCA on the audio candidates; z_a ~ Bernoulli(p_a); order_a = `select_audio_chunks`.
-    Bug B8 (spec §9.3): `stella_p.py:128` overwrites the video ordering with the step-1 draw before the audio RCA
+    Bug B8 (method.md §9.3): `stella_p.py:128` overwrites the video ordering with the step-1 draw before the audio RCA
     (`:136-141`) gathers its rows, so s_cur for audio token i becomes Σ_k I_v[C_v[k]]·S_va[order_v[k], i] /
     Σ_k I_v[C_v[k]], k < K_V: the rows are the K_V *drawn* video patches in ascending index order, the weights
     the importances of the K_V *candidates* in descending-importance order, paired position by position.

@@ -1,9 +1,9 @@
-"""STELLA and STELLA+ (docs/method.md §3), and the AVM's pre-training on a frozen backbone (§2.5).
+"""STELLA and STELLA+ (method.md §3), and the AVM's pre-training on a frozen backbone (§2.5).
 
 STELLA: localized patch selection guided by the AVM, and replay with a DER-style penalty. The file keeps the authors'
 name (models/cl_methods/stella.py).
 
-One STELLA iteration is steps A-I of docs/method.md §3, one call each, in that order:
+One STELLA iteration is steps A-I of method.md §3, one call each, in that order:
   A  frozen unimodal codes            B  localized patch importance I_v, I_a     C  the AVM's matching loss
   D  query prototypes q̄_v, q̄_a       E  replay-guided correlation p_v, p_a      F  pruning + core-patch selection
   G  MAE + contrastive on core patches H  DER-style penalty on replayed clips      I  offer the clips to the memory
@@ -30,7 +30,7 @@ from stella_cli.select import (PlusSelection, first_iteration_order, gather_patc
 
 
 def build_avm(backbone: CAVMAE, cfg: AVMConfig) -> AVM:
-    """The AVM for this backbone; from model.avm.checkpoint if set (spec §2.5), else random as the authors' (B2)."""
+    """The AVM for this backbone: model.avm.checkpoint if set (method.md §2.5), else random as the authors' (B2)."""
     avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=cfg.fix_head_reshape)
     if cfg.checkpoint:
         load_avm_checkpoint(avm, cfg.checkpoint)
@@ -38,7 +38,7 @@ def build_avm(backbone: CAVMAE, cfg: AVMConfig) -> AVM:
 
 
 class Stella(Replay):
-    """STELLA (stella_spec §3): AVM-guided localized patch selection + replay with a DER-style penalty.
+    """STELLA (method.md §3): AVM-guided localized patch selection + replay with a DER-style penalty.
 
     One iteration is steps A-I of the spec, in that order. The RCA and the matching loss use the AVM weights from
     before this iteration's update; the buffer is written after the forward.
@@ -47,7 +47,7 @@ class Stella(Replay):
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
         s = cfg.stella
-        # Patch-selection ablations (baselines_spec §2.13, README "Ablations"): without RCA p ≡ 0; without importance
+        # Patch-selection ablations (baselines.md §2.13, docs/design.md "Ablations"): without RCA p ≡ 0; without importance
         # the choice is uniform among the unpruned patches. `random` uses neither, so it has no AVM at all: no frozen
         # scoring passes, no matching loss, no AVM parameters (DDP would otherwise wait for their gradients).
         self.uses_rca = s.selection in ("full", "correlation")
@@ -64,28 +64,28 @@ class Stella(Replay):
         scores = self.score(audio, video) if self.avm is not None else self.uniform_scores(B, video.device)  # A-D
         replay = None if self.buffer.is_empty() else self.sample(self.replay_batch, video.device)
         core = self.select(audio, video, scores, replay)  # steps E-F
-        # Step G (spec §3.7): MAE + contrastive on the core patches with modality-guided masking
+        # Step G (method.md §3.7): MAE + contrastive on the core patches with modality-guided masking
         out = self.backbone(core["audio"], core["video"], ids_a=core["order_a"], ids_v=core["order_v"],
                             generator=self.generators["mask"])
         losses = self.backbone_losses(out)
         if self.avm is not None:
             losses["loss_vam"] = scores["loss_vam"]
-        # Step H (spec §3.8): DER-style penalty on the replayed clips' stored pooled embeddings
+        # Step H (method.md §3.8): DER-style penalty on the replayed clips' stored pooled embeddings
         if replay is not None:
             losses["loss_pen"] = self.cfg.alpha * (F.mse_loss(out["z_a"][B:], replay["z_a"])
                                                    + F.mse_loss(out["z_v"][B:], replay["z_v"]))
-        # Step I (spec §3.9): offer every current clip to the reservoir
+        # Step I (method.md §3.9): offer every current clip to the reservoir
         self.remember(self.memory_fields(batch, scores, core, out))
         return losses
 
     def score(self, audio: Tensor, video: Tensor) -> dict[str, Any]:
         """Steps A-D: frozen codes, patch importance, the AVM's matching loss, query prototypes."""
         s = self.cfg.stella
-        # Step A (spec §3.1): frozen unimodal codes, no masking, no graph
+        # Step A (method.md §3.1): frozen unimodal codes, no masking, no graph
         with torch.no_grad():
             with frozen_autocast(audio.device, s.frozen_bf16):  # default off: fp32 (or the step's AMP)
                 c_a, c_v = self.backbone.unimodal_codes(audio, video)  # (B, L_A, D), (B, L_V, D)
-                # Step B (spec §3.2): localized patch importance from the AVM's attention logits
+                # Step B (method.md §3.2): localized patch importance from the AVM's attention logits
                 e_a, e_v = self.backbone.joint_codes(c_a, c_v)
             if s.frozen_bf16:
                 c_a, c_v, e_a, e_v = c_a.float(), c_v.float(), e_a.float(), e_v.float()
@@ -98,10 +98,10 @@ class Stella(Replay):
         I_a = self.check_finite("importance I_a", patch_importance(att["S_va"], s.att_temperature),
                                 1 / att["S_va"].shape[-1])  # (B, L_A)
         C_v, C_a = candidates(I_v, self.K_V), candidates(I_a, self.K_A)  # (B, K_V), (B, K_A)
-        # Step C (spec §3.3): train the AVM on the current clips, backbone frozen
+        # Step C (method.md §3.3): train the AVM on the current clips, backbone frozen
         loss_vam = s.matching_loss_weight * matching_loss(self.backbone, self.avm, c_a, c_v, self.generators["mask"],
                                                           joint=(e_a, e_v), frozen_bf16=s.frozen_bf16)
-        # Step D (spec §3.4): importance-weighted query prototypes
+        # Step D (method.md §3.4): importance-weighted query prototypes
         q_bar_v = query_prototypes(att["q_v"], I_v, C_v)  # (B, H, d_h)
         q_bar_a = query_prototypes(att["q_a"], I_a, C_a)  # (B, H, d_h)
         return dict(att=att, I_v=I_v, I_a=I_a, C_v=C_v, C_a=C_a, q_bar_v=q_bar_v, q_bar_a=q_bar_a, loss_vam=loss_vam,
@@ -115,14 +115,14 @@ class Stella(Replay):
     def select(self, audio: Tensor, video: Tensor, sc: dict[str, Any], replay: dict[str, Tensor] | None) -> dict:
         """Steps E-F: core patches and orderings of the current clips, then the replayed ones (2B rows)."""
         g, p = self.generators["select"], self.backbone.patch_size
-        if replay is None and self.uses_importance:  # first iteration (spec §9.3 B9): top-K, no chunking, p = 0
+        if replay is None and self.uses_importance:  # first iteration (method.md §9.3 B9): top-K, no chunking, p = 0
             p_v, p_a = torch.zeros_like(sc["I_v"]), torch.zeros_like(sc["I_a"])
             order_v, order_a = first_iteration_order(sc["I_v"], self.K_V), first_iteration_order(sc["I_a"], self.K_A)
         else:
             I_v, I_a = sc["I_v"], sc["I_a"]  # (B, L_V), (B, L_A)
             p_v, p_a = torch.zeros_like(I_v), torch.zeros_like(I_a)  # no RCA: nothing is pruned
             if replay is not None and self.uses_rca:
-                # Step E (spec §3.5): replay-guided correlation; current clip b is paired with replay item b
+                # Step E (method.md §3.5): replay-guided correlation; current clip b is paired with replay item b
                 att = sc["att"]
                 p_v = correlation_probs(att["k_v"], sc["q_bar_a"], replay["q_bar_a"], sc["C_v"], sc["scale"])
                 p_a = correlation_probs(att["k_a"], sc["q_bar_v"], replay["q_bar_v"], sc["C_a"], sc["scale"])
@@ -135,7 +135,7 @@ class Stella(Replay):
                 video, audio = torch.cat([video, replay["video"]]), torch.cat([audio, replay["audio"]])
             if not self.uses_importance:
                 I_v, I_a = uniform_importance(*I_v.shape, I_v.device), uniform_importance(*I_a.shape, I_a.device)
-            # Step F (spec §3.6): Bernoulli pruning, then sampling ∝ I·(1 − z) and audio time chunks
+            # Step F (method.md §3.6): Bernoulli pruning, then sampling ∝ I·(1 − z) and audio time chunks
             z_v, z_a = prune_mask(P_v, g), prune_mask(P_a, g)  # (2B, L_V), (2B, L_A) bool
             order_v = select_video_patches(I_v, z_v, self.K_V, g)  # (2B, L_V)
             order_a = select_audio_chunks(I_a, z_a, self.K_A, self.backbone.num_freq_tokens,
@@ -146,7 +146,7 @@ class Stella(Replay):
 
     def memory_fields(self, batch: dict[str, Tensor], sc: dict[str, Any], core: dict[str, Tensor],
                       out: dict[str, Tensor]) -> dict[str, Tensor]:
-        """spec §3.9: the augmented full clips, DER targets, prototypes, p and I of this iteration.
+        """method.md §3.9: the augmented full clips, DER targets, prototypes, p and I of this iteration.
 
         task / label / index are kept for `stella buffer` only; training never reads them (task-free).
         """
@@ -157,7 +157,7 @@ class Stella(Replay):
 
 
 class StellaPlus(Stella):
-    """STELLA+ (spec §3.12): the buffer keeps only the selected core patches and their orderings (~50% of the
+    """STELLA+ (method.md §3.12): the buffer keeps only the selected core patches and their orderings (~50% of the
     bytes) and replays them unchanged. `method.stella.faithful_plus_rca_rows` reproduces bug B8."""
 
     def select(self, audio: Tensor, video: Tensor, sc: dict[str, Any], replay: dict[str, Tensor] | None) -> dict:
@@ -198,7 +198,7 @@ class StellaPlus(Stella):
 
 
 class AVMPretrain(Method):
-    """AVM pre-training on a frozen backbone (stella_spec §2.5, the authors' Finetune_submodule).
+    """AVM pre-training on a frozen backbone (method.md §2.5, the authors' Finetune_submodule).
 
     The backbone takes no gradient (requires_grad off, so the optimiser holds only the AVM) and runs under no_grad
     for the unimodal and the joint pass; the only loss is STELLA's L_vam (model.matching_loss: ⌊B/2⌋ positives,

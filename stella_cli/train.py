@@ -1,4 +1,4 @@
-"""`stella train`: continual pre-training over a task sequence (stella_spec §5), with per-task retrieval.
+"""`stella train`: continual pre-training over a task sequence (method.md §5), with per-task retrieval.
 
 run() -> train_task() -> train_step(), top to bottom. One optimiser (Adam, constant LR) for the whole stream;
 the method's state (AVM, replay buffer, generators) carries across tasks. A checkpoint is one flat dict written
@@ -48,7 +48,7 @@ class TrainingInterrupted(Interrupted, RuntimeError):
 
 
 def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """Adam, L2-style weight decay on weights with ndim > 1 except the pos/modality/mask tokens (spec §1.2)."""
+    """Adam, L2-style weight decay on weights with ndim > 1 except the pos/modality/mask tokens (method.md §1.2)."""
     skip = {f"backbone.{n}" for n in method.backbone.no_weight_decay()}
     decay, no_decay = [], []
     for name, param in method.named_parameters():
@@ -154,7 +154,7 @@ class Trainer:
     def state(self) -> dict[str, Any]:
         method = unwrap(self.method)
         extra = method.extra_state()
-        if self.world > 1:  # every rank's generators, and one merged buffer (spec §9.3 B22), in rank 0's file
+        if self.world > 1:  # every rank's generators, and one merged buffer (method.md §9.3 B22), in rank 0's file
             gathered = all_gather_object(extra)
             extra = {"per_rank": [{k: v for k, v in e.items() if k != "buffer"} for e in gathered]}
             if "buffer" in gathered[0]:
