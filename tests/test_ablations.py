@@ -1,4 +1,4 @@
-"""Patch-selection ablations (`method.stella.selection`, baselines_spec §2.13): what each variant selects and
+"""Patch-selection ablations (`method.stella.selection`, baselines.md §2.13): what each variant selects and
 computes, and `full` equal to STELLA as it was before the option existed."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from test_methods import PAPER_SIZES, batch, make_method, record_sequences
-from test_train import data_root, retrieval_rows, tiny_recipe  # noqa: F401 (data_root is a fixture)
+
+from helpers import PAPER_SIZES, batch, make_method, record_sequences, retrieval_rows, tiny_recipe
 
 from stella_cli import select, stella
 from stella_cli.config import RecipeError, StellaConfig, load_recipe

@@ -1,4 +1,4 @@
-"""Kaldi fbank (stella_cli/audio.py, spec §7.2): parity with torchaudio, shapes, batching, normalisation.
+"""Kaldi fbank (stella_cli/audio.py, method.md §7.2): parity with torchaudio, shapes, batching, normalisation.
 
 How the parity reference tests/data/fbank_reference.npz was made: `scripts/make_fbank_reference.py`, run in a
 separate venv with torch 2.9.1 and torchaudio 2.9.1 (torchaudio cannot sit beside the repo's torch; the versions

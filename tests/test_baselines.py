@@ -1,4 +1,4 @@
-"""The replay baselines (baselines.py, baselines_spec §2.3-2.9): what makes each one that method, on constructed
+"""The replay baselines (baselines.py, baselines.md §2.3-2.9): what makes each one that method, on constructed
 inputs with hand-computed expectations, plus the passes each runs and bit-exact virtual updates."""
 
 from __future__ import annotations
@@ -311,7 +311,7 @@ def virtual_weight_worker(rank: int, world: int, port: int, out_dir: str) -> Non
 
 
 def test_virtual_step_gradient_is_local_as_the_authors_or_averaged_over_ranks(tmp_path):
-    """spec §2.6: inside DDP's forward the authors' virtual step sees each rank's own gradient (w' = ±lr on the
+    """baselines.md §2.6: inside DDP's forward the authors' virtual step sees each rank's own gradient (w' = ±lr on the
     two ranks); fix_virtual_step averages it (−4 and +4 cancel: w' = 0 on both)."""
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -420,7 +420,7 @@ PASSES = {  # (module, rows, grad enabled, decoder ran) of the third step (buffe
 
 @pytest.mark.parametrize("name", sorted(PASSES))
 def test_passes_per_step(name):
-    """Methods that need extra passes run them, the others do not (spec §5's cost table)."""
+    """Methods that need extra passes run them, the others do not (baselines.md §5's cost table)."""
     method, optimizer = real_method(name)
     for seed in range(2):
         train_step(method, optimizer, real_batch(seed=seed))
@@ -440,7 +440,7 @@ def test_passes_per_step(name):
 
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
-# spec §3: per dataset, what each method's recipe sets (everything else inherited from the stream's base)
+# baselines.md §3: per dataset, what each method's recipe sets (everything else inherited from the stream's base)
 PER_DATASET = {
     "vggsound": {"memory": 2000, "batch": 48, "epochs": 10, "lump": 0.1, "gmed_beta": 0.05, "temperature": 0.4,
                  "big_memory": 2000, "candidates_per_gpu": 60},

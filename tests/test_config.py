@@ -28,7 +28,7 @@ output: {dir: runs/x}
 
 def test_defaults_equal_the_authors_code(tmp_path):
     r = load_recipe(write(tmp_path, "r.yaml", MINIMAL))
-    # stella_spec §9.2
+    # method.md §9.2
     assert (r.optim.lr, r.optim.betas, r.optim.weight_decay) == (1e-4, [0.95, 0.999], 5e-7)
     assert (r.train.epochs, r.train.batch_size, r.train.seed) == (10, 48, 2021)
     s = r.method.stella
@@ -128,8 +128,8 @@ def test_round_trip_through_dict(tmp_path):
 
 def test_derived_values():
     r = load_recipe(RECIPES / "vggsound_seq.yaml")
-    assert per_rank_batch(r.train, 4) == 12  # spec §9.3 B13
-    assert per_rank_memory(r.method, 4) == 500  # spec §3.9
+    assert per_rank_batch(r.train, 4) == 12  # method.md §9.3 B13
+    assert per_rank_memory(r.method, 4) == 500  # method.md §3.9
     assert num_core_tokens(784, 0.5) == 392 and num_core_tokens(512, 0.5) == 256
     with pytest.raises(RecipeError, match="not divisible by world size 5"):
         per_rank_batch(r.train, 5)

@@ -12,7 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_synthetic
+from helpers import tiny_synthetic
+
 from stella_cli import eval_run
 from stella_cli.checkpoint import latest_run
 from stella_cli.train import run

@@ -17,21 +17,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_synthetic
 from stella_cli.config import load_recipe
 from stella_cli.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 PREP_FIX = Path(__file__).parent / "data" / "prep"
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """2 tasks of 2 classes, 8 train clips per class: 16 clips, 4 steps per task at batch 4."""
-    out = tmp_path_factory.mktemp("synth")
-    tiny_synthetic(out)
-    return out
 
 
 def tiny(data_root: Path, out: Path, *overrides: str) -> list[str]:

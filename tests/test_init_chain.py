@@ -1,4 +1,4 @@
-"""The initialisation chain (stella_spec §1.9, §2.5): convert mae for a recipe, AVM pre-training on a frozen backbone,
+"""The initialisation chain (method.md §1.9, §2.5): convert mae for a recipe, AVM pre-training on a frozen backbone,
 loading `stella train` checkpoints as model.checkpoint / model.avm.checkpoint, and the whole chain end to end."""
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ import torch
 
 from typer.testing import CliRunner
 
-from conftest import tiny_synthetic
+from helpers import fake_mae_state_dict
+
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.checkpoint import convert_mae_for_recipe, load_authors_checkpoint, load_avm_checkpoint
@@ -21,7 +22,6 @@ from stella_cli.factory import METHODS, build_method
 from stella_cli.model import AVM, CAVMAE
 from stella_cli.stella import AVMPretrain
 from stella_cli.train import TrainingInterrupted, build_optimizer, run
-from test_model import fake_mae_state_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
@@ -178,14 +178,6 @@ def test_avm_pretrain_uses_stellas_matching_loss():
 
 # ----------------------------------------------------------------------------------------------------------
 # the chain end to end: fake MAE -> convert -> pre-train -> AVM pre-train -> STELLA from both outputs
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """4 classes in 2 tasks, 8 train clips per class: the union is 8 steps per epoch at batch 4."""
-    out = tmp_path_factory.mktemp("synth")
-    tiny_synthetic(out)
-    return out
 
 
 def chain_overrides(data_root: Path, out: Path) -> list[str]:

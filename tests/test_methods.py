@@ -1,48 +1,19 @@
-"""One STELLA iteration (methods.py, stella_spec §3): token counts, frozen passes, losses, memory contents."""
+"""One STELLA iteration (methods.py, method.md §3): token counts, frozen passes, losses, memory contents."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
-from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, resolve_model_preset
+from helpers import PAPER_SIZES, batch, make_method, record_sequences, stella_fields, stella_plus_fields
+
 from stella_cli.methods import Finetune
 from stella_cli.stella import Stella, StellaPlus
-from stella_cli.model import CAVMAE
-from conftest import stella_fields, stella_plus_fields
 from stella_cli.replay import summarize_buffer
-
-PAPER_SIZES = dict(num_frames=4, image_size=224, target_length=1024, num_mel_bins=128)  # L_V 784, L_A 512
-
-
-def make_method(cls, B=2, memory=8, sizes=PAPER_SIZES, **method_overrides):
-    """The paper's input sizes (so the paper's token counts) on a narrow, shallow model."""
-    torch.manual_seed(0)
-    cfg = resolve_model_preset(ModelConfig(preset="tiny"))
-    backbone = CAVMAE(cfg, **sizes)
-    return cls(backbone, MethodConfig(name="stella", **method_overrides), avm_cfg=AVMConfig(), batch_size=B,
-               memory_per_rank=memory, seed=0, rank=0, device=torch.device("cpu"))
-
-
-def batch(B=2, seed=0, sizes=PAPER_SIZES):
-    g = torch.Generator().manual_seed(seed)
-    return {"video": torch.randn(B, sizes["num_frames"], 3, sizes["image_size"], sizes["image_size"], generator=g),
-            "audio": torch.randn(B, 1, sizes["target_length"], sizes["num_mel_bins"], generator=g),
-            "label": torch.arange(B), "task": torch.zeros(B, dtype=torch.long), "index": torch.arange(B) + seed * B}
-
-
-def record_sequences(module: torch.nn.Module) -> list[tuple[str, int, bool]]:
-    """(block name, tokens, output requires grad) for every transformer block call."""
-    calls = []
-    for name, sub in module.named_modules():
-        if name.startswith(("backbone.blocks_", "backbone.decoder_blocks.")) and name.count(".") == 2:
-            sub.register_forward_hook(lambda m, inp, out, name=name: calls.append(
-                (name.split(".")[1], out.shape[1], out.requires_grad)))
-    return calls
 
 
 def test_token_counts_and_frozen_passes_at_the_paper_sizes():
-    """spec §3.7: 102 / 156 tokens in the modality layers, 258 in the joint pass, decoder 256 / 392; the frozen
+    """method.md §3.7: 102 / 156 tokens in the modality layers, 258 in the joint pass, decoder 256 / 392; the frozen
     scoring passes run over all 512 / 784 / 1296 tokens and build no graph."""
     method = make_method(Stella)
     calls = record_sequences(method)
@@ -76,13 +47,13 @@ def test_loss_terms_and_where_their_gradients_go():
     B = 2
     assert out["z_a"].shape[0] == 2 * B  # current + replayed clips through the backbone together
     expected = 0.5 * (F.mse_loss(out["z_a"][B:], replay["z_a"]) + F.mse_loss(out["z_v"][B:], replay["z_v"]))
-    assert torch.allclose(losses["loss_pen"], expected)  # spec §3.8: alpha 0.5, stored DER targets
+    assert torch.allclose(losses["loss_pen"], expected)  # method.md §3.8: alpha 0.5, stored DER targets
     avm = {n for n, _ in method.avm.named_parameters()}
     for name in ("loss_vam", "loss_mae_v", "loss_pen"):
         method.zero_grad(set_to_none=True)
         losses[name].backward(retain_graph=True)
         reached = {n.removeprefix("avm.") for n, p in method.named_parameters() if p.grad is not None}
-        if name == "loss_vam":  # spec §3.3: only the AVM learns from the matching loss
+        if name == "loss_vam":  # method.md §3.3: only the AVM learns from the matching loss
             assert reached == avm
         else:  # the backbone losses never reach the AVM
             assert reached and not reached & avm
@@ -110,7 +81,7 @@ def test_stella_plus_stores_half_the_bytes_and_replays_as_stored():
         plus.step(batch(seed=step))
     full = summarize_buffer(stella.buffer.state_dict())["bytes_per_clip"]
     core = summarize_buffer(plus.buffer.state_dict())["bytes_per_clip"]
-    assert 0.49 < core / full < 0.52  # spec §3.12: ~1.47 MB instead of ~2.93 MB per clip
+    assert 0.49 < core / full < 0.52  # method.md §3.12: ~1.47 MB instead of ~2.93 MB per clip
     assert plus.buffer.fields["core_v"].shape[1:] == (392, 3, 16, 16)
     assert plus.buffer.fields["core_a"].shape[1:] == (256, 1, 16, 16)
     assert "video" not in plus.buffer.fields and "I_v" not in plus.buffer.fields

@@ -10,6 +10,8 @@ import torch.nn.functional as F
 
 import stella_cli.checkpoint as C
 import stella_cli.model as M
+from helpers import authors_keys, fake_mae_state_dict, gen, random_state
+
 from stella_cli.config import MODEL_PRESETS, ModelConfig, resolve_model_preset
 from stella_cli.bench import model_summary, parameter_count
 from stella_cli.checkpoint import convert_mae, load_authors_checkpoint
@@ -34,10 +36,6 @@ def inputs(B: int = 3, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, 1, 128, 64, generator=g), torch.randn(B, 2, 3, 64, 64, generator=g)
 
 
-def gen(seed: int = 7) -> torch.Generator:
-    return torch.Generator().manual_seed(seed)
-
-
 def core_inputs(audio, video, K_a, K_v, seed=3):
     """STELLA-style inputs: random orderings whose first K ids are the core set, core patches cut in that order."""
     g = gen(seed)
@@ -50,43 +48,7 @@ def core_inputs(audio, video, K_a, K_v, seed=3):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# the authors' architecture, written out independently from the description (spec §1, §2, heads.py)
-
-
-def authors_keys(D, Dd, modality_depth, fusion_depth, decoder_depth, mlp_ratio, L_V, L_A, p) -> dict:
-    """Key -> shape of the authors' CAV built with loss_names [mae_audio, mae_frame, contrastive]."""
-    keys = {}
-
-    def block(prefix, dim, modality_norms=False):
-        h = int(dim * mlp_ratio)
-        norms = ["norm1", "norm2"] + (["norm1_a", "norm1_v", "norm2_a", "norm2_v"] if modality_norms else [])
-        for n in norms:
-            keys[f"{prefix}.{n}.weight"] = keys[f"{prefix}.{n}.bias"] = (dim,)
-        keys.update({f"{prefix}.attn.qkv.weight": (3 * dim, dim), f"{prefix}.attn.qkv.bias": (3 * dim,),
-                     f"{prefix}.attn.proj.weight": (dim, dim), f"{prefix}.attn.proj.bias": (dim,),
-                     f"{prefix}.mlp.fc1.weight": (h, dim), f"{prefix}.mlp.fc1.bias": (h,),
-                     f"{prefix}.mlp.fc2.weight": (dim, h), f"{prefix}.mlp.fc2.bias": (dim,)})
-
-    keys.update({"patch_embed_v.proj.weight": (D, 3, p, p), "patch_embed_v.proj.bias": (D,),
-                 "patch_embed_a.proj.weight": (D, 1, p, p), "patch_embed_a.proj.bias": (D,),
-                 "pos_embed_v": (1, L_V, D), "inter_pos_embed_v": (1, L_V, D), "modality_v": (1, 1, D),
-                 "pos_embed_a": (1, L_A, D), "inter_pos_embed_a": (1, L_A, D), "modality_a": (1, 1, D),
-                 "decoder_embed.weight": (Dd, D), "decoder_embed.bias": (Dd,),
-                 "mask_token_v": (1, 1, Dd), "mask_token_a": (1, 1, Dd),
-                 "decoder_pos_embed_v": (1, L_V, Dd), "decoder_pos_embed_a": (1, L_A, Dd),
-                 "decoder_modality_v": (1, 1, Dd), "decoder_modality_a": (1, 1, Dd),
-                 "mae_score_audio.decoder.weight": (p * p, Dd), "mae_score_audio.decoder.bias": (p * p,),
-                 "mae_score_video.decoder.weight": (3 * p * p, Dd), "mae_score_video.decoder.bias": (3 * p * p,)})
-    for n in ("norm", "norm_a", "norm_v", "decoder_norm"):
-        keys[f"{n}.weight"] = keys[f"{n}.bias"] = (Dd,) if n == "decoder_norm" else (D,)
-    for i in range(modality_depth):
-        block(f"blocks_a.{i}", D)
-        block(f"blocks_v.{i}", D)
-    for i in range(fusion_depth):
-        block(f"blocks_u.{i}", D, modality_norms=True)
-    for i in range(decoder_depth):
-        block(f"decoder_blocks.{i}", Dd)
-    return keys
+# the authors' architecture, written out independently from the description (method.md §1, §2, heads.py)
 
 
 def authors_avm_keys(D) -> dict:
@@ -199,7 +161,7 @@ def test_bad_inputs_raise_value_errors():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# initialisation (spec §1.2)
+# initialisation (method.md §1.2)
 
 
 def one_d(dim, pos):
@@ -237,7 +199,7 @@ def test_initialisation():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# masking (spec §1.5)
+# masking (method.md §1.5)
 
 
 def test_modality_guided_masking_counts():
@@ -443,7 +405,7 @@ def test_autocast_bf16_keeps_losses_in_float32():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# AVM (spec §2)
+# AVM (method.md §2)
 
 
 def test_avm_logits_and_reshape_option():
@@ -538,11 +500,6 @@ def test_classifier_head():
 # checkpoints
 
 
-def random_state(keys: dict, prefix: str, seed: int) -> dict:
-    g = gen(seed)
-    return {prefix + k: torch.randn(*s, generator=g) for k, s in keys.items()}
-
-
 def test_authors_state_dict_loads_strictly():
     model = tiny_model()
     keys = tiny_authors_keys()
@@ -585,22 +542,6 @@ def test_checkpoint_round_trip(tmp_path):
         assert torch.equal(before[k], after[k]), k
     with pytest.raises(FileNotFoundError, match="nope.pth"):
         load_authors_checkpoint(other, tmp_path / "nope.pth")
-
-
-def fake_mae_state_dict(embed_dim=64, depth=2, decoder_embed_dim=32, decoder_depth=1, mlp_ratio=2.0, patch=16,
-                        image_size=64, seed=0) -> dict:
-    """An ImageNet MAE (facebookresearch/mae models_mae.py) state dict at a given size, random values."""
-    D, Dd, g = embed_dim, decoder_embed_dim, image_size // patch
-    keys = {"cls_token": (1, 1, D), "pos_embed": (1, 1 + g * g, D), "patch_embed.proj.weight": (D, 3, patch, patch),
-            "patch_embed.proj.bias": (D,), "norm.weight": (D,), "norm.bias": (D,), "mask_token": (1, 1, Dd),
-            "decoder_pos_embed": (1, 1 + g * g, Dd), "decoder_embed.weight": (Dd, D), "decoder_embed.bias": (Dd,),
-            "decoder_norm.weight": (Dd,), "decoder_norm.bias": (Dd,),
-            "decoder_pred.weight": (patch * patch * 3, Dd), "decoder_pred.bias": (patch * patch * 3,)}
-    for prefix, n, dim in (("blocks", depth, D), ("decoder_blocks", decoder_depth, Dd)):
-        block = authors_keys(dim, dim, 1, 0, 0, mlp_ratio, 1, 1, patch)
-        for i in range(n):
-            keys.update({f"{prefix}.{i}.{k.split('.', 2)[2]}": s for k, s in block.items() if k.startswith("blocks_a.0.")})
-    return random_state(keys, "", seed)
 
 
 def test_convert_mae(tmp_path):

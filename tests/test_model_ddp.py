@@ -1,4 +1,4 @@
-"""InfoNCE with cross-rank negatives: a 2-process gloo run equals one process on the whole batch (spec §1.7)."""
+"""InfoNCE with cross-rank negatives: a 2-process gloo run equals one process on the whole batch (method.md §1.7)."""
 
 from __future__ import annotations
 

@@ -11,48 +11,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_MIDS, VGG_STAT, fake_vggsound, make_clip, write_json
+
 from stella_cli import media, prep
 from stella_cli.audio import clip_fbank
-from stella_cli.cache import DONE, PENDING, CacheSpec, SplitReader, read_manifest, read_meta
-from stella_cli.media import write_mp4
+from stella_cli.cache import DONE, PENDING, SplitReader, read_manifest, read_meta
 from stella_cli.prep import plan_real, prepare_real
-
-FIX = Path(__file__).parent / "data" / "prep"
-VGG_STAT, VGG_LABELS = FIX / "vggsound_stat.csv", FIX / "vggsound_labels.csv"
-AS_LISTS, AS_LABELS = FIX / "audioset_class_lists.py", FIX / "audioset_labels.csv"
-TINY = CacheSpec(num_frames=8, frame_size=16, fps=4.0, clip_seconds=2.0, target_length=192, num_mel_bins=64)
-VGG_MIDS = [line.split(",")[1] for line in VGG_LABELS.read_text().splitlines()[1:]]  # 18 classes, label order
-
-
-def make_clip(path: Path, seconds: float = 2.0, fps: int = 8, seed: int = 0, audio: bool = True) -> Path:
-    rng = np.random.default_rng(seed)
-    frames = rng.integers(0, 256, (int(seconds * fps), 24, 32, 3), dtype=np.uint8)
-    t = np.arange(int(seconds * 16000)) / 16000
-    wave = (0.3 * np.sin(2 * np.pi * (200 + 50 * seed) * t)).astype(np.float32) if audio else None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_mp4(path, frames, fps, wave, 16000)
-    return path
-
-
-def write_json(path: Path, items: list[tuple[str, str]]) -> Path:
-    path.write_text(json.dumps({"data": [{"video_id": v, "wav": f"/x/{v}.flac", "video_path": "/x/frames/",
-                                          "labels": lab} for v, lab in items]}))
-    return path
-
-
-def fake_vggsound(tmp_path: Path, n_train: int = 5, n_test: int = 6, n_retrieval: int | None = 5) -> dict:
-    """CAV-MAE style jsons over all 18 fixture classes, with an empty media file per clip (planning only)."""
-    media_dir = tmp_path / "media"
-    media_dir.mkdir(parents=True)
-    lists = {}
-    for split, n in (("train", n_train), ("test", n_test), ("retrieval", n_retrieval)):
-        if n is None:
-            continue
-        items = [(f"c{j:02d}{split[:2]}{k}_{k:06d}", mid) for j, mid in enumerate(VGG_MIDS) for k in range(n)]
-        for vid, _ in items:
-            (media_dir / f"{vid}.mp4").touch()
-        lists[split] = write_json(tmp_path / f"{split}.json", items)
-    return {"list_file": lists, "root": media_dir, "categories": VGG_STAT, "labels": VGG_LABELS}
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -13,12 +13,13 @@ from pathlib import Path
 
 import pytest
 
+from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_STAT, fake_vggsound, make_clip, write_json
+
 from stella_cli.cache import read_manifest, read_meta
 from stella_cli.config import load_recipe
 from stella_cli.data import check_prepared
 from stella_cli.prep import plan_real, prepare_real, resolve_lists
 from stella_cli.prep_init import prepare_audioset20k
-from test_prep import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_STAT, fake_vggsound, make_clip, write_json
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "300"}  # one line per message

@@ -11,12 +11,13 @@ import numpy as np
 import pytest
 import torch
 
+from helpers import make_clip
+
 from stella_cli.ave import SegmentDataset, segment_accuracy, segment_labels
 from stella_cli.cache import CacheSpec, read_manifest, read_meta
 from stella_cli.config import DataConfig
 from stella_cli.downstream import pad_segment
 from stella_cli.prep_downstream import prepare_ave, read_ave_list
-from tests.test_prep import make_clip
 
 TINY = CacheSpec(num_frames=8, frame_size=16, fps=4.0, clip_seconds=2.0, target_length=192, num_mel_bins=64)
 

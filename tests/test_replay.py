@@ -1,12 +1,13 @@
-"""Task-free reservoir buffer (stella_spec §3.9, §3.12; baselines_spec §1.4; B22)."""
+"""Task-free reservoir buffer (method.md §3.9, §3.12; baselines.md §1.4; B22)."""
 
 import io
 
 import pytest
 import torch
 
+from helpers import bytes_per_clip, stella_fields, stella_plus_fields
+
 from stella_cli.config import MODEL_PRESETS, num_core_tokens
-from conftest import bytes_per_clip, stella_fields, stella_plus_fields
 from stella_cli.replay import ReservoirBuffer, merge_state_dicts, reservoir_slot, split_state_dict
 
 
@@ -174,7 +175,7 @@ def test_stella_plus_halves_the_stored_bytes_at_the_paper_sizes():
     # core video 392·3·16·16·4 = 1,204,224; core audio 256·256·4 = 262,144; orderings (784+512)·8; z; q̄
     assert bytes_per_clip(plus) == 1_204_224 + 262_144 + 10_368 + 6_144 + 6_144 == 1_489_024
     assert 0.49 < bytes_per_clip(plus) / bytes_per_clip(full) < 0.51  # 0.504
-    assert bytes_per_clip(full) * 500 / 1e9 == pytest.approx(1.48, abs=0.01)  # 500 slots per rank (spec §1.4)
+    assert bytes_per_clip(full) * 500 / 1e9 == pytest.approx(1.48, abs=0.01)  # 500 slots per rank (method.md §1.4)
 
 
 def test_nbytes_matches_the_field_spec_and_dtype_option():

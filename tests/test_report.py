@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import tiny_synthetic
+from helpers import tiny_synthetic
+
 from stella_cli import report
 from stella_cli.evaluate import write_results
 

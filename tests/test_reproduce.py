@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from conftest import tiny_synthetic
+from helpers import tiny_synthetic
+
 from stella_cli.config import load_recipe, recipe_to_yaml
 from stella_cli.reproduce import PAPER_RECIPES, TABLES, chance_line, scaled_epochs, select_names
 

@@ -1,4 +1,4 @@
-"""Localized Patch Importance Scoring, query prototypes and RCA (stella_spec §3.2, §3.4, §3.5)."""
+"""Localized Patch Importance Scoring, query prototypes and RCA (method.md §3.2, §3.4, §3.5)."""
 
 import math
 
@@ -101,7 +101,7 @@ def _avm_like(B=2, H=3, L_A=6, L_V=10, d_h=4, seed=0):
 
 
 def test_s_cur_by_prototype_equals_the_authors_weighted_logit_rows():
-    """Spec §3.5: the I-weighted average of S rows over the other modality's candidates = scale·⟨k, q̄⟩."""
+    """method.md §3.5: the I-weighted average of S rows over the other modality's candidates = scale·⟨k, q̄⟩."""
     t = _avm_like()
     B, H, L_A, L_V, d_h = 2, 3, 6, 10, 4
     K_V, K_A = 5, 3

@@ -1,4 +1,4 @@
-"""Probabilistic patch selection (stella_spec §3.6, §3.12, §9.3 B8-B10)."""
+"""Probabilistic patch selection (method.md §3.6, §3.12, §9.3 B8-B10)."""
 
 import pytest
 import torch
@@ -258,7 +258,7 @@ def test_audio_sizes_are_checked():
 
 
 # ----------------------------------------------------------------------------------------------------------
-# STELLA+ (spec §3.12) and bug B8
+# STELLA+ (method.md §3.12) and bug B8
 
 
 def test_plus_video_ordering_is_the_draw_in_index_order():

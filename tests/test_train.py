@@ -14,49 +14,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import tiny_synthetic
+from helpers import ROOT, TASKS, assert_same_weights, final_weights, retrieval_rows, tiny_overrides, tiny_recipe
+
 from stella_cli.config import load_recipe
 from stella_cli.errors import DivergenceError
 from stella_cli.factory import PAPER_METHODS, recipe_suffix
 from stella_cli.train import TrainingInterrupted, run
-
-ROOT = Path(__file__).resolve().parents[1]
-TASKS = ["task1", "task2"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    """4 classes in 2 tasks, 8 train clips per class: 4 steps per epoch at batch 4."""
-    out = tmp_path_factory.mktemp("synth")
-    tiny_synthetic(out)
-    return out
-
-
-def tiny_overrides(tmp_path: Path, data_root: Path, name: str) -> list[str]:
-    """Any synthetic recipe at the tiny preset: 2 tasks x 1 epoch x 4 steps."""
-    return [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-            "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / name}"]
-
-
-def tiny_recipe(tmp_path: Path, data_root: Path, name: str = "run", *overrides: str, recipe: str = "synthetic.yaml"):
-    """recipes/synthetic.yaml (or another recipe) at the tiny preset: 2 tasks x 1 epoch x 4 steps."""
-    return load_recipe(ROOT / "recipes" / recipe, tiny_overrides(tmp_path, data_root, name) + list(overrides))
-
-
-def final_weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    state = torch.load(run_dir / "checkpoints" / "latest.pt", map_location="cpu", weights_only=False)
-    return {**{f"model.{k}": v for k, v in state["model"].items()},
-            **{f"method.{k}": v for k, v in state["method"].items()}}
-
-
-def assert_same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
-    assert a.keys() == b.keys()
-    different = [k for k in a if not torch.equal(a[k], b[k])]
-    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
-
-
-def retrieval_rows(run_dir: Path) -> list[dict]:
-    return json.loads((run_dir / "results" / "retrieval.json").read_text())["rows"]
 
 
 @pytest.fixture(scope="module")
