@@ -21,7 +21,8 @@ from stella_cli.replay import ReservoirBuffer
 
 
 class Method(nn.Module):
-    """Common state: the backbone and one torch.Generator per concern, seeded from (seed, rank) (STYLE §9)."""
+    """Common state: the backbone and one torch.Generator per concern, seeded from (seed, rank), so a
+    run is reproducible and a resumed run continues the same stream."""
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, *, avm_cfg: AVMConfig, batch_size: int,
                  memory_per_rank: int, seed: int, rank: int, device: torch.device):

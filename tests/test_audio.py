@@ -229,7 +229,7 @@ def test_blocks_of_frames_and_batches_change_no_bit():
     """kaldi_fbank works in blocks of frames, clip by clip; the result is bit for bit the one-shot computation."""
     g = torch.Generator().manual_seed(5)
     x = 0.1 * torch.randn(2, 5 * 16000, generator=g, dtype=torch.float64)  # (N, S): 498 frames, two blocks of 256
-    frames = x.unfold(-1, 400, 160)  # the whole (N, F, W) at once, as the code before issue 13 did
+    frames = x.unfold(-1, 400, 160)  # the whole (N, F, W) at once, as the code before the fbank speed work did
     frames = frames - frames.mean(dim=-1, keepdim=True)
     frames = frames - 0.97 * torch.cat([frames[..., :1], frames[..., :-1]], dim=-1)
     frames = frames * torch.hann_window(400, periodic=False, dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""Speed defaults of issue 13 that a later edit could silently undo (the speed figures are benchmarks/, not tests)."""
+"""Speed defaults (docs/benchmarks.md) that a later edit could silently undo (the speed figures are benchmarks/, not tests)."""
 
 from __future__ import annotations
 
