@@ -1,4 +1,4 @@
-"""Speed defaults (docs/benchmarks.md) that a later edit could silently undo (the speed figures are benchmarks/, not tests)."""
+"""Speed defaults (docs/benchmarks.md) that a later edit could silently undo; the speed figures are benchmarks."""
 
 from __future__ import annotations
 
