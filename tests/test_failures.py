@@ -351,6 +351,7 @@ def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, dat
     assert not marker.exists()
     assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == before  # the refused resume wrote nothing
     assert not (tmp_path / "init.pth").exists() and not (run_dir / "plots").exists()
+    assert not (run_dir / "results" / "retrieval.json").exists() and not (tmp_path / "eval_downloaded").exists()
     assert_nothing_blocks(tmp_path / "new")
 
 
