@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import math
 import os
+import pickle
 import re
 import shutil
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -94,6 +96,42 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[list[Path], 
 
 
 # ----------------------------------------------------------------------------------------------------------
+# the one reader of torch files
+
+
+SAFE_CONTENT = "tensors, numbers, strings, lists and dicts"  # all that torch.load builds with weights_only=True
+
+
+def read_torch_file(path: Path, *, mmap: bool = False) -> Any:
+    """The object in a torch file: the only torch.load of stella, for every file it reads (run checkpoints, state
+    dicts, the authors' weights, an ImageNet MAE). weights_only=True builds tensors, numbers, strings, lists and dicts
+    and nothing else, so reading a file never runs code: a pickle that names any other object (a class, a function
+    such as os.system) is refused, before anything is built, with a CheckpointError naming what it needs.
+    Other failures (a truncated or foreign file) are raised as torch raises them.
+    mmap: map the tensors instead of reading them (to look at one part of many checkpoints)."""
+    try:
+        with warnings.catch_warnings():  # torch warns about a pickle protocol that it then refuses anyway
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as err:
+        needs = unsafe_globals(path, str(err))
+        if not needs:  # an opcode torch.save never writes: random bytes, a pickle of another program
+            raise pickle.UnpicklingError(f"not a torch.save file of {SAFE_CONTENT}") from err
+        raise CheckpointError(f"{path}: refused, nothing in it was run: loading it needs {', '.join(needs)}, but "
+                              f"stella reads only {SAFE_CONTENT} (torch.load weights_only=True); if you trust where "
+                              f"it came from, save its weights as a plain state dict (README: Security)") from None
+
+
+def unsafe_globals(path: Path, message: str) -> list[str]:
+    """What a torch file needs beyond the weights_only loader (e.g. ['posix.system']), found without unpickling:
+    torch lists them for its zip format; for the legacy format its refusal names the first."""
+    try:
+        return torch.serialization.get_unsafe_globals_in_checkpoint(path)
+    except Exception:  # not the zip format: torch says "... GLOBAL posix.system ..."
+        return re.findall(r"GLOBAL ([\w.]+)", message)[:1]
+
+
+# ----------------------------------------------------------------------------------------------------------
 # run checkpoints: writing and reading
 
 
@@ -133,8 +171,8 @@ def what_to_do(path: Path) -> str:
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
-    """torch.load a `stella train` checkpoint; a missing, empty, truncated or foreign file is a CheckpointError.
-    mmap: map the tensors instead of reading them (to look at one part of many checkpoints)."""
+    """Read a `stella train` checkpoint (read_torch_file); a missing, empty, truncated or foreign file, or one that
+    would run code, is a CheckpointError. mmap: see read_torch_file."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
@@ -142,7 +180,9 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     if size == 0:
         raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {what_to_do(path)}")
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
+        state = read_torch_file(path, mmap=mmap)
+    except CheckpointError:  # refused: it would run code
+        raise
     except Exception as err:  # truncated zip, a text file, a pickle of something else: torch raises many types
         text = str(err).strip()
         reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
@@ -189,9 +229,11 @@ class Loaded:
 
 
 def read_any(path: Path) -> Any:
-    """The object in a torch file (a run checkpoint, a state dict, the authors' weights)."""
+    """The object in a torch file (a run checkpoint, a state dict, the authors' weights): read_torch_file."""
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return read_torch_file(path)
+    except CheckpointError:  # refused: it would run code
+        raise
     except Exception as err:  # not a torch file at all
         raise ValueError(f"{path}: cannot read as a checkpoint: {err}") from err
 
@@ -243,13 +285,15 @@ def authors_layout(sd: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """torch.load a checkpoint (tensors only) into the authors' layout (see authors_layout)."""
+    """A checkpoint (read_torch_file) in the authors' layout (see authors_layout)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path}: checkpoint not found")
     try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
+        sd = read_torch_file(path)
+    except CheckpointError:  # refused: it would run code
+        raise
+    except Exception as err:  # not a torch file at all
         raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
     if not isinstance(sd, Mapping):
         raise ValueError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
@@ -465,7 +509,7 @@ def check_fits_recipe(report: dict[str, Any], recipe: Recipe, recipe_name: str, 
     with torch.device("meta"):  # shapes only: no memory, no init
         model = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    got = {k: tuple(v.shape) for k, v in torch.load(report["out"], map_location="cpu", weights_only=True).items()}
+    got = {k: tuple(v.shape) for k, v in read_torch_file(report["out"]).items()}
     if got != expected:
         diff = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
         raise ValueError(f"{checkpoint}: the converted weights do not fit {recipe_name}'s model: {len(diff)} keys "

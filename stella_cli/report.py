@@ -28,6 +28,7 @@ from rich.markup import escape
 from stella_cli.cache import atomic_write_text
 from stella_cli.config import SELECTIONS
 from stella_cli.console import console, print_rows
+from stella_cli.errors import StellaError
 from stella_cli.evaluate import DIRECTIONS, mean_std
 from stella_cli.factory import METHODS, PAPER_METHODS
 from stella_cli.plots import bench_bars, plot_run, report_bars
@@ -286,6 +287,9 @@ def efficiency_table(files: list[Path]) -> Table:
             raise ValueError(f"{path}: --table efficiency reads `stella bench --json` files, not run directories")
         try:
             rows = json.loads(path.read_text())
+        except UnicodeDecodeError:  # e.g. a checkpoint given by mistake: never unpickled here
+            raise StellaError(f"{path}: a binary file, not JSON; --table efficiency reads `stella bench --json` "
+                              "files") from None
         except json.JSONDecodeError as err:
             raise ValueError(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):

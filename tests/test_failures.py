@@ -7,6 +7,7 @@ Resume after kill -9 in the middle of task 1 is in test_train.py (test_a_signal_
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 import signal
 import subprocess
@@ -290,3 +291,92 @@ def test_every_value_is_checked_when_the_recipe_is_loaded(override, message):
         load_recipe(ROOT / "recipes" / "synthetic.yaml", ["model.preset=tiny", override])
     assert str(err.value) == f"{ROOT / 'recipes' / 'synthetic.yaml'}: {message}"
     # the method's own checks (factory.check_method) run when training starts; `stella train` is covered above
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a file whose pickle would run code (README "Security")
+
+
+class CreatesFile:
+    """Unpickled without weights_only, this runs `touch MARKER` (os.system): what a file from elsewhere can carry."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+def plant(path: Path, marker: Path) -> None:
+    """Add CreatesFile to a real checkpoint, beside its real contents, so every other check of the file passes."""
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state["method_extra"]["note"] = CreatesFile(marker)
+    torch.save(state, path)
+
+
+def test_a_checkpoint_that_would_run_code_is_refused_and_never_run(tmp_path, data_root, finished_run, monkeypatch):
+    """`stella eval`, `buffer`, `train --resume`, `report`, `convert mae` and `model.checkpoint` on a run whose
+    checkpoints would create a file when unpickled: each ends in one line with exit 2, and the file never appears,
+    even with PyTorch's TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD set."""
+    run_dir, marker = tmp_path / "from_elsewhere", tmp_path / "MARKER"
+    shutil.copytree(finished_run, run_dir)
+    for path in (run_dir / "checkpoints").glob("*.pt"):
+        plant(path, marker)
+    single = tmp_path / "downloaded.pt"  # a lone file: its recipe would come from inside it
+    shutil.copyfile(run_dir / "checkpoints" / "latest.pt", single)
+    before = (run_dir / "checkpoints" / "latest.pt").read_bytes()
+    live = tmp_path / "live.pt"  # the payload works: an unrestricted load runs it
+    plant(shutil.copyfile(finished_run / "checkpoints" / "latest.pt", live), tmp_path / "LIVE")
+    torch.load(live, weights_only=False)
+    assert (tmp_path / "LIVE").is_file()
+
+    monkeypatch.setitem(ENV, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    cases = {
+        "eval run": (cli("eval", str(run_dir), "--task", "retrieval"), "task01_task1.pt"),
+        "eval file": (cli("eval", str(single), "--task", "retrieval"), single.name),
+        "buffer": (cli("buffer", str(run_dir), "--show", "2"), "latest.pt"),
+        "resume": (train_cmd(data_root, run_dir, resume=True), "latest.pt"),
+        "model.checkpoint": (train_cmd(data_root, tmp_path / "new", f"model.checkpoint={single}"), single.name),
+        "convert mae": (cli("convert", "mae", str(single), str(tmp_path / "init.pth")), single.name),
+        "report": (cli("report", str(run_dir), "--out", str(tmp_path / "reports")), None),
+        "report file": (cli("report", str(single), "--table", "efficiency", "--out", str(tmp_path / "reports")), None),
+    }
+    results = dict(zip(cases, run_all([cmd for cmd, _ in cases.values()])))
+    needs = f"loading it needs {os.system.__module__}.system, but stella reads only tensors, numbers, strings, lists"
+    for name, (_, file) in cases.items():
+        if file is not None:
+            assert_one_line(results[name], 2, f"{file}: refused, nothing in it was run: {needs}")
+    assert_one_line(results["report"], 2, "no finished run", "no results/summary.json yet")  # reads no checkpoint
+    assert_one_line(results["report file"], 2, f"{single}: a binary file, not JSON")
+    assert not marker.exists()
+    assert (run_dir / "checkpoints" / "latest.pt").read_bytes() == before  # the refused resume wrote nothing
+    assert not (tmp_path / "init.pth").exists() and not (run_dir / "plots").exists()
+    assert not (run_dir / "results" / "retrieval.json").exists() and not (tmp_path / "eval_downloaded").exists()
+    assert_nothing_blocks(tmp_path / "new")
+
+
+@pytest.mark.parametrize("how", ["zip", "legacy", "pickle"])
+def test_the_reader_refuses_code_in_every_file_format(tmp_path, how):
+    """torch.save's zip format, its legacy format, and a plain pickle (protocol 4, which torch.save never writes):
+    refused without running the payload, naming what it needs where torch can tell; the same files without the
+    payload load."""
+    from stella_cli.checkpoint import read_checkpoint, read_torch_file
+    from stella_cli.errors import CheckpointError
+
+    marker, path, good = tmp_path / "MARKER", tmp_path / "file.pt", tmp_path / "good.pt"
+    for state, out in (({"w": torch.ones(2), "note": CreatesFile(marker)}, path), ({"w": torch.ones(2)}, good)):
+        if how == "pickle":
+            out.write_bytes(pickle.dumps(state, protocol=4))
+        else:
+            torch.save(state, out, _use_new_zipfile_serialization=how == "zip")
+    if how == "pickle":  # not a torch file: the caller says it cannot be read
+        with pytest.raises(pickle.UnpicklingError, match="not a torch.save file of tensors, numbers"):
+            read_torch_file(path)
+        with pytest.raises(CheckpointError, match="cannot be read .* not a torch.save file"):
+            read_checkpoint(path)
+    else:
+        with pytest.raises(CheckpointError, match=f"{path}: refused, nothing in it was run: loading it needs "
+                                                  f"{os.system.__module__}.system, but"):
+            read_torch_file(path)
+        assert torch.equal(read_torch_file(good)["w"], torch.ones(2))
+    assert not marker.exists()

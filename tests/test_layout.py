@@ -61,6 +61,8 @@ def test_function_level_imports_only_in_the_cli_and_no_importlib():
 def test_only_checkpoint_reads_torch_files():
     readers = [p.name for p in PACKAGE.glob("*.py") if "torch.load(" in p.read_text()]
     assert readers == ["checkpoint.py"]
+    calls = re.findall(r"torch\.load\(([^)]*)\)", (PACKAGE / "checkpoint.py").read_text())
+    assert len(calls) == 1 and "weights_only=True" in calls[0], calls  # README "Security": one reader, no code run
 
 
 def test_modules_are_small_and_say_their_job_first():
