@@ -94,7 +94,7 @@ def test_buffer_command_on_a_trained_run(tmp_path):
 
 
 def test_convert_mae_command(tmp_path):
-    from test_model import fake_mae_state_dict
+    from helpers import fake_mae_state_dict
 
     torch.save(fake_mae_state_dict(), tmp_path / "mae.pth")
     result = runner.invoke(app, ["convert", "mae", str(tmp_path / "mae.pth"), str(tmp_path / "cav.pth"),

@@ -202,7 +202,7 @@ def test_damaged_checkpoints_are_one_line_and_say_what_to_do(tmp_path, data_root
 
 
 def test_prep_of_nothing_fails_and_leaves_nothing(tmp_path):
-    from test_prep import make_clip
+    from helpers import make_clip
 
     empty, out = tmp_path / "empty", tmp_path / "out"
     empty.mkdir()

@@ -91,3 +91,12 @@ def test_comments_cite_documents_of_the_repository_and_their_sections_exist():
             assert section in pages[page], f"{path.name}: {page} §{section} is not a section of docs/{page}"
             cited += 1
     assert cited > 150
+
+
+def test_test_modules_never_import_each_other():
+    for path in (ROOT / "tests").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [node.module or ""] if isinstance(node, ast.ImportFrom) else \
+                [a.name for a in node.names] if isinstance(node, ast.Import) else []
+            assert not any(n.split(".")[-1].startswith(("test_", "conftest")) for n in names), \
+                f"tests/{path.name} imports {names}: shared helpers belong in tests/helpers.py, fixtures in conftest.py"
