@@ -275,9 +275,9 @@ def read_stella_csv(path: Path) -> list[ListEntry]:
         _, vid, frames_dir, wav, label, _ = (x.strip() for x in r)
         stem = Path(frames_dir).name or Path(wav).stem or vid
         names = [stem, Path(wav).stem, vid]
-        m = re.fullmatch(r"(.+)_(\d+)000_(\d+)000", stem)
-        if m:  # the VGGSound release names the clip by its start second, zero-padded to 6 digits
-            names += [f"{m.group(1)}_{int(m.group(2)):06d}", f"{m.group(1)}_{int(m.group(2))}"]
+        m = re.fullmatch(r"(.+)_(\d+)_(\d+)", stem)
+        if m and int(m.group(2)) % 1000 == 0:  # the VGGSound release names a clip by its start second, 6 digits
+            names += [f"{m.group(1)}_{int(m.group(2)) // 1000:06d}", f"{m.group(1)}_{int(m.group(2)) // 1000}"]
         refs = [x.strip() for x in label.split(",") if x.strip()]
         out.append(ListEntry(stem, refs, names, vid, f"{path}:{line}"))
     return out

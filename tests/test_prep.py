@@ -90,6 +90,24 @@ def test_audioset_single_category_rule(tmp_path):
     assert any("Engine" in w and "Tools" in w for w in plan.warnings)  # group names absent from the label csv
 
 
+def test_duplicates_are_reported_and_leaks_refused(tmp_path):
+    inputs = fake_vggsound(tmp_path, n_train=2, n_test=2, n_retrieval=None)
+    train = write_json(tmp_path / "train2.json", [("c00tr0_000000", VGG_MIDS[0]), ("c01tr1_000001", VGG_MIDS[1]),
+                                                 ("c00tr0_000000", VGG_MIDS[0])])
+    plan = plan_real("vggsound", **(inputs | {"list_file": {"train": train, "test": inputs["list_file"]["test"]}}))
+    assert [c.clip_id for c in plan.clips["train"]] == ["c00tr0_000000", "c01tr1_000001"]
+    assert f"train: 1 clip ids listed more than once (the first is kept): c00tr0_000000 ({train}: data[0], again " \
+           f"at {train}: data[2])" in plan.warnings
+    assert dict(plan.excluded["train"]) == {"duplicate clip id": 1} and plan.leaks == {}
+    test = write_json(tmp_path / "test2.json", [("c01te0_000000", VGG_MIDS[1]), ("c01tr1_000001", VGG_MIDS[1])])
+    lists = {"train": train, "test": test}
+    with pytest.raises(StellaError, match=r"^1 clips are in both the train and the test split \(e.g. c01tr1_000001\)"):
+        plan_real("vggsound", **(inputs | {"list_file": lists}))
+    kept = plan_real("vggsound", **(inputs | {"list_file": lists}), allow_leaks=True)
+    assert kept.leaks == {"train/test": {"count": 1, "examples": ["c01tr1_000001"]},
+                          "train/retrieval": {"count": 1, "examples": ["c01tr1_000001"]}}
+
+
 def test_stella_csv_lists(tmp_path):
     media_dir = tmp_path / "media"
     media_dir.mkdir()
@@ -284,9 +302,11 @@ def test_two_workers_write_the_same_cache(clip_folder, tmp_path):
 def test_a_changed_clip_list_is_refused(clip_folder, tmp_path):
     out = tmp_path / "data"
     run_prep(clip_folder, out)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     (clip_folder / "test" / "dog_barking" / "dog_test0.mp4").unlink()
     with pytest.raises(StellaError, match="rows.json: the cache was prepared from another clip list"):
         run_prep(clip_folder, out)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing was written
 
 
 def test_prepare_split_directly(tmp_path):

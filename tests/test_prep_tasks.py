@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from helpers import make_clip
+from helpers import make_clip, write_png
 
 from stella_cli.ave import SegmentDataset, segment_accuracy, segment_labels
 from stella_cli.cache import CacheSpec, read_manifest, read_meta
@@ -88,18 +88,6 @@ def test_ave_list_errors_name_file_and_line(tmp_path):
                             env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert result.returncode == 2 and "trainSet.txt:1: expected" in "".join(result.stdout.split("\n"))
     assert "Traceback" not in result.stdout + result.stderr
-
-
-def write_png(path: Path, gray: np.ndarray) -> Path:
-    """A real grayscale png through PyAV's png encoder."""
-    import av
-
-    ctx = av.CodecContext.create("png", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = gray.shape[1], gray.shape[0], "gray"
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(gray), format="gray")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
-    return path
 
 
 def test_mask_iou_and_f_score_on_known_masks():
