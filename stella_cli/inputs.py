@@ -70,7 +70,7 @@ def parse_split_files(text: str, splits: Iterable[str], form: str) -> dict[str, 
         if not sep or not file.strip():
             raise StellaError(f"--list {part}: give {form}")
         if split not in splits:
-            raise StellaError(f"--list {part}: unknown split {split!r}; choose from {splits} ({form})")
+            raise StellaError(f"--list {part}: unknown split {split!r}; give {form}")
         if split in found:
             raise StellaError(f"--list: {split}= is given twice")
         found[split] = Path(file.strip())

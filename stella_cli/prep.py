@@ -14,9 +14,10 @@ Subsets (`--subset`) for the initialisation chain (method.md §1.9, §2.5):
             authors' vgg_unused_cleaned_shrink8.csv (tools/vggsound/data_preprocess/split_vggsound.py).
   all       every clip of the lists: VGGSound's 'Origin' (every class trained, no cap) or, for AudioSet, every
             class of the label csv as one task "all" (AudioSet-20K; no category table needed).
-Clip lists: CAV-MAE json (+ label csv), the authors' header-less STELLA csv, or a folder of raw clips.
-Each split is decoded by `prepare_split` (media.decode_clip + audio.clip_fbank) into the cache.py layout;
-prep_report.json lists every clip left out and why.
+Clip lists: CAV-MAE json (+ label csv), the authors' header-less STELLA csv, or a folder of raw clips (files read by
+inputs.py: byte-order marks, linked folders). A clip listed twice in a split is kept once and reported; a clip in
+both train and test (or retrieval) is refused unless allow_leaks. Each split is decoded by `prepare_split`
+(media.decode_clip + audio.clip_fbank) into the cache.py layout; prep_report.json lists every clip left out and why.
 """
 
 from __future__ import annotations

@@ -46,7 +46,8 @@ from stella_cli.prep import ClipSource, check_resumable, prepare_split
 
 AVE_FILES = {"train": "trainSet.txt", "test": "testSet.txt", "val": "valSet.txt"}
 AVE_HEADER = "category&videoid&quality&starttime&endtime"
-AVE_FORM = "a folder holding trainSet.txt and testSet.txt (AVE_Dataset), or train=FILE,test=FILE[,annotations=FILE]"
+AVE_FORM = ("a folder holding trainSet.txt and testSet.txt (AVE_Dataset), or "
+            "train=FILE,test=FILE[,val=FILE][,annotations=FILE]")
 
 
 def read_ave_list(path: Path) -> list[dict[str, Any]]:
