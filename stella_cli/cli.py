@@ -71,10 +71,13 @@ def prep(
                              "under their usual names. Without --list: ROOT/{train,test}/CLASS/*.mp4. ave: the "
                              "AVE_Dataset folder or train=FILE,test=FILE[,annotations=FILE]; avs: s4_meta_data.csv; "
                              "msrvtt: train=FILE,test=FILE or a folder of the lists."),
-    root: Optional[Path] = typer.Option(None, help="Folder holding the clips (raw mp4/mkv/webm or extracted)."),
+    root: Optional[Path] = typer.Option(None, help="Folder holding the clips (mp4/mkv/webm at any depth, linked "
+                                                   "folders followed; avs: also AVSBench's s4_data with "
+                                                   "visual_frames + audio_wav)."),
     categories: Optional[Path] = typer.Option(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
-    labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name)."),
+    labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name; the header line "
+                                                     "is optional)."),
     masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs "
                                                     "(gt_masks; default ROOT/gt_masks)."),
     allow_leaks: bool = typer.Option(False, "--allow-leaks", help="Keep clips listed in both train and test "

@@ -14,7 +14,6 @@ import csv
 import io
 import os
 import re
-from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any

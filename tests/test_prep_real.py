@@ -145,7 +145,8 @@ def test_ave_release_zero_length_event_two_category_videos_bom_and_re_runs(tmp_p
     assert "no media files (.avi, .flv, .m4v, .mkv, .mov, .mp4, .webm) under it" in error_line(*runs[5])
     assert f"none of the {26 + 2} listed clips has a media file there (looked for file names like RUhOCu3LNXM, " \
            "MH3m4AwEcRY, WM5R44UMLq0; found e.g. unrelated.mp4)" in error_line(*runs[6])
-    assert f"--list {release / 'trainSet.txt'}: not a folder; give a folder holding trainSet.txt" in error_line(*runs[7])
+    line = error_line(*runs[7])
+    assert f"--list {release / 'trainSet.txt'}: not a folder; give a folder holding trainSet.txt" in line
     assert "both train= and test= are required" in error_line(*runs[8])
     assert not any((tmp_path / f"x{k}").exists() for k in range(1, 5))
 
@@ -253,7 +254,8 @@ def test_audioset_cavmae_json_and_label_csv_with_and_without_header(tmp_path):
     train = read_manifest(tmp_path / "a", "train")
     names = {c["index"]: c["name"] for c in meta["classes"]}
     assert [(r["clip_id"], [names[i] for i in r["labels"]]) for r in train] == [
-        ("--4gqARaEJE", ["Domestic animals, pets", "Squeak", "Dog", "Animal"]), ("-0nqfRcnAYE", ["Dishes, pots, and pans"])]
+        ("--4gqARaEJE", ["Domestic animals, pets", "Squeak", "Dog", "Animal"]),
+        ("-0nqfRcnAYE", ["Dishes, pots, and pans"])]
     assert [r["clip_id"] for r in read_manifest(tmp_path / "b", "test")] == ["-BHPu-dPmWQ"]
 
 
