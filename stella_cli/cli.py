@@ -68,12 +68,20 @@ def prep(
     list_file: Optional[str] = typer.Option(
         None, "--list", help="Clip list per split: SPLIT=FILE, comma-joined (train and test required, retrieval "
                              "optional); FILE a CAV-MAE json or the authors' STELLA csv; or a folder holding them "
-                             "under their usual names. Without --list: ROOT/{train,test}/CLASS/*.mp4."),
-    root: Optional[Path] = typer.Option(None, help="Folder holding the clips (raw mp4/mkv/webm or extracted)."),
+                             "under their usual names. Without --list: ROOT/{train,test}/CLASS/*.mp4. ave: the "
+                             "AVE_Dataset folder or train=FILE,test=FILE[,annotations=FILE]; avs: s4_meta_data.csv; "
+                             "msrvtt: train=FILE,test=FILE or a folder of the lists."),
+    root: Optional[Path] = typer.Option(None, help="Folder holding the clips (mp4/mkv/webm at any depth, linked "
+                                                   "folders followed; avs: also AVSBench's s4_data with "
+                                                   "visual_frames + audio_wav)."),
     categories: Optional[Path] = typer.Option(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
-    labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name)."),
-    masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs."),
+    labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name; the header line "
+                                                     "is optional)."),
+    masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs "
+                                                    "(gt_masks; default ROOT/gt_masks)."),
+    allow_leaks: bool = typer.Option(False, "--allow-leaks", help="Keep clips listed in both train and test "
+                                                                  "(refused by default; counted in prep_report.json)."),
     subset: str = typer.Option("tasks", help="vggsound | audioset: tasks (the continual task split) | unused "
                                              "(VGGSound clips the tasks leave out) | all (every clip: VGGSound "
                                              "'Origin', AudioSet-20K)."),
@@ -96,22 +104,23 @@ def prep(
     if dataset == "synthetic":
         out = out or DEFAULT_SYNTHETIC_OUT
     elif dataset not in ("vggsound", "audioset", "audioset20k", "ave", "avs", "msrvtt"):
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, "
-                         "audioset20k, ave, avs or msrvtt")
+        raise StellaError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, "
+                          "audioset20k, ave, avs or msrvtt")
     elif out is None:
-        raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
+        raise StellaError(f"stella prep {dataset}: --out DATA_DIR is required")
     if workers < 0:
-        raise ValueError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
+        raise StellaError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
     if subset != "tasks" and dataset not in ("vggsound", "audioset"):
-        raise ValueError(f"stella prep {dataset}: --subset is for vggsound and audioset only")
+        raise StellaError(f"stella prep {dataset}: --subset is for vggsound and audioset only")
     if (vggsound is not None) != (dataset == "audioset20k"):
-        raise ValueError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
+        raise StellaError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
                          "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
     fresh = not out.exists() or not any(out.iterdir())
     try:
         summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
                                   labels=labels, masks=masks, workers=workers, frames_format=frames_format, seed=seed,
-                                  fmt=fmt, heldout=heldout, quiet=quiet, subset=subset, vggsound=vggsound)
+                                  fmt=fmt, heldout=heldout, quiet=quiet, subset=subset, vggsound=vggsound,
+                                  allow_leaks=allow_leaks)
     except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
         raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
                           f"command again to continue") from None
@@ -128,8 +137,10 @@ def prep(
 def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: Optional[Path],
                     categories: Optional[Path], labels: Optional[Path], masks: Optional[Path], workers: int,
                     frames_format: str, seed: int, fmt: str, heldout: bool, quiet: bool, subset: str = "tasks",
-                    vggsound: Optional[Path] = None) -> dict:
+                    vggsound: Optional[Path] = None, allow_leaks: bool = False) -> dict:
     """`stella prep DATASET`: the one preparing function of each dataset (its summary dict)."""
+    from stella_cli.errors import StellaError
+
     if dataset == "synthetic":
         from stella_cli.synth import prepare_synthetic
 
@@ -146,32 +157,34 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
         from stella_cli.prep import prepare_real
 
         return prepare_real(dataset, out=out, list_file=list_file, root=root, categories=categories, labels=labels,
-                            workers=workers, frames_format=frames_format, progress=not quiet, subset=subset)
+                            workers=workers, frames_format=frames_format, progress=not quiet, subset=subset,
+                            allow_leaks=allow_leaks)
     if dataset == "audioset20k":  # the init chain's step 2: AudioSet-20K + the VGGSound clips the tasks leave out
         from stella_cli.prep_init import prepare_audioset20k
 
         return prepare_audioset20k(out, list_file=list_file, root=root, labels=labels, vggsound=vggsound,
-                                   workers=workers, frames_format=frames_format, progress=not quiet)
+                                   workers=workers, frames_format=frames_format, progress=not quiet,
+                                   allow_leaks=allow_leaks)
     if root is None:
-        raise ValueError(f"stella prep {dataset}: --root VIDEOS is required")
+        raise StellaError(f"stella prep {dataset}: --root VIDEOS is required")
     if dataset == "ave":
         from stella_cli.prep_downstream import prepare_ave
 
-        return prepare_ave(out, root=root, annotations=Path(list_file) if list_file else None, workers=workers,
-                           frames_format=frames_format, progress=not quiet)
+        return prepare_ave(out, root=root, annotations=list_file, workers=workers, frames_format=frames_format,
+                           progress=not quiet, allow_leaks=allow_leaks)
     if dataset == "avs":
         from stella_cli.prep_downstream import prepare_avs
 
-        if list_file is None or masks is None:
-            raise ValueError("stella prep avs: --list s4_meta_data.csv and --masks GT_MASKS are required")
+        if list_file is None:
+            raise StellaError("stella prep avs: --list s4_meta_data.csv is required")
         return prepare_avs(out, root=root, meta_csv=Path(list_file), masks=masks, workers=workers,
-                           frames_format=frames_format, progress=not quiet)
+                           frames_format=frames_format, progress=not quiet, allow_leaks=allow_leaks)
     from stella_cli.prep_downstream import prepare_msrvtt
 
     if list_file is None:
-        raise ValueError("stella prep msrvtt: --list (train=FILE,test=FILE or a folder of the lists) is required")
+        raise StellaError("stella prep msrvtt: --list (train=FILE,test=FILE or a folder of the lists) is required")
     return prepare_msrvtt(out, root=root, lists=list_file, workers=workers, frames_format=frames_format,
-                          progress=not quiet)
+                          progress=not quiet, allow_leaks=allow_leaks)
 
 
 @app.command()
@@ -450,5 +463,7 @@ def print_prep_summary(summary: dict) -> None:
             console.print(f"[yellow]skipped[/yellow] {split} {escape(item['clip_id'])}: {escape(item['reason'])}")
         if len(clips) > 5:
             console.print(f"  ... and {len(clips) - 5} more {split} clips")
+    for note in summary.get("warnings", []):
+        console.print(f"[yellow]note:[/yellow] {escape(note)}", soft_wrap=True)
     if summary.get("report"):
         console.print(f"every skipped clip and its reason: {summary['report']}")

@@ -109,6 +109,48 @@ def decode_clip(
                        duration=min(count / native_fps, len(waveform) / sample_rate))
 
 
+def decode_frame_folder(
+    folder: str | Path,
+    audio: str | Path,
+    *,
+    frames_per_second: float,
+    num_frames: int = 80,
+    frame_size: int = 256,
+    clip_seconds: float = 10.0,
+    sample_rate: int = 16000,
+    min_seconds: float = MIN_SECONDS,
+) -> DecodedClip:
+    """A clip released as extracted frames (a folder of images, `{name}_{k}.png` k = 1, 2, ..., at
+    `frames_per_second`) and an audio file, sampled as decode_clip samples a video: frame i is image
+    floor(i·N/F) of the first N = min(images, int(clip_seconds · frames_per_second)); audio mono 16 kHz, first
+    clip_seconds. AVSBench's processed release (visual_frames/ at 1 fps + audio_wav/) is this form."""
+    images = sorted((p for p in Path(folder).iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg")),
+                    key=lambda p: (len(p.stem), p.stem))  # name_2 before name_10
+    count = min(len(images), int(clip_seconds * frames_per_second))
+    if count < min_seconds * frames_per_second:
+        raise ClipError(f"too short: video {count / frames_per_second:.2f} s (minimum {min_seconds:g} s)")
+    sampler = _FrameSampler(frame_size, num_frames)
+    try:
+        for k, positions in _wanted(count, num_frames).items():
+            with av.open(str(images[k])) as container:
+                sampler.take(next(container.decode(video=0)), positions)
+        with av.open(str(audio)) as container:
+            if not container.streams.audio:
+                raise ClipError("no audio stream")
+            collector = _AudioCollector(sample_rate, int(round(clip_seconds * sample_rate)), "ffmpeg")
+            for frame in container.decode(audio=0):
+                collector.add(frame)
+                if collector.full:
+                    break
+            waveform = collector.result()
+    except (av.FFmpegError, OSError, StopIteration) as err:
+        raise ClipError(f"cannot decode: {_short(err)}") from err
+    if len(waveform) < min_seconds * sample_rate:
+        raise ClipError(f"too short: audio {len(waveform) / sample_rate:.2f} s (minimum {min_seconds:g} s)")
+    return DecodedClip(frames=sampler.result(), waveform=waveform, native_fps=frames_per_second,
+                       num_source_frames=count, duration=min(count / frames_per_second, len(waveform) / sample_rate))
+
+
 def _frame_count_guess(container: av.container.InputContainer, vstream: av.VideoStream, native_fps: float) -> int:
     """Frames the container says it has (mp4: exact), else the video duration × fps (mkv/webm: the DURATION tag);
     decode_clip checks the guess against the frames it decodes."""

@@ -14,15 +14,15 @@ Subsets (`--subset`) for the initialisation chain (method.md §1.9, §2.5):
             authors' vgg_unused_cleaned_shrink8.csv (tools/vggsound/data_preprocess/split_vggsound.py).
   all       every clip of the lists: VGGSound's 'Origin' (every class trained, no cap) or, for AudioSet, every
             class of the label csv as one task "all" (AudioSet-20K; no category table needed).
-Clip lists: CAV-MAE json (+ label csv), the authors' header-less STELLA csv, or a folder of raw clips.
-Each split is decoded by `prepare_split` (media.decode_clip + audio.clip_fbank) into the cache.py layout;
-prep_report.json lists every clip left out and why.
+Clip lists: CAV-MAE json (+ label csv), the authors' header-less STELLA csv, or a folder of raw clips (files read by
+inputs.py: byte-order marks, linked folders). A clip listed twice in a split is kept once and reported; a clip in
+both train and test (or retrieval) is refused unless allow_leaks. Each split is decoded by `prepare_split`
+(media.decode_clip + audio.clip_fbank) into the cache.py layout; prep_report.json lists every clip left out and why.
 """
 
 from __future__ import annotations
 
 import ast
-import csv
 import json
 import os
 import re
@@ -40,6 +40,9 @@ from stella_cli import media
 from stella_cli.audio import clip_fbank
 from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk_bytes, open_or_create, spec_to_dict,
                               write_manifest, write_meta)
+from stella_cli.errors import StellaError
+from stella_cli.inputs import (MEDIA_EXTENSIONS, MediaIndex, check_leaks, duplicate_note, leak_note, parse_split_files,
+                               read_rows, read_text, walk_files)
 from stella_cli.pool import run_jobs
 
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
@@ -51,7 +54,6 @@ CLASSES_PER_TASK = 20  # method.md §5.2 (VGGSound)
 MAX_TRAIN_PER_CLASS = 400
 RETRIEVAL_PER_CLASS = 5  # used when the retrieval list is derived from the test list
 SUBSETS = ("tasks", "unused", "all")
-MEDIA_EXTENSIONS = {".mp4", ".mkv", ".webm", ".avi", ".mov", ".m4v", ".flv"}
 KNOWN_LISTS = {  # file names of the CAV-MAE jsons and of the authors' csvs, looked up in a --list folder
     "vggsound": {"train": ["vgg_train_cleaned.json", "vgg_train_cleaned_shrink8.csv", "vgg_train_cleaned.csv"],
                  "test": ["vgg_test_cleaned.json", "vgg_test_cleaned_shrink8.csv", "vgg_test_cleaned.csv"],
@@ -82,6 +84,8 @@ class ClipSource:
     task: str
     event_start: float | None = None  # seconds; the synthetic benchmark knows when its sound plays
     event_end: float | None = None
+    audio: str | None = None  # a separate audio file: `source` is then a folder of frames (media.decode_frame_folder)
+    frames_per_second: float = 1.0  # of such a frame folder (AVSBench's visual_frames: 1 fps)
 
 
 @dataclass
@@ -118,6 +122,7 @@ class Plan:
     excluded: dict[str, Counter]
     warnings: list[str] = field(default_factory=list)
     sources: dict[str, Any] = field(default_factory=dict)
+    leaks: dict[str, Any] = field(default_factory=dict)  # {'train/test': {'count', 'examples'}} (--allow-leaks)
 
 
 def canon(name: str) -> str:
@@ -130,39 +135,48 @@ def canon(name: str) -> str:
 
 
 def read_class_csv(path: Path) -> list[dict[str, Any]]:
-    """Rows {name, mid, category, line} of a label csv (header index,mid,display_name[,category]), a table with a
-    header naming display_name/name and category, or VGGSound's header-less stat.csv (name, count, category)."""
+    """Rows {name, mid, category, line} of a label csv (header index,mid,display_name[,category], or CAV-MAE's rows
+    index,mid,display_name without the header), a table with a header naming display_name/name and category, or
+    VGGSound's header-less stat.csv (name, count, category)."""
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: class table not found")
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh)]
-    if not rows:
-        raise ValueError(f"{path}: empty class table")
+    rows, _ = read_rows(path, "class table", delimiter=",")
+    if not any(rows):
+        raise StellaError(f"{path}: empty class table")
     head = [h.strip().lower() for h in rows[0]]
     out = []
     if "category" in head or "display_name" in head or "mid" in head:
         name_col = next((head.index(k) for k in ("display_name", "name", "label") if k in head), None)
         if name_col is None:
-            raise ValueError(f"{path}:1: header has no display_name column: {rows[0]}")
+            raise StellaError(f"{path}:1: header has no display_name column: {rows[0]}")
         mid_col = head.index("mid") if "mid" in head else None
         cat_col = head.index("category") if "category" in head else None
         for line, r in enumerate(rows[1:], start=2):
             if not r:
                 continue
             if len(r) != len(head):
-                raise ValueError(f"{path}:{line}: expected {len(head)} columns ({','.join(head)}), got {len(r)}")
+                raise StellaError(f"{path}:{line}: expected {len(head)} columns ({','.join(head)}), got {len(r)}")
             out.append({"name": r[name_col].strip(), "mid": r[mid_col].strip() if mid_col is not None else None,
                         "category": r[cat_col].strip() if cat_col is not None else None, "line": line})
         return out
+    if _is_label_row(rows[0]):  # CAV-MAE's label csv saved without its header line
+        for line, r in enumerate(rows, start=1):
+            if r and not _is_label_row(r):
+                raise StellaError(f"{path}:{line}: expected 'index,mid,display_name' as on line 1, got {r}")
+        return [{"name": r[2].strip(), "mid": r[1].strip(), "category": None, "line": line}
+                for line, r in enumerate(rows, start=1) if r]
     for line, r in enumerate(rows, start=1):  # stat.csv: name, number of clips, category
         if not r:
             continue
         if len(r) != 3 or not r[1].strip().isdigit():
-            raise ValueError(f"{path}:{line}: expected 'class name,number of clips,category' (VGGSound stat.csv) "
-                             f"or a header row, got {r}")
+            raise StellaError(f"{path}:{line}: expected a label csv (index,mid,display_name), VGGSound's stat.csv "
+                              f"(class name,number of clips,category) or a table with a header row, got {r}")
         out.append({"name": r[0].strip(), "mid": None, "category": r[2].strip(), "line": line})
     return out
+
+
+def _is_label_row(row: list[str]) -> bool:
+    """index,mid,display_name as in CAV-MAE's class_labels_indices*.csv ('0,/m/09x0r,Speech')."""
+    return len(row) == 3 and row[0].strip().isdigit() and bool(re.fullmatch(r"/[a-z]/\S+", row[1].strip()))
 
 
 def read_category_table(path: Path, dataset: str) -> dict[str, tuple[str, str]]:
@@ -177,14 +191,14 @@ def read_category_table(path: Path, dataset: str) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
     for name, category, line in rows:
         if category is None:
-            raise ValueError(f"{path}: no category column (expected VGGSound's stat.csv or a table with a header "
-                             f"display_name,category)")
+            raise StellaError(f"{path}: no category column (expected VGGSound's stat.csv or a table with a header "
+                              f"display_name,category)")
         if category not in allowed:
-            raise ValueError(f"{path}:{line}: unknown category {category!r} for class {name!r}; "
-                             f"{dataset} categories are {sorted(allowed)}")
+            raise StellaError(f"{path}:{line}: unknown category {category!r} for class {name!r}; "
+                              f"{dataset} categories are {sorted(allowed)}")
         old = table.setdefault(canon(name), (name, category))
         if old[1] != category:
-            raise ValueError(f"{path}:{line}: class {name!r} is in both {old[1]!r} and {category!r}")
+            raise StellaError(f"{path}:{line}: class {name!r} is in both {old[1]!r} and {category!r}")
     return table
 
 
@@ -195,9 +209,9 @@ def _allowed_categories(dataset: str) -> set[str]:
 
 def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
+        tree = ast.parse(read_text(path, "class-list file"), filename=str(path))
     except SyntaxError as err:
-        raise ValueError(f"{path}:{err.lineno}: not a Python class-list file: {err.msg}") from err
+        raise StellaError(f"{path}:{err.lineno}: not a Python class-list file: {err.msg}") from err
     found: dict[str, tuple[Any, int]] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -206,13 +220,13 @@ def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
             except ValueError:
                 continue
     if "category_info" not in found or "category_2_simple" not in found:
-        raise ValueError(f"{path}: expected the dicts category_info and category_2_simple "
-                         "(the authors' tools/audioset/__init__.py)")
+        raise StellaError(f"{path}: expected the dicts category_info and category_2_simple "
+                          "(the authors' tools/audioset/__init__.py)")
     (groups, line), (simple, _) = found["category_info"], found["category_2_simple"]
     rows = []
     for group, names in groups.items():
         if group not in simple:
-            raise ValueError(f"{path}:{line}: group {group!r} has no entry in category_2_simple")
+            raise StellaError(f"{path}:{line}: group {group!r} has no entry in category_2_simple")
         for name in list(names) + group.split("&"):  # the group names are classes too (the authors' tools)
             rows.append((name, simple[group], line))
     return rows
@@ -221,16 +235,16 @@ def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
 def read_cavmae_json(path: Path) -> list[ListEntry]:
     """CAV-MAE json {"data": [{"video_id", "wav", "video_path", "labels": "mid1,mid2"}]}."""
     try:
-        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        data = json.loads(read_text(path, "clip list"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+        raise StellaError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f'{path}: expected {{"data": [...]}} (a CAV-MAE json)')
+        raise StellaError(f'{path}: expected {{"data": [...]}} (a CAV-MAE json)')
     out = []
     for i, item in enumerate(data["data"]):
         where = f"{path}: data[{i}]"
         if not isinstance(item, dict) or "video_id" not in item or "labels" not in item:
-            raise ValueError(f"{where}: expected an object with video_id and labels, got {item!r}"[:300])
+            raise StellaError(f"{where}: expected an object with video_id and labels, got {item!r}"[:300])
         vid, labels = str(item["video_id"]), item["labels"]
         refs = labels.split(",") if isinstance(labels, str) else [str(x) for x in labels]
         names, path_hint = [vid], None
@@ -249,39 +263,44 @@ def read_cavmae_json(path: Path) -> list[ListEntry]:
 
 def read_stella_csv(path: Path) -> list[ListEntry]:
     """The authors' header-less csv: idx, vid, frames_dir, wav, label mid(s) (comma-joined), category (method.md §7.1).
-    The category column is not used: categories come from the category table."""
+    The category column is not used: categories come from the category table. The frames folder is named
+    {ytid}_{start ms}_{end ms} (audiosetdl's file name); VGGSound's own {ytid}_{start s:06d} is looked for too."""
     out = []
-    with open(path, newline="", encoding="utf-8") as fh:
-        for line, r in enumerate(csv.reader(fh), start=1):
-            if not r:
-                continue
-            if len(r) != 6:
-                raise ValueError(f"{path}:{line}: expected 6 columns (idx, vid, frames_dir, wav, label, category), "
-                                 f"got {len(r)}")
-            _, vid, frames_dir, wav, label, _ = (x.strip() for x in r)
-            stem = Path(frames_dir).name or Path(wav).stem or vid
-            refs = [x.strip() for x in label.split(",") if x.strip()]
-            out.append(ListEntry(stem, refs, [stem, Path(wav).stem, vid], vid, f"{path}:{line}"))
+    rows, _ = read_rows(path, "clip list", delimiter=",")
+    for line, r in enumerate(rows, start=1):
+        if not r:
+            continue
+        if len(r) != 6:
+            raise StellaError(f"{path}:{line}: expected 6 columns (idx, vid, frames_dir, wav, label, category) "
+                              f"as the authors' csv lists, got {len(r)}: {r}"[:300])
+        _, vid, frames_dir, wav, label, _ = (x.strip() for x in r)
+        stem = Path(frames_dir).name or Path(wav).stem or vid
+        names = [stem, Path(wav).stem, vid]
+        m = re.fullmatch(r"(.+)_(\d+)_(\d+)", stem)
+        if m and int(m.group(2)) % 1000 == 0:  # the VGGSound release names a clip by its start second, 6 digits
+            names += [f"{m.group(1)}_{int(m.group(2)) // 1000:06d}", f"{m.group(1)}_{int(m.group(2)) // 1000}"]
+        refs = [x.strip() for x in label.split(",") if x.strip()]
+        out.append(ListEntry(stem, refs, names, vid, f"{path}:{line}"))
     return out
 
 
 def read_clip_list(path: Path) -> list[ListEntry]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: clip list not found")
+        raise StellaError(f"{path}: clip list not found")
     if path.suffix.lower() == ".json":
         return read_cavmae_json(path)
     return read_stella_csv(path)
 
 
 def scan_folder(root: Path) -> dict[str, list[ListEntry]]:
-    """ROOT/{train,test,retrieval}/CLASS/*.mp4 (any depth below the split; class = parent folder); without split
-    folders, every clip of ROOT/**/CLASS/* is a training clip."""
+    """ROOT/{train,test,retrieval}/CLASS/*.mp4 (any depth below the split; class = parent folder; linked folders
+    are followed); without split folders, every clip of ROOT/**/CLASS/* is a training clip."""
     split_dirs = {s: root / s for s in SPLITS if (root / s).is_dir()}
     out: dict[str, list[ListEntry]] = {s: [] for s in SPLITS}
     for split, base in (split_dirs or {"train": root}).items():
-        for p in sorted(base.rglob("*")):
-            if p.suffix.lower() in MEDIA_EXTENSIONS and p.is_file() and p.parent != base:
+        for p in walk_files(base):
+            if p.suffix.lower() in MEDIA_EXTENSIONS and p.parent != base:
                 out[split].append(ListEntry(p.stem, [p.parent.name], [p.stem], p.stem, str(p), str(p)))
     return out
 
@@ -289,8 +308,13 @@ def scan_folder(root: Path) -> dict[str, list[ListEntry]]:
 def resolve_lists(list_file: Any, dataset: str) -> tuple[dict[str, Path], dict[str, Path]]:
     """--list as SPLIT=FILE (repeatable or comma-joined), a mapping, or a folder holding the CAV-MAE jsons / the
     authors' csvs under their usual names. Returns ({split: list}, {"labels"/"categories": file found there})."""
-    items = list(list_file.items()) if isinstance(list_file, Mapping) else None
-    if items is None:
+    form = f"SPLIT=FILE,... (splits {list(SPLITS)}) or a folder of lists"
+    if isinstance(list_file, Mapping):
+        lists = {s: Path(f) for s, f in list_file.items()}
+        unknown = sorted(set(lists) - set(SPLITS))
+        if unknown:
+            raise StellaError(f"--list: unknown split {unknown[0]!r}; choose from {list(SPLITS)}")
+    else:
         raw = [list_file] if isinstance(list_file, (str, Path)) else list(list_file)
         if len(raw) == 1 and Path(str(raw[0])).is_dir():
             folder, found, extra = Path(str(raw[0])), {}, {}
@@ -299,23 +323,16 @@ def resolve_lists(list_file: Any, dataset: str) -> tuple[dict[str, Path], dict[s
                 if hit is not None:
                     (found if key in SPLITS else extra)[key] = hit
             if "train" not in found or "test" not in found:
-                raise FileNotFoundError(f"{folder}: no {dataset} train/test lists here (looked for "
-                                        f"{KNOWN_LISTS[dataset]['train'] + KNOWN_LISTS[dataset]['test']})")
+                raise StellaError(f"{folder}: no {dataset} train/test lists here (looked for "
+                                  f"{KNOWN_LISTS[dataset]['train'] + KNOWN_LISTS[dataset]['test']})")
             return found, extra
-        items = []
+        if len(raw) == 1 and "=" not in str(raw[0]) and not Path(str(raw[0])).exists():
+            raise StellaError(f"--list {raw[0]}: no such file or folder; give {form}")
+        lists = {}
         for item in raw:
-            for part in str(item).split(","):
-                split, sep, file = part.partition("=")
-                if not sep:
-                    raise ValueError(f"--list {part}: give SPLIT=FILE (splits {list(SPLITS)}) or a folder of lists")
-                items.append((split.strip(), file.strip()))
-    lists = {}
-    for split, file in items:
-        if split not in SPLITS:
-            raise ValueError(f"--list {split}={file}: unknown split {split!r}; choose from {list(SPLITS)}")
-        lists[split] = Path(file)
+            lists.update(parse_split_files(str(item), SPLITS, form))
     if "train" not in lists or "test" not in lists:
-        raise ValueError(f"--list: train and test lists are required (retrieval is optional), got {sorted(lists)}")
+        raise StellaError(f"--list: train and test lists are required (retrieval is optional), got {sorted(lists)}")
     return lists, {}
 
 
@@ -337,11 +354,11 @@ def build_classes(dataset: str, table: dict[str, tuple[str, str]], label_rows: l
         key = canon(name)
         category = table[key][1] if key in table else own_category
         if category and category not in _allowed_categories(dataset):
-            raise ValueError(f"{label_file}:{line}: unknown category {category!r} for class {name!r}; "
-                             f"{dataset} categories are {sorted(_allowed_categories(dataset))}")
+            raise StellaError(f"{label_file}:{line}: unknown category {category!r} for class {name!r}; "
+                              f"{dataset} categories are {sorted(_allowed_categories(dataset))}")
         if not category:
             if dataset == "vggsound":
-                raise ValueError(f"{label_file}:{line}: class {name!r} has no category in the category table")
+                raise StellaError(f"{label_file}:{line}: class {name!r} has no category in the category table")
             continue  # AudioSet: a class outside the 7 category lists is not used
         seen.add(key)
         name = table[key][0] if key in table else name  # the table's spelling ("a, b", not CAV-MAE's "a_ b")
@@ -389,7 +406,7 @@ def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo],
         for r in e.refs:
             if r not in known and canon(r) not in known:
                 where = label_file or "the category table (a list of mids needs --labels)"
-                raise ValueError(f"{e.where}: unknown class {r!r} (not in {where})")
+                raise StellaError(f"{e.where}: unknown class {r!r} (not in {where})")
         hits = [by_ref.get(r) or by_ref.get(canon(r)) for r in e.refs]
         hits = list({c.index: c for c in hits if c is not None}.values())  # distinct, in label order
         if not hits:
@@ -407,7 +424,7 @@ def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo],
             excluded["duplicate clip id"] += 1
             continue
         seen.add(e.clip_id)
-        path = media_index.find(e)
+        path = media_index.find(e.names, e.ytid, e.path)
         if path is None:
             missing.append({"clip_id": e.clip_id, "source": e.where, "reason": "no media file under --root"})
             continue
@@ -424,47 +441,20 @@ def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo],
     return clips, missing, excluded
 
 
-class MediaIndex:
-    """Media files under --root by file stem, and by YouTube id for audiosetdl's {ytid}_{start}_{end} names."""
-
-    def __init__(self, root: Path):
-        self.root = Path(root)
-        self.by_stem: dict[str, Path] = {}
-        self.by_ytid: dict[str, Path | None] = {}
-        for dirpath, _, files in os.walk(self.root):
-            for f in sorted(files):
-                p = Path(dirpath) / f
-                if p.suffix.lower() not in MEDIA_EXTENSIONS:
-                    continue
-                self.by_stem.setdefault(p.stem, p)
-                m = re.fullmatch(r"(.+?)_(\d+)_(\d+)", p.stem)
-                if m:  # a YouTube id with two clips is ambiguous: None
-                    self.by_ytid[m.group(1)] = None if m.group(1) in self.by_ytid else p
-
-    def find(self, e: ListEntry) -> Path | None:
-        if e.path:
-            for p in (Path(e.path), self.root / e.path):
-                if p.is_file():
-                    return p
-        for name in e.names:
-            if name in self.by_stem:
-                return self.by_stem[name]
-        return self.by_ytid.get(e.ytid)
-
-
 def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, categories: Path | None = None,
               labels: Path | None = None, classes_per_task: int = CLASSES_PER_TASK,
               max_train_per_class: int = MAX_TRAIN_PER_CLASS, retrieval_per_class: int = RETRIEVAL_PER_CLASS,
-              retrieval_all_classes: bool = True, subset: str = "tasks") -> Plan:
+              retrieval_all_classes: bool = True, subset: str = "tasks", allow_leaks: bool = False) -> Plan:
     """Read the inputs and build the task split (or another `subset`, see the module docstring), without decoding
-    anything."""
+    anything. A clip listed twice in a split is kept once and reported; a clip in both train and test (or
+    retrieval) is refused unless `allow_leaks`."""
     if dataset not in ("vggsound", "audioset"):
-        raise ValueError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
+        raise StellaError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
     if subset not in SUBSETS or (subset == "unused" and dataset != "vggsound"):
         choices = SUBSETS if dataset == "vggsound" else ("tasks", "all")
-        raise ValueError(f"--subset {subset}: {dataset} subsets are {', '.join(choices)}")
+        raise StellaError(f"--subset {subset}: {dataset} subsets are {', '.join(choices)}")
     if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(f"--root {root}: folder of media files not found")
+        raise StellaError(f"--root {root}: folder of media files not found")
     root = Path(root)
     lists, found = resolve_lists(list_file, dataset) if list_file is not None else ({}, {})
     labels = labels or found.get("labels")
@@ -473,18 +463,20 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
     if label_rows is not None:
         for r in label_rows:
             if not r["mid"]:
-                raise ValueError(f"{labels}:{r['line']}: a label csv needs the header index,mid,display_name")
+                raise StellaError(f"{labels}:{r['line']}: --labels needs a label csv with a mid per class "
+                                  f"(index,mid,display_name); a name,count,category table such as VGGSound's "
+                                  f"stat.csv goes to --categories")
     warnings: list[str] = []
     every_class = dataset == "audioset" and subset == "all"  # AudioSet-20K: all 527 classes, no category rules
     if every_class:
         if label_rows is None:
-            raise FileNotFoundError("stella prep audioset --subset all: --labels is required (the CAV-MAE label "
-                                    "csv, class_labels_indices.csv)")
+            raise StellaError("stella prep audioset --subset all: --labels is required (the CAV-MAE label "
+                              "csv, class_labels_indices.csv)")
         classes = [ClassInfo(r["name"], r["mid"], "all", "all", True, i) for i, r in enumerate(label_rows)]
     else:
         if categories is None:
             if not (label_rows and all(r["category"] for r in label_rows)):
-                raise FileNotFoundError(f"stella prep {dataset}: --categories is required (" + (
+                raise StellaError(f"stella prep {dataset}: --categories is required (" + (
                     "VGGSound's stat.csv: name,count,category" if dataset == "vggsound" else
                     "the authors' tools/audioset/__init__.py, or a csv with header display_name,category") + ")")
             table = {}
@@ -494,6 +486,7 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
         classes = build_classes(dataset, table, label_rows, per_task, warnings, labels)
     known_refs = {r["mid"] for r in label_rows} if label_rows else set()
     entries = {s: read_clip_list(p) for s, p in lists.items()} if lists else scan_folder(root)
+    warnings += [n for s, e in entries.items() if (n := duplicate_note(s, [(x.clip_id, x.where) for x in e]))]
     index = MediaIndex(root)
     derive = not entries.get("retrieval") or subset == "unused"
     if subset == "unused" and entries.get("retrieval"):
@@ -521,13 +514,20 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
                 clips["retrieval"].append(c)
             else:
                 excluded["retrieval"][f"beyond the first {retrieval_per_class} test clips of its class"] += 1
+    found = sum(len(c) for c in clips.values()) + sum(n for x in excluded.values() for k, n in x.items()
+                                                      if k.startswith(("used by", "over the")))
+    index.require_some(sum(len(m) for m in missing.values()), found,
+                       [n for e in entries.get("train", [])[:3] for n in e.names[:1]])
+    leaks = check_leaks({s: [(os.path.realpath(c.source), c.clip_id) for c in clips[s]] for s in clips}, allow_leaks,
+                        [("train", "test"), ("train", "retrieval")])
+    warnings += leak_note(leaks)
     sources = {"lists": {s: str(p) for s, p in lists.items()} or f"folder {root}", "root": str(root),
                "categories": str(categories) if categories else None, "labels": str(labels) if labels else None,
                "classes_per_task": classes_per_task, "max_train_per_class": max_train_per_class,
                "retrieval_per_class": retrieval_per_class if derive else None,
-               "retrieval_all_classes": retrieval_all_classes, "subset": subset}
+               "retrieval_all_classes": retrieval_all_classes, "subset": subset, "allow_leaks": allow_leaks}
     tasks = ["all"] if every_class else VGGSOUND_TASKS if dataset == "vggsound" else AUDIOSET_TASKS
-    return Plan(dataset, tasks, classes, clips, missing, excluded, warnings, sources)
+    return Plan(dataset, tasks, classes, clips, missing, excluded, warnings, sources, leaks)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -539,14 +539,14 @@ def prepare_real(dataset: str, *, out: Path, list_file: Any = None, root: Path |
                  frames_format: str = "raw", progress: bool = True, spec: CacheSpec | None = None,
                  classes_per_task: int = CLASSES_PER_TASK, max_train_per_class: int = MAX_TRAIN_PER_CLASS,
                  retrieval_per_class: int = RETRIEVAL_PER_CLASS, retrieval_all_classes: bool = True,
-                 subset: str = "tasks") -> dict[str, Any]:
+                 subset: str = "tasks", allow_leaks: bool = False) -> dict[str, Any]:
     """`stella prep vggsound|audioset`: plan the split, decode every split, write meta.json, the manifests and
     prep_report.json. Returns {'out', 'splits': {split: {task: n}}, 'skipped': {split: n}, 'seconds', 'bytes'}."""
     t0 = time.perf_counter()
     plan = plan_real(dataset, list_file=list_file, root=root, categories=categories, labels=labels,
                      classes_per_task=classes_per_task, max_train_per_class=max_train_per_class,
                      retrieval_per_class=retrieval_per_class, retrieval_all_classes=retrieval_all_classes,
-                     subset=subset)
+                     subset=subset, allow_leaks=allow_leaks)
     return write_plan(plan, Path(out), replace(spec or CacheSpec(), frames_format=frames_format), workers=workers,
                       progress=progress, t0=t0)
 
@@ -556,15 +556,15 @@ def write_plan(plan: Plan, out: Path, spec: CacheSpec, *, workers: int, progress
     """Decode a plan's splits into OUT (resumable) with meta.json, the manifests and prep_report.json."""
     t0 = time.perf_counter() if t0 is None else t0
     dataset = plan.dataset
-    for split in SPLITS:  # refuse a cache made from other lists or settings before touching anything
-        _check_rows(out, split, plan.clips[split], spec)
+    check_resumable(out, plan.clips, spec)  # refuse a cache made from other lists or settings before touching it
+    out.mkdir(parents=True, exist_ok=True)
     write_meta(out, {"dataset": dataset, "tasks": plan.tasks, "splits": list(SPLITS), "spec": spec_to_dict(spec),
                      "classes": [{"index": c.index, "name": c.name, "mid": c.mid, "category": c.category,
                                   "task": c.task, "trained": c.trained} for c in plan.classes],
                      "sources": plan.sources})
-    report: dict[str, Any] = {"dataset": dataset, "warnings": plan.warnings, "splits": {}}
+    report: dict[str, Any] = {"dataset": dataset, "warnings": plan.warnings, "leaks": plan.leaks, "splits": {}}
     summary: dict[str, Any] = {"out": str(out), "splits": {}, "skipped": {}, "skipped_clips": {},
-                               "report": str(out / "prep_report.json")}
+                               "report": str(out / "prep_report.json"), "warnings": plan.warnings}
     for split in SPLITS:
         res = prepare_split(out, split, plan.clips[split], spec, workers=workers, progress=progress)
         skipped = plan.missing[split] + res["skipped"]
@@ -627,17 +627,26 @@ def _seconds(x: float | None) -> str:
     return "" if x is None else f"{x:.3f}"
 
 
+def check_resumable(out: Path, clips: Mapping[str, list[ClipSource]], spec: CacheSpec) -> None:
+    """Refuse, before anything is written, an OUT whose cache holds other rows or settings than this run's."""
+    for split, items in clips.items():
+        path = Path(out) / "cache" / split / "rows.json"
+        if path.is_file() and json.loads(path.read_text()) != _rows_record(items, spec):
+            raise StellaError(f"{path}: the cache was prepared from another clip list or other settings; "
+                              "use a new --out folder (nothing was changed)")
+
+
+def _rows_record(clips: list[ClipSource], spec: CacheSpec) -> dict[str, Any]:
+    return {"spec": spec_to_dict(spec), "clip_ids": [c.clip_id for c in clips], "sources": [c.source for c in clips]}
+
+
 def _check_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec) -> None:
     """A re-run must see the same rows and settings as the cache it resumes."""
+    check_resumable(out, {split: clips}, spec)
     path = out / "cache" / split / "rows.json"
-    rows = {"spec": spec_to_dict(spec), "clip_ids": [c.clip_id for c in clips], "sources": [c.source for c in clips]}
-    if path.is_file():
-        if json.loads(path.read_text()) != rows:
-            raise ValueError(f"{path}: the cache was prepared from another clip list or other settings; "
-                             "use a new --out folder")
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows))
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(_rows_record(clips, spec)))
 
 
 _WORKER: dict[str, Any] = {}
@@ -647,14 +656,19 @@ def _init_worker(out: str, split: str, n: int, spec: CacheSpec, threads: int) ->
     _WORKER.update(writer=SplitWriter(Path(out), split, n, spec), spec=spec, threads=threads)
 
 
-def _prepare_row(job: tuple[int, str]) -> tuple[int, float, str | None]:
+def _prepare_row(job: tuple[int, str, str | None, float]) -> tuple[int, float, str | None]:
     """Decode one clip, compute its fbank and write its row (in a worker); (row, duration, reason or None)."""
-    row, source = job
+    row, source, audio, frames_per_second = job
     spec = _WORKER["spec"]
     try:
-        clip = media.decode_clip(source, fps=spec.fps, num_frames=spec.num_frames, frame_size=spec.frame_size,
-                                 clip_seconds=spec.clip_seconds, sample_rate=spec.sample_rate,
-                                 threads=_WORKER["threads"])
+        if audio is None:
+            clip = media.decode_clip(source, fps=spec.fps, num_frames=spec.num_frames, frame_size=spec.frame_size,
+                                     clip_seconds=spec.clip_seconds, sample_rate=spec.sample_rate,
+                                     threads=_WORKER["threads"])
+        else:
+            clip = media.decode_frame_folder(source, audio, frames_per_second=frames_per_second,
+                                             num_frames=spec.num_frames, frame_size=spec.frame_size,
+                                             clip_seconds=spec.clip_seconds, sample_rate=spec.sample_rate)
     except media.ClipError as err:
         return row, 0.0, err.reason
     fbank = clip_fbank(clip.waveform, spec.sample_rate, spec.target_length, spec.num_mel_bins)  # (T, M)
@@ -664,7 +678,7 @@ def _prepare_row(job: tuple[int, str]) -> tuple[int, float, str | None]:
 
 def _decode_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec, pending: list[int],
                  workers: int):
-    jobs = [(r, clips[r].source) for r in pending]
+    jobs = [(r, clips[r].source, clips[r].audio, clips[r].frames_per_second) for r in pending]
     if not jobs:
         return
     threads = 0 if workers <= 1 else max(1, (os.cpu_count() or 1) // workers)  # PyAV decode threads per clip
@@ -676,5 +690,5 @@ def _decode_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec
 
 
 __all__ = ["ClipSource", "ClassInfo", "Plan", "prepare_real", "prepare_split", "plan_real", "write_plan", "SUBSETS",
-           "read_class_csv", "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "MediaIndex",
+           "read_class_csv", "read_category_table", "read_cavmae_json", "read_stella_csv", "canon", "check_resumable",
            "ListEntry", "SPLITS", "VGGSOUND_TASKS", "AUDIOSET_TASKS", "OTHERS_PART1"]

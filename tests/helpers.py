@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,6 +45,65 @@ def make_clip(path: Path, seconds: float = 2.0, fps: int = 8, seed: int = 0, aud
     path.parent.mkdir(parents=True, exist_ok=True)
     write_mp4(path, frames, fps, wave, 16000)
     return path
+
+
+def write_png(path: Path, pixels: np.ndarray) -> Path:
+    """A real png through PyAV's png encoder: uint8 (H, W) grey or (H, W, 3) RGB."""
+    import av
+
+    ctx = av.CodecContext.create("png", "w")
+    fmt = "gray" if pixels.ndim == 2 else "rgb24"
+    ctx.width, ctx.height, ctx.pix_fmt = pixels.shape[1], pixels.shape[0], fmt
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(pixels), format=fmt)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
+    return path
+
+
+def write_wav(path: Path, seconds: float, seed: int = 0, sample_rate: int = 16000) -> Path:
+    """A 16-bit mono wav of a tone (the wave module)."""
+    import wave
+
+    t = np.arange(int(seconds * sample_rate)) / sample_rate
+    pcm = (0.3 * np.sin(2 * np.pi * (300 + 40 * seed) * t) * 32767).astype("<i2")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with wave.open(str(path), "wb") as w:
+        w.setnchannels(1)
+        w.setsampwidth(2)
+        w.setframerate(sample_rate)
+        w.writeframes(pcm.tobytes())
+    return path
+
+
+CLI_BATCH = """
+import json, sys
+from stella_cli.cli import main
+for argv in json.loads(sys.argv[1]):
+    sys.argv = ["stella", *argv]
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code if isinstance(stop.code, int) else int(stop.code is not None)
+    print()
+    print(f"@@exit {code}@@", flush=True)
+"""
+
+
+def cli_batch(*runs: list[str]) -> list[tuple[int, str]]:
+    """[(exit code, output)] of `stella ARGS...` for each run, all through stella_cli.cli.main in ONE subprocess
+    (the import of torch, most of a run's time, is paid once). Output is stdout and stderr together."""
+    result = subprocess.run([sys.executable, "-c", CLI_BATCH, json.dumps([[str(a) for a in r] for r in runs])],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600,
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"})
+    parts = result.stdout.split("@@exit ")
+    assert len(parts) == len(runs) + 1, result.stdout[-3000:]
+    out, done = parts[0], []
+    for part in parts[1:]:
+        code, _, rest = part.partition("@@")
+        done.append((int(code), out))
+        out = rest
+    return done
 
 
 def write_json(path: Path, items: list[tuple[str, str]]) -> Path:

@@ -16,6 +16,7 @@ from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_MIDS, VGG_STAT, f
 from stella_cli import media, prep
 from stella_cli.audio import clip_fbank
 from stella_cli.cache import DONE, PENDING, SplitReader, read_manifest, read_meta
+from stella_cli.errors import StellaError
 from stella_cli.prep import plan_real, prepare_real
 
 
@@ -71,7 +72,9 @@ def test_audioset_single_category_rule(tmp_path):
     for vid, _ in items:  # audiosetdl names the files {ytid}_{start ms}_{end ms}
         (media_dir / f"{vid}_30000_40000.mp4").touch()
     lists = {s: write_json(tmp_path / f"{s}.json", items) for s in ("train", "test", "retrieval")}
-    plan = plan_real("audioset", list_file=lists, root=media_dir, categories=AS_LISTS, labels=AS_LABELS)
+    plan = plan_real("audioset", list_file=lists, root=media_dir, categories=AS_LISTS, labels=AS_LABELS,
+                     allow_leaks=True)  # one list for all three splits: kept, and counted
+    assert {k: v["count"] for k, v in plan.leaks.items()} == {"train/test": 5, "train/retrieval": 5}
     assert [(c.name, c.task) for c in plan.classes] == [
         ("Whistling", "human"), ("Chuckle, chortle", "human"), ("Vehicle", "vehicle"), ("Car alarm", "vehicle"),
         ("Thunder", "nature"), ("Animal", "animal"), ("Bark", "animal"), ("Meow", "animal"), ("Clock", "others"),
@@ -87,6 +90,24 @@ def test_audioset_single_category_rule(tmp_path):
     assert any("Engine" in w and "Tools" in w for w in plan.warnings)  # group names absent from the label csv
 
 
+def test_duplicates_are_reported_and_leaks_refused(tmp_path):
+    inputs = fake_vggsound(tmp_path, n_train=2, n_test=2, n_retrieval=None)
+    train = write_json(tmp_path / "train2.json", [("c00tr0_000000", VGG_MIDS[0]), ("c01tr1_000001", VGG_MIDS[1]),
+                                                 ("c00tr0_000000", VGG_MIDS[0])])
+    plan = plan_real("vggsound", **(inputs | {"list_file": {"train": train, "test": inputs["list_file"]["test"]}}))
+    assert [c.clip_id for c in plan.clips["train"]] == ["c00tr0_000000", "c01tr1_000001"]
+    assert f"train: 1 clip ids listed more than once (the first is kept): c00tr0_000000 ({train}: data[0], again " \
+           f"at {train}: data[2])" in plan.warnings
+    assert dict(plan.excluded["train"]) == {"duplicate clip id": 1} and plan.leaks == {}
+    test = write_json(tmp_path / "test2.json", [("c01te0_000000", VGG_MIDS[1]), ("c01tr1_000001", VGG_MIDS[1])])
+    lists = {"train": train, "test": test}
+    with pytest.raises(StellaError, match=r"^1 clips are in both the train and the test split \(e.g. c01tr1_000001\)"):
+        plan_real("vggsound", **(inputs | {"list_file": lists}))
+    kept = plan_real("vggsound", **(inputs | {"list_file": lists}), allow_leaks=True)
+    assert kept.leaks == {"train/test": {"count": 1, "examples": ["c01tr1_000001"]},
+                          "train/retrieval": {"count": 1, "examples": ["c01tr1_000001"]}}
+
+
 def test_stella_csv_lists(tmp_path):
     media_dir = tmp_path / "media"
     media_dir.mkdir()
@@ -100,7 +121,8 @@ def test_stella_csv_lists(tmp_path):
     for split in ("train", "test", "retrieval"):
         (tmp_path / f"{split}.csv").write_text(text)
     lists = ",".join(f"{s}={tmp_path / s}.csv" for s in ("train", "test", "retrieval"))  # SPLIT=FILE,... form
-    plan = plan_real("vggsound", list_file=lists, root=media_dir, categories=VGG_STAT, labels=VGG_LABELS)
+    plan = plan_real("vggsound", list_file=lists, root=media_dir, categories=VGG_STAT, labels=VGG_LABELS,
+                     allow_leaks=True)
     assert [(c.clip_id, c.task, Path(c.source).name) for c in plan.clips["train"]] == [
         ("vidA_30000_40000", "sports", "vidA_30000_40000.mp4"), ("vidB_0_10000", "music", "vidB_0_10000.mp4")]
 
@@ -123,35 +145,35 @@ def test_list_folder_with_the_usual_file_names(tmp_path):
 
 def test_input_errors_name_file_and_line(tmp_path):
     inputs = fake_vggsound(tmp_path)
-    with pytest.raises(FileNotFoundError, match="--categories is required"):
+    with pytest.raises(StellaError, match="--categories is required"):
         plan_real("vggsound", **(inputs | {"categories": None}))
-    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+    with pytest.raises(StellaError, match="nowhere.csv"):
         plan_real("vggsound", **(inputs | {"categories": tmp_path / "nowhere.csv"}))
     bad = tmp_path / "stat_bad.csv"
     bad.write_text("dog barking,767,animals\nplaying piano,1050,music\nthunder;325;nature\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:3: expected 'class name,number of clips,category'"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(bad))}:3: expected a label csv .* VGGSound's stat.csv"):
         plan_real("vggsound", **(inputs | {"categories": bad}))
     bad.write_text("dog barking,767,animals\nplaying piano,1050,spaceships\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: unknown category 'spaceships'"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(bad))}:2: unknown category 'spaceships'"):
         plan_real("vggsound", **(inputs | {"categories": bad}))
     labels = tmp_path / "labels.csv"
     labels.write_text(VGG_LABELS.read_text() + "18,/m/vgg_18,mystery sound\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(labels))}:20: class 'mystery sound' has no category"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(labels))}:20: class 'mystery sound' has no category"):
         plan_real("vggsound", **(inputs | {"labels": labels}))
     unknown = write_json(tmp_path / "unknown.json", [("x_000001", VGG_MIDS[0]), ("y_000001", "/m/nope")])
-    with pytest.raises(ValueError, match=r"unknown.json: data\[1\]: unknown class '/m/nope'"):
+    with pytest.raises(StellaError, match=r"unknown.json: data\[1\]: unknown class '/m/nope'"):
         plan_real("vggsound", **(inputs | {"list_file": {"train": unknown, "test": unknown}}))
     short = tmp_path / "short.csv"
     short.write_text(f'0,vid,frames/vid,audio/vid.mp3,"{VGG_MIDS[0]}",sports\n1,vid2,frames/vid2,"{VGG_MIDS[0]}"\n')
-    with pytest.raises(ValueError, match=rf"{re.escape(str(short))}:2: expected 6 columns"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(short))}:2: expected 6 columns"):
         plan_real("vggsound", **(inputs | {"list_file": {"train": short, "test": short}}))
-    with pytest.raises(ValueError, match="SPLIT=FILE"):
+    with pytest.raises(StellaError, match="SPLIT=FILE"):
         plan_real("vggsound", **(inputs | {"list_file": inputs["list_file"]["train"]}))
-    with pytest.raises(FileNotFoundError, match="--root"):
+    with pytest.raises(StellaError, match="--root"):
         plan_real("vggsound", **(inputs | {"root": tmp_path / "absent"}))
     not_lists = tmp_path / "not_lists.py"
     not_lists.write_text("x = 1\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(not_lists))}: expected the dicts category_info"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(not_lists))}: expected the dicts category_info"):
         plan_real("audioset", **(inputs | {"categories": not_lists}))
 
 
@@ -160,7 +182,7 @@ def test_unknown_folder_class(tmp_path):
     (tmp_path / "train" / "dog_barking" / "a.mp4").touch()
     (tmp_path / "train" / "kazoo solo").mkdir()
     (tmp_path / "train" / "kazoo solo" / "b.mp4").touch()
-    with pytest.raises(ValueError, match=r"kazoo solo/b.mp4: unknown class 'kazoo solo'"):
+    with pytest.raises(StellaError, match=r"kazoo solo/b.mp4: unknown class 'kazoo solo'"):
         plan_real("vggsound", root=tmp_path, categories=VGG_STAT)
 
 
@@ -280,9 +302,11 @@ def test_two_workers_write_the_same_cache(clip_folder, tmp_path):
 def test_a_changed_clip_list_is_refused(clip_folder, tmp_path):
     out = tmp_path / "data"
     run_prep(clip_folder, out)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
     (clip_folder / "test" / "dog_barking" / "dog_test0.mp4").unlink()
-    with pytest.raises(ValueError, match="rows.json: the cache was prepared from another clip list"):
+    with pytest.raises(StellaError, match="rows.json: the cache was prepared from another clip list"):
         run_prep(clip_folder, out)
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before  # nothing was written
 
 
 def test_prepare_split_directly(tmp_path):

@@ -18,6 +18,7 @@ from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_STAT, fake_vggsou
 from stella_cli.cache import read_manifest, read_meta
 from stella_cli.config import load_recipe
 from stella_cli.data import check_prepared
+from stella_cli.errors import StellaError
 from stella_cli.prep import plan_real, prepare_real, resolve_lists
 from stella_cli.prep_init import prepare_audioset20k
 
@@ -77,16 +78,16 @@ def test_audioset_all_keeps_every_class_of_the_label_csv(tmp_path):
     for vid, _ in AS_ITEMS:
         (media_dir / f"{vid}_30000_40000.mp4").touch()
     lists = {s: write_json(tmp_path / f"{s}.json", AS_ITEMS) for s in ("train", "test")}
-    plan = plan_real("audioset", list_file=lists, root=media_dir, labels=AS_LABELS, subset="all")
+    plan = plan_real("audioset", list_file=lists, root=media_dir, labels=AS_LABELS, subset="all", allow_leaks=True)
     assert plan.tasks == ["all"] and len(plan.classes) == 17  # no category table: all classes, label csv order
     assert [(c.index, c.name) for c in plan.classes[:2]] == [(0, "Speech"), (1, "Whistling")]
     # the task split drops "bbb" (Speech has no category) and "ddd" (two categories); AudioSet-20K keeps both
     assert [(c.clip_id, c.labels) for c in plan.clips["train"]] == [
         ("aaa", [1]), ("bbb", [1, 0]), ("ccc", [4, 3]), ("ddd", [4, 6]), ("eee", [0]), ("fff", [16, 10])]
     assert len(plan.clips["retrieval"]) == 6  # derived: the first 5 test clips per (primary) class
-    with pytest.raises(FileNotFoundError, match="--subset all: --labels is required"):
+    with pytest.raises(StellaError, match="--subset all: --labels is required"):
         plan_real("audioset", list_file=lists, root=media_dir, categories=AS_LISTS, subset="all")
-    with pytest.raises(ValueError, match="--subset unused: audioset subsets are tasks, all"):
+    with pytest.raises(StellaError, match="--subset unused: audioset subsets are tasks, all"):
         plan_real("audioset", list_file=lists, root=media_dir, labels=AS_LABELS, subset="unused")
 
 
@@ -98,7 +99,7 @@ def test_a_list_folder_gives_audioset20k_its_20k_train_list(tmp_path):
     assert lists == {"train": tmp_path / "audioset_20k_cleaned.json", "test": tmp_path / "audioset_eval_cleaned.json"}
     assert found == {"labels": tmp_path / "class_labels_indices.csv"}
     (tmp_path / "audioset_20k_cleaned.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no audioset20k train/test lists here"):
+    with pytest.raises(StellaError, match="no audioset20k train/test lists here"):
         resolve_lists(tmp_path, "audioset20k")
 
 
@@ -109,7 +110,7 @@ def test_a_list_folder_gives_audioset20k_its_20k_train_list(tmp_path):
 @pytest.fixture
 def sources(tmp_path) -> dict:
     """Real mp4s: a VGGSound task split (1 class per task, 2 train clips per class) with clips left over, and
-    AudioSet-20K lists of 3 clips."""
+    AudioSet-20K lists of 3 train and 3 test clips."""
     vgg_media, as_media = tmp_path / "vgg_media", tmp_path / "as_media"
     mids = [MID[n] for n in ("basketball bounce", "skiing", "playing bass guitar", "playing piano")]
     items = {"train": [(f"v{j}tr{k}_{k:06d}", mid) for j, mid in enumerate(mids) for k in range(3)],
@@ -120,9 +121,10 @@ def sources(tmp_path) -> dict:
     vgg = tmp_path / "vggsound"
     prepare_real("vggsound", out=vgg, list_file=vgg_lists, root=vgg_media, categories=VGG_STAT, labels=VGG_LABELS,
                  classes_per_task=1, max_train_per_class=2, workers=0, progress=False, spec=TINY)
-    for seed, (vid, _) in enumerate(AS_ITEMS[:3]):
+    for seed, (vid, _) in enumerate(AS_ITEMS[:6]):
         make_clip(as_media / f"{vid}_30000_40000.mp4", seed=seed)
-    as_lists = {s: write_json(tmp_path / f"as_{s}.json", AS_ITEMS[:3]) for s in ("train", "test")}
+    as_lists = {s: write_json(tmp_path / f"as_{s}.json", items) for s, items in (("train", AS_ITEMS[:3]),
+                                                                                   ("test", AS_ITEMS[3:6]))}
     return {"vgg": vgg, "as_lists": as_lists, "as_media": as_media}
 
 
