@@ -246,13 +246,18 @@ class Trainer:
                 self.pos.batch = 0
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimiser step; micro-batches accumulate gradients when optim.micro_batch_size is set."""
+        """One optimiser step; micro-batches accumulate gradients when optim.micro_batch_size is set.
+
+        The method sees the step whole (Method.begin_step / end_step): its micro-batches share the step's replayed
+        rows, memory writes and teacher update, so a step trains on as many replayed rows with micro-batches as
+        without (method.md §5.1)."""
         method, opt = self.method, self.optimizer
         size = batch["video"].shape[0]
         micro = self.recipe.optim.micro_batch_size or size
         chunks = [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, size, micro)]
         opt.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
+        unwrap(method).begin_step(size)
         for i, chunk in enumerate(chunks):
             chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
             with no_sync(method, sync=i == len(chunks) - 1):  # DDP all-reduces after the last chunk only
@@ -263,6 +268,7 @@ class Trainer:
                 self.scaler.scale(total).backward()
             for k, v in losses.items():
                 logged[k] = logged.get(k, 0.0) + v.item() / len(chunks)
+        unwrap(method).end_step()
         self.scaler.step(opt)
         self.scaler.update()
         unwrap(method).after_optimizer_step()

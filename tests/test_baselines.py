@@ -211,8 +211,8 @@ def test_gmed_ages(age_samples):
     method = toy_method(Gmed, "gmed", memory=2, gmed={"decay": 1.0, "age_samples": age_samples})
     method.buffer.add(generator=method.generators["replay"], **method.memory_fields(clips([1.0, -1.0]), {}))
     current = clips([2.0, 2.0])
-    first = method.replay(current)["video"].clone()
-    second = method.replay(current)
+    first = method.replay(current, 2)["video"].clone()
+    second = method.replay(current, 2)
     assert method.buffer.fields["age"].tolist() == ([2.0, 2.0] if age_samples else [0.0, 0.0])
     assert torch.equal(torch.sort(feature(second["video"])).values, torch.sort(feature(first)).values) == age_samples
 
@@ -358,7 +358,7 @@ def test_clser_step_penalty_and_teacher_updates():
     counts = {"plastic": 0, "stable": 0}
     for _ in range(2000):
         before = (method.plastic.w.item(), method.stable.w.item())
-        method.count_step(ema_after_step=False)
+        method.count_step()
         counts["plastic"] += method.plastic.w.item() != before[0]
         counts["stable"] += method.stable.w.item() != before[1]
     assert abs(counts["plastic"] / 2000 - 0.8) < 0.03 and abs(counts["stable"] / 2000 - 0.6) < 0.03
