@@ -31,7 +31,8 @@ from stella_cli.select import (PlusSelection, first_iteration_order, gather_patc
 
 def build_avm(backbone: CAVMAE, cfg: AVMConfig) -> AVM:
     """The AVM for this backbone: model.avm.checkpoint if set (method.md §2.5), else random as the authors' (B2)."""
-    avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=cfg.fix_head_reshape)
+    heads = cfg.num_heads or backbone.num_heads  # a recipe's is resolved (12 at base, method.md §9.3 "AVM heads")
+    avm = AVM(backbone.embed_dim, heads, fix_head_reshape=cfg.fix_head_reshape)
     if cfg.checkpoint:
         load_avm_checkpoint(avm, cfg.checkpoint)
     return avm
