@@ -80,7 +80,13 @@ class ModelConfig:
     # gradient depends on the number of GPUs; false (default) = the gradient of one process on the whole batch
     faithful_contrast_grad: bool = False
     avm: AVMConfig = field(default_factory=AVMConfig)
-    checkpoint: str = ""  # initial backbone weights (authors' key names, or a `stella convert mae` output)
+    # initial backbone weights: a file (the authors' key names, a `stella convert mae` output or a `stella train`
+    # checkpoint); "" = random weights (the synthetic recipes); "random" = random weights on purpose where the recipe
+    # names a pre-trained start, said in the run's log (factory.check_initial_checkpoint)
+    checkpoint: str = ""
+    # what writes `checkpoint` (a command of the initialisation chain), named when the file is missing; a recipe
+    # that sets it never starts without `checkpoint` (the paper's streams and the chain's later steps)
+    checkpoint_made_by: str = ""
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
