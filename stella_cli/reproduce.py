@@ -130,7 +130,7 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
     outcomes = []
     total = len(recipe_paths) * len(seed_list)
     for i, (recipe, seed) in enumerate(((r, s) for r in recipe_paths for s in seed_list), start=1):
-        run_dir = out_dir / f"{recipe.stem}_s{seed}"
+        run_dir = run_dir_of(out_dir, recipe, seed)
         console.rule(f"[{i}/{total}] {recipe.stem}, seed {seed}")
         outcome = train_once(recipe, seed, run_dir, [*budget[recipe], *sets])  # the user's --set come last: they win
         outcomes.append(outcome)
@@ -156,10 +156,17 @@ def check_starts(out_dir: Path, recipes: list[Path], seeds: tuple[int, ...], bud
     """Before the first run: every run that will start (not finished, no checkpoint) has its initial checkpoint
     (a paper table's recipes start from the initialisation chain's), so the table never stops hours in."""
     for recipe in recipes:
-        starts = [s for s in seeds if not (out_dir / f"{recipe.stem}_s{s}" / MARKER).is_file()
-                  and not (out_dir / f"{recipe.stem}_s{s}" / "checkpoints" / "latest.pt").is_file()]
-        if starts:
+        if any(starts_fresh(run_dir_of(out_dir, recipe, s)) for s in seeds):
             check_initial_checkpoint(load_recipe(recipe, [*budget[recipe], *sets]), str(recipe))
+
+
+def run_dir_of(out_dir: Path, recipe: Path, seed: int) -> Path:
+    return out_dir / f"{recipe.stem}_s{seed}"
+
+
+def starts_fresh(run_dir: Path) -> bool:
+    """Neither finished (its marker) nor resumable (a checkpoint): `train_once` starts it from the recipe."""
+    return not (run_dir / MARKER).is_file() and not (run_dir / "checkpoints" / "latest.pt").is_file()
 
 
 def scaled_epochs(recipe: Path, fraction: float) -> list[str]:

@@ -124,9 +124,10 @@ def test_chance_line_counts_the_gallery(workspace, tmp_path):
 
 
 def test_a_failing_run_stops_with_its_exit_code_and_one_line(workspace, tmp_path):
+    """A run that fails when it starts (a task the data does not have): its exit code, its one line."""
     proc = stella("reproduce", "synthetic", "--methods", "finetune", "--seeds", "3", "--recipes",
-                  str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "train.batch_size=0", cwd=workspace)
+                  str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "data.tasks=[nope]", cwd=workspace)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "train.batch_size" in proc.stdout and "failed with exit code 2" in proc.stdout
+    assert "nope" in proc.stdout and "failed with exit code 2" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "synthetic" / "synthetic_finetune_s3" / "reproduce.json").exists()
