@@ -85,8 +85,8 @@ class ER(Replay):
     the others."""
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        B = batch["video"].shape[0]
-        replay = None if self.buffer.is_empty() else self.replay(batch)
+        B, n = batch["video"].shape[0], self.replay_size(self.replay_batch)
+        replay = self.replay(batch, n) if n else None
         audio, video = joint_inputs(batch, replay)  # (B + B_m, ...) current rows first
         out = self.backbone(audio, video, generator=self.generators["mask"])
         losses = self.backbone_losses(out)
@@ -95,9 +95,9 @@ class ER(Replay):
         self.remember(self.memory_fields(batch, out))
         return losses
 
-    def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        """X_m: B_m stored rows, uniform without replacement (baselines.md §1.4)."""
-        return self.sample(self.replay_batch, batch["video"].device)
+    def replay(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        """X_m: n stored rows (B_m for a whole step), uniform without replacement (baselines.md §1.4)."""
+        return self.sample(n, batch["video"].device)
 
     def penalty(self, z_a: Tensor, z_v: Tensor, replay: dict[str, Tensor]) -> dict[str, Tensor]:
         """Extra loss terms on the replayed rows' pooled embeddings (B_m, D); ER has none."""
@@ -135,14 +135,22 @@ class Lump(ER):
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
         self.mix_rng = np.random.default_rng(kwargs["seed"] * 1000 + kwargs["rank"] + 5)  # λ, as np.random.beta
+        self.step_lam: float | None = None  # λ of the optimiser step in progress
+
+    def end_step(self) -> None:
+        self.step_lam = None
+        super().end_step()
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         audio, video = batch["audio"], batch["video"]
-        if not self.buffer.is_empty():
-            replay = self.sample(video.shape[0], video.device)  # row i is mixed with replay row i ...
-            pair = torch.arange(video.shape[0], device=video.device) % replay["video"].shape[0]  # ... mod R
+        n = self.replay_size(self.step_rows or video.shape[0])  # a partner per current clip (R = B)
+        if n:
+            replay = self.sample(n, video.device)  # row i is mixed with replay row i ...
+            pair = torch.arange(video.shape[0], device=video.device) % n  # ... mod R
             replay = {k: v[pair] for k, v in replay.items()}  # (the authors' code crashes with R < B)
-            lam = float(self.mix_rng.beta(self.cfg.lump.mixup_alpha, self.cfg.lump.mixup_alpha))
+            if self.whole_step or self.step_lam is None:  # one λ per optimiser step, shared by its micro-batches
+                self.step_lam = float(self.mix_rng.beta(self.cfg.lump.mixup_alpha, self.cfg.lump.mixup_alpha))
+            lam = self.step_lam
             audio, video = lam * audio + (1 - lam) * replay["audio"], lam * video + (1 - lam) * replay["video"]
         out = self.backbone(audio, video, generator=self.generators["mask"])
         self.remember(self.memory_fields(batch, out))  # the clean clips
@@ -197,11 +205,15 @@ class VirtualUpdate(ER):
 
 class Mir(VirtualUpdate):
     """MIR (baselines.md §2.6): of C = factor·B_m candidates, replay the B_m whose loss rises most after a virtual step:
-    s_i = ℓ_i(θ') − ℓ_i(θ). Passes: 2 no-grad on C rows, 1 fwd+bwd on B (virtual), 1 fwd+bwd on 2B."""
+    s_i = ℓ_i(θ') − ℓ_i(θ). Passes: 2 no-grad on C rows, 1 fwd+bwd on B (virtual), 1 fwd+bwd on 2B. A micro-batch
+    scores and replays its share of them, after a virtual step on its own clips."""
 
-    def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        c, g = self.cfg.mir, self.generators["mask"]
-        cand = self.sample(c.candidates_factor * self.replay_batch, batch["video"].device)
+    def replay(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        c, g, stored = self.cfg.mir, self.generators["mask"], len(self.buffer)
+        # C = min(factor·B_m, stored) candidates per step: this call's n rows to replay plus its share of the other
+        # C − N, so each micro-batch scores at least the n it replays and the step scores C (5·n each, once full)
+        others = min(c.candidates_factor * self.replay_batch, stored) - min(self.replay_batch, stored)
+        cand = self.sample(n + self.share(others), batch["video"].device)
         masks = g.get_state()
         with torch.no_grad():
             pre = per_sample_loss(self.backbone(cand["audio"], cand["video"], reduction="none", generator=g))
@@ -209,7 +221,7 @@ class Mir(VirtualUpdate):
             # faithful: fresh masks for the post scores (baselines.md §7.4); same_masks: the pre pass's masks again
             post_g = torch.Generator(device=g.device).set_state(masks) if c.same_masks else g
             post = per_sample_loss(self.backbone(cand["audio"], cand["video"], reduction="none", generator=post_g))
-        top = torch.sort(post - pre, descending=True, stable=True).indices[:self.replay_batch]  # (B_m,)
+        top = torch.sort(post - pre, descending=True, stable=True).indices[:n]  # (n,)
         return {k: v[top] for k, v in cand.items()}
 
 
@@ -220,9 +232,9 @@ class Gmed(VirtualUpdate):
     Faithful: ages never grow (baselines.md §7.3), so every replay edits the clip again whatever d;
     age_samples=True ages a slot by one per edit (d = 1 then allows one edit, as the original GMED)."""
 
-    def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def replay(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
         c = self.cfg.gmed
-        rows, slots = self.sample(self.replay_batch, batch["video"].device, return_indices=True)
+        rows, slots = self.sample(n, batch["video"].device, return_indices=True)
         x = (rows["video"].requires_grad_(True), rows["audio"].requires_grad_(True))
         g_pre = self.input_grads(*x)  # ∇_X L(X_m; θ)
         with self.virtually_updated(batch, c.fix_virtual_step):
@@ -248,8 +260,9 @@ class Gmed(VirtualUpdate):
 
 class Teachers(ER):
     """CLS-ER and ESMER: EMA copies of the backbone (in the checkpoint as parameters, never optimised), updated
-    with a probability per step; `global_step` counts steps. Faithful: the update runs inside the step, before the
-    optimiser step (baselines.md §7.5); `ema_after_step` moves it after the optimiser step."""
+    with a probability per step; `global_step` counts optimiser steps (not micro-batches). Faithful: the update runs
+    after the step's forward, before the optimiser step (baselines.md §7.5); `ema_after_step` moves it after the
+    optimiser step."""
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
@@ -262,14 +275,37 @@ class Teachers(ER):
         """(teacher, update probability, alpha cap), in the authors' draw order."""
         raise NotImplementedError
 
+    def ema_after_step(self) -> bool:
+        """The method's `ema_after_step` option."""
+        raise NotImplementedError
+
     def update_teachers(self) -> None:
         for teacher, prob, alpha in self.teachers():
             if torch.rand(1, generator=self.generators["ema"]).item() < prob:
                 ema_update(teacher, self.backbone, self.global_step, alpha)
 
-    def count_step(self, ema_after_step: bool) -> None:
+    def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        losses = self.train_on(batch)
+        if self.whole_step:
+            self.count_step()
+        return losses
+
+    def train_on(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """The method's forward on (a micro-batch of) the step's clips."""
+        return super().step(batch)
+
+    def count_step(self) -> None:
+        """Once per optimiser step, after its forward: count it, and update the teachers (faithful)."""
         self.global_step += 1
-        if not ema_after_step:
+        if not self.ema_after_step():
+            self.update_teachers()
+
+    def end_step(self) -> None:
+        super().end_step()  # the step's clips into the memory first, as in a whole step
+        self.count_step()
+
+    def after_optimizer_step(self) -> None:
+        if self.ema_after_step():
             self.update_teachers()
 
     def extra_state(self) -> dict[str, Any]:
@@ -312,17 +348,11 @@ class ClsEr(Teachers):
         return [(self.plastic, c.plastic_update_prob, c.plastic_alpha),
                 (self.stable, c.stable_update_prob, c.stable_alpha)]
 
-    def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        losses = super().step(batch)
-        self.count_step(self.cfg.clser.ema_after_step)
-        return losses
+    def ema_after_step(self) -> bool:
+        return self.cfg.clser.ema_after_step
 
-    def after_optimizer_step(self) -> None:
-        if self.cfg.clser.ema_after_step:
-            self.update_teachers()
-
-    def replay(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
-        rows, g = super().replay(batch), self.generators["mask"]
+    def replay(self, batch: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+        rows, g = super().replay(batch, n), self.generators["mask"]
         with torch.no_grad():
             stable = self.stable.encode_pooled(rows["audio"], rows["video"], generator=g)
             plastic = self.plastic.encode_pooled(rows["audio"], rows["video"], generator=g)
@@ -360,16 +390,21 @@ class Esmer(Teachers):
         super().__init__(backbone, cfg, **kwargs)
         self.ema = frozen_copy(backbone)
         self.loss_mean, self.loss_std = 0.0, 0.0  # μ, σ of the teacher's per-sample loss
+        self.step_losses: list[Tensor] = []  # e of the step's micro-batches, for the statistics at its end
 
     def teachers(self) -> list[tuple[nn.Module, float, float]]:
         return [(self.ema, self.cfg.esmer.ema_update_prob, self.cfg.esmer.ema_alpha)]
 
-    def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+    def ema_after_step(self) -> bool:
+        return self.cfg.esmer.ema_after_step
+
+    def train_on(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         c, g, B = self.cfg.esmer, self.generators["mask"], batch["video"].shape[0]
         with torch.no_grad():
             e = per_sample_loss(self.ema(batch["audio"], batch["video"], reduction="none", generator=g)).float()
         weight, keep = esmer_weights(e, self.loss_mean, c.loss_margin)  # (B,), (B,)
-        replay = None if self.buffer.is_empty() else self.replay(batch)
+        n = self.replay_size(self.replay_batch)
+        replay = self.replay(batch, n) if n else None
         if replay is not None:
             with torch.no_grad():
                 target_a, target_v = self.ema.encode_pooled(replay["audio"], replay["video"], generator=g)
@@ -379,14 +414,16 @@ class Esmer(Teachers):
         if replay is not None:
             losses["loss_pen"] = consistency(c.reg_weight, out["z_a"][B:], out["z_v"][B:], target_a, target_v)
         self.remember(self.memory_fields(batch, out), keep=keep)
-        self.count_step(c.ema_after_step)
-        self.loss_mean, self.loss_std = running_loss_stats(e, self.loss_mean, self.loss_std, self.global_step,
-                                                           c.loss_alpha, c.std_margin)
+        self.step_losses.append(e)
         return losses
 
-    def after_optimizer_step(self) -> None:
-        if self.cfg.esmer.ema_after_step:
-            self.update_teachers()
+    def count_step(self) -> None:
+        """… and the running statistics of the teacher's losses on every clip of the step (baselines.md §2.9)."""
+        super().count_step()
+        e, self.step_losses = torch.cat(self.step_losses), []
+        c = self.cfg.esmer
+        self.loss_mean, self.loss_std = running_loss_stats(e, self.loss_mean, self.loss_std, self.global_step,
+                                                           c.loss_alpha, c.std_margin)
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "loss_mean": self.loss_mean, "loss_std": self.loss_std}

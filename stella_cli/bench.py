@@ -37,7 +37,7 @@ from torch import Tensor, nn
 
 from stella_cli.config import (MODEL_PRESETS, DataConfig, MethodConfig, ModelConfig, Recipe, TrainConfig,
                                num_core_tokens, resolve_preset)
-from stella_cli.distributed import amp_dtype
+from stella_cli.distributed import amp_dtype, grad_scaler
 from stella_cli.errors import StellaError
 from stella_cli.factory import METHODS, PAPER_METHODS, build_method
 from stella_cli.model import AVM, CAVMAE, Classifier
@@ -167,7 +167,7 @@ def measure(method_name: str, *, preset: str = "base", batch: int = 2, device: s
         method = build_method(recipe, 0, 1, dev)
         optimizer = build_optimizer(method, recipe.optim)
         amp = amp_dtype(recipe.optim.amp, dev)
-        scaler = torch.amp.GradScaler(dev.type, enabled=amp == torch.float16)
+        scaler = grad_scaler(amp, dev)
         trainer = Trainer(recipe, Path("."), method, optimizer, scaler, dev, 0, 1, amp, [("bench", ["bench"])],
                           ["bench"], Position(), quiet=True)
         g = torch.Generator().manual_seed(0)
@@ -220,7 +220,7 @@ def model_summary(cfg: ModelConfig, *, num_frames: int = 4, image_size: int = 22
     """
     with torch.device("meta"):
         model = CAVMAE(cfg, num_frames, image_size, target_length, num_mel_bins)
-        avm = AVM(cfg.embed_dim, cfg.num_heads, cfg.avm.fix_head_reshape)
+        avm = AVM(cfg.embed_dim, cfg.avm.num_heads, cfg.avm.fix_head_reshape)
         head = Classifier(2 * cfg.embed_dim, num_classes) if num_classes else None
     parts: dict[str, int] = {}
     for name, param in model.named_parameters():

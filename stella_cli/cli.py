@@ -201,10 +201,12 @@ def train(
 ) -> None:
     """Continual pre-training over the recipe's task sequence, with retrieval after every task."""
     from stella_cli.config import load_recipe, recipe_to_yaml
-    from stella_cli.factory import check_method
+    from stella_cli.factory import check_initial_checkpoint, check_method
 
     resolved = load_recipe(recipe, overrides)
     check_method(resolved, str(recipe))
+    if not resume and not print_config:  # a paper recipe without its pre-trained start, named by its file
+        check_initial_checkpoint(resolved, str(recipe))
     if stop_after is not None and stop_after < 1:
         raise ValueError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
     if print_config:

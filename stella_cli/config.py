@@ -51,6 +51,9 @@ class DataConfig:
 class AVMConfig:
     fix_head_reshape: bool = False  # faithful: reshape without permute (method.md §9.3 B6); true = heads merged right
     checkpoint: str = ""  # pre-trained AVM weights (method.md §2.5); "" = random init as the shipped scripts (B2)
+    # attention heads of the AVM; None = the preset's (AVM_PRESET_HEADS: 12 at base, as the authors' AVM at any
+    # width; an AVMConfig built in code and never resolved takes the backbone's). method.md §9.3 "AVM heads"
+    num_heads: int | None = None
 
 
 @dataclass
@@ -77,7 +80,13 @@ class ModelConfig:
     # gradient depends on the number of GPUs; false (default) = the gradient of one process on the whole batch
     faithful_contrast_grad: bool = False
     avm: AVMConfig = field(default_factory=AVMConfig)
-    checkpoint: str = ""  # initial backbone weights (authors' key names, or a `stella convert mae` output)
+    # initial backbone weights: a file (the authors' key names, a `stella convert mae` output or a `stella train`
+    # checkpoint); "" = random weights (the synthetic recipes); "random" = random weights on purpose where the recipe
+    # names a pre-trained start, said in the run's log (factory.check_initial_checkpoint)
+    checkpoint: str = ""
+    # what writes `checkpoint` (a command of the initialisation chain), named when the file is missing; a recipe
+    # that sets it never starts without `checkpoint` (the paper's streams and the chain's later steps)
+    checkpoint_made_by: str = ""
 
 
 MODEL_PRESETS: dict[str, dict[str, Any]] = {
@@ -90,6 +99,10 @@ MODEL_PRESETS: dict[str, dict[str, Any]] = {
     "tiny": dict(embed_dim=64, num_heads=4, modality_depth=1, fusion_depth=1, decoder_embed_dim=32,
                  decoder_depth=1, decoder_num_heads=2, mlp_ratio=2.0),
 }
+# model.avm.num_heads left at None: the authors' AVM always has 12 heads (method.md §9.3 "AVM heads"); the tiny
+# CPU model's 64-d does not split into 12, so its AVM takes the backbone's 4
+AVM_PRESET_HEADS = {"base": 12, "small": 12, "tiny": 4}
+RANDOM = "random"  # model.checkpoint: start from random weights on purpose
 
 
 @dataclass
@@ -169,7 +182,9 @@ class OptimConfig:
     lr: float = 1e-4  # method.md §5.3: Adam, constant LR, one optimiser for the whole stream
     betas: list[float] = field(default_factory=lambda: [0.95, 0.999])
     weight_decay: float = 5e-7  # L2-style, on weights with ndim > 1 only
-    amp: str = "auto"  # auto (bf16 on CUDA if supported, else fp16; fp32 on CPU) | bf16 | fp16 | none
+    # CUDA autocast: fp16 + GradScaler as the authors (pretrain.py:88, utils/amp.py) | bf16 (no scaler) | auto (bf16
+    # where supported, else fp16) | none (fp32); the CPU always runs fp32. method.md §9.3 "AMP"
+    amp: str = "fp16"
     micro_batch_size: int | None = None  # per-rank micro batch for gradient accumulation; None = whole batch
 
 
@@ -285,9 +300,12 @@ def resolve_preset(recipe: Recipe) -> Recipe:
 
 
 def resolve_model_preset(model: ModelConfig) -> ModelConfig:
-    """Fill every size field left at None from `model.preset` (explicit values win)."""
+    """Fill every size field left at None, model.avm.num_heads included, from `model.preset` (explicit values win)."""
     preset = MODEL_PRESETS[model.preset]
-    return dataclasses.replace(model, **{k: v for k, v in preset.items() if getattr(model, k) is None})
+    avm = model.avm
+    if avm.num_heads is None:
+        avm = dataclasses.replace(avm, num_heads=AVM_PRESET_HEADS[model.preset])
+    return dataclasses.replace(model, avm=avm, **{k: v for k, v in preset.items() if getattr(model, k) is None})
 
 
 def recipe_to_dict(recipe: Recipe) -> dict[str, Any]:
@@ -422,6 +440,7 @@ def _check_required_and_choices(recipe: Recipe, source: str) -> None:
 POSITIVE_INTS = ("data.num_frames", "data.frame_stride", "data.image_size", "data.target_length", "data.num_mel_bins",
                  "model.embed_dim", "model.num_heads", "model.modality_depth", "model.fusion_depth",
                  "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "model.patch_size",
+                 "model.avm.num_heads",
                  "method.stella.num_core_audio_times", "method.replay_batch_size", "optim.micro_batch_size",
                  "train.epochs", "train.batch_size", "train.log_every", "eval.batch_size")
 NON_NEGATIVE = ("data.num_workers", "method.memory_size", "method.alpha", "method.stella.matching_loss_weight",
@@ -461,6 +480,9 @@ def check_values(recipe: Recipe, source: str) -> Recipe:
     m = recipe.model
     if m.embed_dim % m.num_heads:
         raise bad("model.embed_dim", m.embed_dim, f"must be divisible by model.num_heads={m.num_heads}")
+    if m.embed_dim % m.avm.num_heads:
+        raise bad("model.avm.num_heads", m.avm.num_heads, f"must divide model.embed_dim={m.embed_dim} (e.g. "
+                  f"model.avm.num_heads={m.num_heads}, the backbone's)")
     if m.decoder_embed_dim % m.decoder_num_heads:
         raise bad("model.decoder_embed_dim", m.decoder_embed_dim,
                   f"must be divisible by model.decoder_num_heads={m.decoder_num_heads}")

@@ -40,13 +40,19 @@ def setup_distributed(device_pref: str) -> tuple[int, int, torch.device]:
 
 
 def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """optim.amp -> the autocast dtype, None = fp32. 'auto': bf16 on CUDA where supported, else fp16 (with a
-    GradScaler); always fp32 on the CPU."""
+    """optim.amp -> the autocast dtype, None = fp32. 'fp16' is the authors' (`torch.cuda.amp.autocast()`), 'auto'
+    bf16 where supported, else fp16; always fp32 on the CPU."""
     if device.type != "cuda" or amp == "none":
         return None
     if amp == "auto":
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     return {"bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+
+
+def grad_scaler(amp: torch.dtype | None, device: torch.device) -> torch.amp.GradScaler:
+    """The loss scaler of the step: active under fp16, as the authors' `utils/amp.py` (torch's defaults: scale 2^16,
+    halved on an inf / NaN gradient, whose step it skips, doubled after 2000 good steps); a pass-through otherwise."""
+    return torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
 
 
 def rank_world() -> tuple[int, int]:

@@ -8,14 +8,16 @@ method is one line here (README "Adding a method"). Rows are in the order of the
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
 from stella_cli.baselines import ER, ClsEr, DERpp, Esmer, Gmed, Lump, Mir
 from stella_cli.checkpoint import load_authors_checkpoint
-from stella_cli.config import Recipe, RecipeError, per_rank_batch, per_rank_memory
+from stella_cli.config import RANDOM, Recipe, RecipeError, per_rank_batch, per_rank_memory
 from stella_cli.errors import StellaError
 from stella_cli.methods import Finetune, Method, Multitask
 from stella_cli.model import CAVMAE
@@ -62,20 +64,45 @@ def check_method(recipe: Recipe, source: str) -> None:
         raise RecipeError(f"{source}: method.memory_size: {recipe.method.memory_size!r} must be at least 1 for {name}")
 
 
-def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) -> Method:
-    """The recipe's method on `device`: the backbone (random, or model.checkpoint), and the method around it."""
+def check_initial_checkpoint(recipe: Recipe, source: str) -> None:
+    """A recipe that starts from a checkpoint (the paper's streams, the chain's later steps) must have it before a
+    fresh run starts: model.checkpoint names a file that exists, or is "random" (random weights on purpose). Checked
+    before any data is read; a resumed run takes its weights from its own checkpoint and needs none."""
+    m = recipe.model
+    made_by = f" (made by {m.checkpoint_made_by})" if m.checkpoint_made_by else ""
+    choices = (f"pass --set model.checkpoint=PATH, or --set model.checkpoint={RANDOM} to start from random weights on "
+               f"purpose")
+    if m.checkpoint == RANDOM:
+        return
+    if not m.checkpoint and m.checkpoint_made_by:
+        raise RecipeError(f"{source}: model.checkpoint is empty, but this recipe starts from a pre-trained "
+                          f"backbone{made_by}; {choices}")
+    if m.checkpoint and not Path(m.checkpoint).is_file():
+        raise RecipeError(f"{source}: model.checkpoint: {m.checkpoint} not found{made_by}; {choices}")
+
+
+def build_method(recipe: Recipe, rank: int, world: int, device: torch.device, *,
+                 initial_weights: bool = True) -> Method:
+    """The recipe's method on `device`: the backbone (random, or model.checkpoint), and the method around it.
+
+    initial_weights=False (a resumed run, whose checkpoint holds every weight) skips reading model.checkpoint and
+    model.avm.checkpoint."""
     check_method(recipe, "the recipe")
     d, entry = recipe.data, METHODS[recipe.method.name]
-    if entry.cls is AVMPretrain and not recipe.model.checkpoint:
-        raise ValueError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint")
+    if entry.cls is AVMPretrain and recipe.model.checkpoint in ("", RANDOM):
+        raise RecipeError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint to "
+                          "a pre-trained one")
     torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
     backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
-    if recipe.model.checkpoint:
+    avm_cfg = recipe.model.avm
+    if not initial_weights:
+        avm_cfg = dataclasses.replace(avm_cfg, checkpoint="")
+    elif recipe.model.checkpoint not in ("", RANDOM):
         try:
             load_authors_checkpoint(backbone, recipe.model.checkpoint)
         except (ValueError, FileNotFoundError) as err:
             raise StellaError(f"model.checkpoint: {err}") from err
     method = entry.cls(
-        backbone, recipe.method, avm_cfg=recipe.model.avm, batch_size=per_rank_batch(recipe.train, world),
+        backbone, recipe.method, avm_cfg=avm_cfg, batch_size=per_rank_batch(recipe.train, world),
         memory_per_rank=per_rank_memory(recipe.method, world), seed=recipe.train.seed, rank=rank, device=device)
     return method.to(device)

@@ -106,7 +106,7 @@ def run_localisation(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
         if not avm_state:
             raise TaskSkipped(f"{path}: no AVM in the checkpoint (method {r.method.name!r}); localisation scores "
                               "STELLA's patch importance")
-        avm = AVM(loaded.backbone.embed_dim, loaded.backbone.num_heads, r.model.avm.fix_head_reshape)
+        avm = AVM(loaded.backbone.embed_dim, r.model.avm.num_heads, r.model.avm.fix_head_reshape)
         avm.load_state_dict(avm_state)
         avm.to(ctx.device).eval()
         shares = importance_shares(loaded.backbone, avm, dataset, r.method.stella.att_temperature,

@@ -6,6 +6,12 @@ backward, the AMP scaler and the optimiser step. Methods never see a task id dur
 baselines.md §1.3): `begin_task` / `end_task` exist for bookkeeping only. `Replay` owns the per-rank reservoir
 memory that STELLA (stella.py) and the replay baselines (baselines.py) share. The table of every method by name is
 factory.METHODS.
+
+One optimiser step (method.md §5.1): train.py calls `begin_step(B)`, then `forward` on each micro-batch of the B
+current clips (one call without optim.micro_batch_size), then `end_step()` before the optimiser step. Whatever a
+method does once per step (replay B_m rows, write the memory, count a teacher step) is spread over or deferred to
+the step, so micro-batches change how the step's rows are grouped, not how many are replayed. A `step` called on
+its own (tests, scripts) is a whole optimiser step.
 """
 
 from __future__ import annotations
@@ -39,6 +45,8 @@ class Method(nn.Module):
             "replay": torch.Generator().manual_seed(base + 3),  # reservoir slots and replay sampling (CPU)
         }
         self.non_finite: dict[str, Tensor] = {}  # name -> 0-d bool, read by train.py's divergence guard
+        self.step_rows: int | None = None  # current clips of train.py's optimiser step in progress; None: none open
+        self.micro: tuple[int, int] | None = None  # rows [start, stop) of it that this call of `step` trains
 
     def check_finite(self, name: str, x: Tensor, fill: float | None = None) -> Tensor:
         """Flag non-finite values of an intermediate `name` for train.py's divergence guard (which reports them with
@@ -57,7 +65,31 @@ class Method(nn.Module):
         return flags
 
     def forward(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        if self.step_rows is not None:  # inside train.py's step: which of its rows this micro-batch holds
+            start = self.micro[1] if self.micro else 0
+            self.micro = (start, start + batch["video"].shape[0])
         return self.step(batch)
+
+    def begin_step(self, rows: int) -> None:
+        """train.py, before the micro-batches of one optimiser step on `rows` current clips (per rank)."""
+        self.step_rows, self.micro = rows, None
+
+    def end_step(self) -> None:
+        """train.py, after the last micro-batch's backward, before the optimiser step: what happens once per step."""
+        self.step_rows, self.micro = None, None
+
+    @property
+    def whole_step(self) -> bool:
+        """This call of `step` is a whole optimiser step (no train.py step open: a direct call)."""
+        return self.step_rows is None
+
+    def share(self, n: int) -> int:
+        """Of n rows per optimiser step, this call's part: all n for a whole step; in a micro-batch of rows
+        [start, stop) of B, ⌊n·stop/B⌋ − ⌊n·start/B⌋, so the micro-batches' parts add up to n exactly."""
+        if self.step_rows is None or self.micro is None:
+            return n
+        start, stop = self.micro
+        return n * stop // self.step_rows - n * start // self.step_rows
 
     def step(self, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         raise NotImplementedError
@@ -103,27 +135,55 @@ class Multitask(Finetune):
 class Replay(Method):
     """A method with a per-rank reservoir memory (baselines.md §1.4, method.md §3.9): B_m rows replayed per
     step (method.replay_batch_size, default B), drawn uniformly without replacement; the current clips are offered
-    to the reservoir after the forward, so a step never replays its own batch. Subclasses say what a slot stores."""
+    to the reservoir after the forward, so a step never replays its own batch. Subclasses say what a slot stores.
+
+    Micro-batches (method.md §5.1) replay their share of the step's rows (`replay_size`), taken in turn from one
+    permutation of the stored rows drawn once per step, and their clips are offered to the reservoir when the step
+    ends: the step replays the same B_m rows and leaves the same memory as without micro-batches."""
 
     def __init__(self, backbone: CAVMAE, cfg: MethodConfig, **kwargs):
         super().__init__(backbone, cfg, **kwargs)
         self.replay_batch = cfg.replay_batch_size or self.batch_size  # B_m rows per step (= B by default)
         self.buffer = ReservoirBuffer(self.memory_per_rank)
+        self.step_order: Tensor | None = None  # the step's permutation of the stored rows, and how much is taken
+        self.step_taken = 0
+        self.pending: list[dict[str, Tensor]] = []  # the step's clips, offered to the reservoir at its end
+
+    def replay_size(self, per_step: int) -> int:
+        """Rows this call of `step` draws, of `per_step` per optimiser step: none from an empty memory, at most the
+        stored rows per step, shared over the micro-batches (`share`)."""
+        return self.share(min(per_step, len(self.buffer)))
 
     def sample(self, n: int, device: torch.device, return_indices: bool = False) -> Any:
-        """min(n, stored) rows on `device`, plus their slots (n',) when return_indices (GMED writes back)."""
-        rows, idx = self.buffer.sample(n, self.generators["replay"], return_indices=True)
-        rows = {k: v.to(device, non_blocking=True) for k, v in rows.items()}
+        """n rows (at most the stored ones) on `device`, uniform without replacement, plus their slots (n',) when
+        return_indices (GMED writes back). Within a step, successive calls take the next rows of one permutation."""
+        if self.whole_step or self.step_order is None:
+            self.step_order, self.step_taken = self.buffer.permutation(self.generators["replay"]), 0
+        idx = self.step_order[self.step_taken:self.step_taken + n]  # (n',) long
+        self.step_taken += len(idx)
+        rows = {k: v.to(device, non_blocking=True) for k, v in self.buffer.rows(idx).items()}
         return (rows, idx) if return_indices else rows
 
     def remember(self, fields: dict[str, Tensor | None], keep: Tensor | None = None) -> None:
-        """Offer the current clips' `fields` (each (B, ...); None = not stored) to the reservoir; `keep` (B,) bool
-        offers only some (ESMER)."""
-        fields = {k: v for k, v in fields.items() if v is not None}
+        """Offer the current clips' `fields` (each (B, ...); None = not stored) to the reservoir, now for a whole
+        step, else when the step ends; `keep` (B,) bool offers only some (ESMER)."""
+        fields = {k: v.detach() for k, v in fields.items() if v is not None}
         if keep is not None:
             fields = {k: v[keep.to(v.device)] for k, v in fields.items()}
         if next(iter(fields.values())).shape[0]:
+            self.pending.append(fields)
+        if self.whole_step:
+            self.write_pending()
+
+    def write_pending(self) -> None:
+        for fields in self.pending:  # in row order: the same slots as one call with every row
             self.buffer.add(generator=self.generators["replay"], **fields)
+        self.pending = []
+
+    def end_step(self) -> None:
+        self.write_pending()
+        self.step_order = None
+        super().end_step()
 
     def extra_state(self) -> dict[str, Any]:
         return {**super().extra_state(), "buffer": self.buffer.state_dict()}

@@ -103,11 +103,19 @@ class ReservoirBuffer:
         generator: a CPU generator (the buffer lives on the CPU). Returns name -> (n', ...) copies, plus the
         slot indices (n',) long when return_indices (GMED writes back through `update`).
         """
+        idx = self.permutation(generator)[:n]  # (n',) long
+        batch = self.rows(idx)
+        return (batch, idx) if return_indices else batch
+
+    def permutation(self, generator: torch.Generator) -> Tensor:
+        """The filled slots in uniformly random order, (len,) long; its first n are `sample(n)`'s draw."""
         if self.is_empty():
             raise ValueError("ReservoirBuffer.sample: the buffer is empty")
-        idx = torch.randperm(len(self), generator=generator)[:n]  # (n',) long
-        batch = {name: x[idx] for name, x in self.fields.items()}
-        return (batch, idx) if return_indices else batch
+        return torch.randperm(len(self), generator=generator)
+
+    def rows(self, indices: Tensor) -> dict[str, Tensor]:
+        """Copies of the rows at slots `indices` (n,): name -> (n, ...)."""
+        return {name: x[indices] for name, x in self.fields.items()}
 
     def update(self, indices: Tensor, **fields: Tensor) -> None:
         """Overwrite rows `indices` (n,) of the given fields with (n, ...) tensors."""

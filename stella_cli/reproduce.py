@@ -28,7 +28,7 @@ from stella_cli.cache import atomic_write_text
 from stella_cli.config import SELECTIONS, load_recipe
 from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
-from stella_cli.factory import PAPER_METHODS, recipe_suffix
+from stella_cli.factory import PAPER_METHODS, check_initial_checkpoint, recipe_suffix
 
 PAPER_RECIPES = tuple(recipe_suffix(m) for m in PAPER_METHODS)  # recipe suffixes in the paper's row order
 MARKER = "reproduce.json"
@@ -123,13 +123,14 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
     if missing:
         raise FileNotFoundError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
                                 f"recipes under {recipes})")
+    budget = {r: [] if full else scaled_epochs(r, spec.epochs_fraction) for r in recipe_paths}
+    check_starts(out_dir, recipe_paths, seed_list, budget, sets)
     if spec.synthetic:
         ensure_synthetic(recipe_paths[0], sets)
     outcomes = []
     total = len(recipe_paths) * len(seed_list)
-    budget = {r: [] if full else scaled_epochs(r, spec.epochs_fraction) for r in recipe_paths}
     for i, (recipe, seed) in enumerate(((r, s) for r in recipe_paths for s in seed_list), start=1):
-        run_dir = out_dir / f"{recipe.stem}_s{seed}"
+        run_dir = run_dir_of(out_dir, recipe, seed)
         console.rule(f"[{i}/{total}] {recipe.stem}, seed {seed}")
         outcome = train_once(recipe, seed, run_dir, [*budget[recipe], *sets])  # the user's --set come last: they win
         outcomes.append(outcome)
@@ -148,6 +149,24 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
     if spec.report in ("retrieval", "ablation"):
         console.print(chance_line(outcomes[0].run_dir))
     return outcomes
+
+
+def check_starts(out_dir: Path, recipes: list[Path], seeds: tuple[int, ...], budget: dict[Path, list[str]],
+                 sets: list[str]) -> None:
+    """Before the first run: every run that will start (not finished, no checkpoint) has its initial checkpoint
+    (a paper table's recipes start from the initialisation chain's), so the table never stops hours in."""
+    for recipe in recipes:
+        if any(starts_fresh(run_dir_of(out_dir, recipe, s)) for s in seeds):
+            check_initial_checkpoint(load_recipe(recipe, [*budget[recipe], *sets]), str(recipe))
+
+
+def run_dir_of(out_dir: Path, recipe: Path, seed: int) -> Path:
+    return out_dir / f"{recipe.stem}_s{seed}"
+
+
+def starts_fresh(run_dir: Path) -> bool:
+    """Neither finished (its marker) nor resumable (a checkpoint): `train_once` starts it from the recipe."""
+    return not (run_dir / MARKER).is_file() and not (run_dir / "checkpoints" / "latest.pt").is_file()
 
 
 def scaled_epochs(recipe: Path, fraction: float) -> list[str]:

@@ -31,7 +31,8 @@ from stella_cli.select import (PlusSelection, first_iteration_order, gather_patc
 
 def build_avm(backbone: CAVMAE, cfg: AVMConfig) -> AVM:
     """The AVM for this backbone: model.avm.checkpoint if set (method.md §2.5), else random as the authors' (B2)."""
-    avm = AVM(backbone.embed_dim, backbone.num_heads, fix_head_reshape=cfg.fix_head_reshape)
+    heads = cfg.num_heads or backbone.num_heads  # a recipe's is resolved (12 at base, method.md §9.3 "AVM heads")
+    avm = AVM(backbone.embed_dim, heads, fix_head_reshape=cfg.fix_head_reshape)
     if cfg.checkpoint:
         load_avm_checkpoint(avm, cfg.checkpoint)
     return avm
@@ -62,7 +63,8 @@ class Stella(Replay):
         video, audio = batch["video"], batch["audio"]  # (B, F, 3, S, S), (B, 1, T, M)
         B = video.shape[0]
         scores = self.score(audio, video) if self.avm is not None else self.uniform_scores(B, video.device)  # A-D
-        replay = None if self.buffer.is_empty() else self.sample(self.replay_batch, video.device)
+        n = self.replay_size(self.replay_batch)
+        replay = self.sample(n, video.device) if n else None
         core = self.select(audio, video, scores, replay)  # steps E-F
         # Step G (method.md §3.7): MAE + contrastive on the core patches with modality-guided masking
         out = self.backbone(core["audio"], core["video"], ids_a=core["order_a"], ids_v=core["order_v"],
@@ -115,7 +117,8 @@ class Stella(Replay):
     def select(self, audio: Tensor, video: Tensor, sc: dict[str, Any], replay: dict[str, Tensor] | None) -> dict:
         """Steps E-F: core patches and orderings of the current clips, then the replayed ones (2B rows)."""
         g, p = self.generators["select"], self.backbone.patch_size
-        if replay is None and self.uses_importance:  # first iteration (method.md §9.3 B9): top-K, no chunking, p = 0
+        if self.buffer.is_empty() and self.uses_importance:  # first iteration (method.md §9.3 B9): top-K, no
+            # chunking, p = 0; (a micro-batch without replayed rows of its own samples as below, with p = 0)
             p_v, p_a = torch.zeros_like(sc["I_v"]), torch.zeros_like(sc["I_a"])
             order_v, order_a = first_iteration_order(sc["I_v"], self.K_V), first_iteration_order(sc["I_a"], self.K_A)
         else:

@@ -28,13 +28,14 @@ from stella_cli import evaluate
 from stella_cli.cache import read_manifest
 from stella_cli.checkpoint import (LATEST, check_compatible, read_checkpoint, run_checkpoints, task_checkpoint_name,
                                    write_checkpoint)
-from stella_cli.config import (OptimConfig, Recipe, load_recipe, per_rank_batch, recipe_to_dict, recipe_to_yaml)
+from stella_cli.config import (RANDOM, OptimConfig, Recipe, load_recipe, per_rank_batch, recipe_to_dict,
+                               recipe_to_yaml)
 from stella_cli.console import console, is_main, log
 from stella_cli.data import AVDataset, build_loader, check_prepared, num_batches
-from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, barrier, broadcast_object, no_sync,
-                                    setup_distributed, unwrap, wrap)
+from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, barrier, broadcast_object, grad_scaler,
+                                    no_sync, setup_distributed, unwrap, wrap)
 from stella_cli.errors import DivergenceError, Interrupted, StellaError
-from stella_cli.factory import METHODS, build_method, check_method
+from stella_cli.factory import METHODS, build_method, check_initial_checkpoint, check_method
 from stella_cli.methods import Method
 from stella_cli.replay import merge_state_dicts, split_state_dict
 
@@ -246,13 +247,18 @@ class Trainer:
                 self.pos.batch = 0
 
     def train_step(self, batch: dict[str, torch.Tensor]) -> dict[str, float]:
-        """One optimiser step; micro-batches accumulate gradients when optim.micro_batch_size is set."""
+        """One optimiser step; micro-batches accumulate gradients when optim.micro_batch_size is set.
+
+        The method sees the step whole (Method.begin_step / end_step): its micro-batches share the step's replayed
+        rows, memory writes and teacher update, so a step trains on as many replayed rows with micro-batches as
+        without (method.md §5.1)."""
         method, opt = self.method, self.optimizer
         size = batch["video"].shape[0]
         micro = self.recipe.optim.micro_batch_size or size
         chunks = [{k: v[i:i + micro] for k, v in batch.items()} for i in range(0, size, micro)]
         opt.zero_grad(set_to_none=True)
         logged: dict[str, float] = {}
+        unwrap(method).begin_step(size)
         for i, chunk in enumerate(chunks):
             chunk = {k: v.to(self.device, non_blocking=True) for k, v in chunk.items()}
             with no_sync(method, sync=i == len(chunks) - 1):  # DDP all-reduces after the last chunk only
@@ -263,6 +269,7 @@ class Trainer:
                 self.scaler.scale(total).backward()
             for k, v in losses.items():
                 logged[k] = logged.get(k, 0.0) + v.item() / len(chunks)
+        unwrap(method).end_step()
         self.scaler.step(opt)
         self.scaler.update()
         unwrap(method).after_optimizer_step()
@@ -371,16 +378,23 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
             if ignored:
                 log(f"[yellow]--resume continues with {saved}; ignoring the differing {', '.join(ignored)}")
             recipe = run_recipe
+    if not resume:  # before any data is read; a resumed run's weights are in its own checkpoint
+        check_initial_checkpoint(recipe, "the recipe")
+        if recipe.model.checkpoint == RANDOM:
+            instead = " instead of the pre-trained start the recipe names" if recipe.model.checkpoint_made_by else ""
+            log(f"[yellow]model.checkpoint={RANDOM}: the backbone starts from random weights (train.seed="
+                f"{recipe.train.seed}){instead}, on purpose")
     meta = check_prepared(recipe.data)  # also refuses data.tasks that the prepared folder does not have
     tasks = recipe.data.tasks or meta["tasks"]
     union = METHODS[recipe.method.name].union  # one pass over all tasks' clips
     schedule = [("all", tasks)] if union else [(t, [t]) for t in tasks]
     check_task_sizes(recipe, schedule, world)
-    method = build_method(recipe, rank, world, device)  # before the run directory: a bad model.checkpoint leaves none
+    # before the run directory: a bad model.checkpoint leaves none
+    method = build_method(recipe, rank, world, device, initial_weights=not resume)
     run_dir = prepare_run_dir(recipe, resume)
     optimizer = build_optimizer(method, recipe.optim)
     amp = amp_dtype(recipe.optim.amp, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=amp == torch.float16)
+    scaler = grad_scaler(amp, device)
     wrapped = wrap(method, device, world)
     trainer = Trainer(recipe, run_dir, wrapped, optimizer, scaler, device, rank, world, amp, schedule, tasks,
                       Position(), quiet=quiet, stop_after=stop_after)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 from stella_cli.factory import METHODS, check_method
 from stella_cli.config import (MODEL_PRESETS, RecipeError, load_recipe, num_core_tokens, per_rank_batch,
@@ -41,7 +43,8 @@ def test_defaults_equal_the_authors_code(tmp_path):
     m = r.model
     assert (m.embed_dim, m.num_heads, m.modality_depth, m.fusion_depth) == (768, 12, 10, 2)
     assert (m.decoder_embed_dim, m.decoder_depth, m.decoder_num_heads) == (512, 8, 16)
-    assert not m.avm.fix_head_reshape
+    assert not m.avm.fix_head_reshape and m.avm.num_heads == 12
+    assert r.optim.amp == "fp16" and r.model.checkpoint == ""  # fp16 autocast + GradScaler; random weights
 
 
 def test_shipped_recipes_load():
@@ -78,6 +81,41 @@ def test_overrides_are_parsed_and_typed(tmp_path):
     assert r.method.replay_batch_size is None and r.train.batch_size == 8
     assert r.model.embed_dim == 96 and r.model.num_heads == 12  # explicit size wins, the rest from the preset
     assert load_recipe(path, ["optim.lr=1"]).optim.lr == 1.0  # an int is accepted where a float is expected
+
+
+def test_the_avm_has_the_authors_12_heads_whatever_the_backbone(tmp_path):
+    """avm_module.py:7: CrossModalAttention(dim, num_heads=12), never passed another count; the tiny CPU preset's
+    64-d does not split into 12 and keeps the backbone's 4; model.avm.num_heads sets any count that divides the
+    width."""
+    from stella_cli.model import CAVMAE
+    from stella_cli.stella import build_avm
+
+    path = write(tmp_path, "r.yaml", MINIMAL)
+    assert load_recipe(path, ["model.num_heads=8"]).model.avm.num_heads == 12  # not the backbone's 8
+    assert load_recipe(path, ["model.preset=small"]).model.avm.num_heads == 12
+    assert load_recipe(path, ["model.preset=tiny"]).model.avm.num_heads == 4
+    assert load_recipe(path, ["model.avm.num_heads=8"]).model.avm.num_heads == 8
+    with pytest.raises(RecipeError, match=r"r\.yaml: model\.avm\.num_heads: 7 must divide model\.embed_dim=768 \(e\.g\. "
+                                          r"model\.avm\.num_heads=12, the backbone's\)"):
+        load_recipe(path, ["model.avm.num_heads=7"])
+    tiny = load_recipe(path, ["model.preset=tiny", "model.avm.num_heads=2"]).model
+    backbone = CAVMAE(tiny, 2, 32, 64, 32)
+    assert build_avm(backbone, tiny.avm).num_heads == 2 and backbone.num_heads == 4
+    assert build_avm(backbone, dataclasses.replace(tiny.avm, num_heads=None)).num_heads == 4  # never resolved
+
+
+def test_precision_is_the_authors_fp16_with_a_loss_scaler():
+    """`torch.cuda.amp.autocast()` (fp16) + GradScaler (pretrain.py:88, utils/amp.py); bf16 and auto stay
+    available without a scaler; the CPU runs fp32."""
+    from stella_cli.distributed import amp_dtype, grad_scaler
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert (amp_dtype("fp16", cuda), amp_dtype("bf16", cuda), amp_dtype("none", cuda)) == \
+        (torch.float16, torch.bfloat16, None)
+    assert amp_dtype("fp16", cpu) is None and amp_dtype("bf16", cpu) is None
+    assert grad_scaler(torch.float16, cpu).is_enabled()  # (the CPU GradScaler; on CUDA the same call)
+    assert not grad_scaler(torch.bfloat16, cpu).is_enabled() and not grad_scaler(None, cpu).is_enabled()
+    assert grad_scaler(torch.float16, cpu).get_scale() == 2.0 ** 16  # torch's default, as the authors'
 
 
 @pytest.mark.parametrize("text, overrides, expected", [

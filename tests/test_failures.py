@@ -113,7 +113,7 @@ def test_bad_values_fail_before_the_first_step_and_leave_nothing(tmp_path, data_
         (train_cmd(few, out), f"task 'task2': 2 training clips in {few / 'train.csv'}, fewer than one batch "
                               f"(train.batch_size=4)"),
         (train_cmd(data_root, out, f"model.checkpoint={tmp_path / 'missing.pth'}"),
-         f"model.checkpoint: {tmp_path / 'missing.pth'}: checkpoint not found"),
+         f"model.checkpoint: {tmp_path / 'missing.pth'} not found; pass --set model.checkpoint=PATH"),
     ]
     if not torch.cuda.is_available():
         cases.append((train_cmd(data_root, out, "train.device=cuda"), "train.device=cuda: no CUDA device"))

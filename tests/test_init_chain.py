@@ -4,6 +4,7 @@ loading `stella train` checkpoints as model.checkpoint / model.avm.checkpoint, a
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -13,12 +14,12 @@ import torch
 
 from typer.testing import CliRunner
 
-from helpers import fake_mae_state_dict
+from helpers import fake_mae_state_dict, retrieval_rows
 
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.checkpoint import convert_mae_for_recipe, load_authors_checkpoint, load_avm_checkpoint
-from stella_cli.factory import METHODS, build_method
+from stella_cli.factory import METHODS, build_method, check_initial_checkpoint
 from stella_cli.model import AVM, CAVMAE
 from stella_cli.stella import AVMPretrain
 from stella_cli.train import TrainingInterrupted, build_optimizer, run
@@ -29,9 +30,9 @@ runner = CliRunner()
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "300"}  # one line per message
 
 
-def cli(*args: str) -> subprocess.CompletedProcess:
+def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "stella_cli", *args], capture_output=True, text=True, env=ENV,
-                          timeout=120)
+                          timeout=120, cwd=cwd)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -96,7 +97,7 @@ def test_chain_recipes_carry_the_authors_values():
         assert (r.optim.lr, r.optim.betas, r.optim.weight_decay) == (1e-4, [0.95, 0.999], 5e-7)
         assert r.model.preset == "base" and r.data.tasks == [] and r.model.avm.checkpoint == ""
     assert pre.model.checkpoint == "runs/init/imagenet_mae.pth"  # where the README's convert command writes
-    assert avm_v.model.checkpoint == f"{pre.output.dir}/checkpoints/latest.pt" and avm_v.data == pre.data
+    assert avm_v.model.checkpoint == f"{pre.output.dir}/checkpoints/task01_all.pt" and avm_v.data == pre.data
     assert avm_a.data.dataset == "vggsound" and avm_v.method.stella.matching_loss_weight == 1.0
     assert not avm_v.eval.retrieval and not avm_a.eval.retrieval
 
@@ -275,3 +276,62 @@ def test_avm_checkpoint_errors(tmp_path, data_root):
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in out, out
     assert "finetune.pt: holds a backbone but no avmatching_module.* keys, so no AVM weights" in out
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the pre-trained start a recipe names (model.checkpoint, model.checkpoint_made_by)
+
+CHAIN_STEP_2 = "made by `stella train recipes/init_audioset20k.yaml` (step 2 of README \"Initialisation chain\")"
+
+
+def test_a_paper_recipe_refuses_to_start_without_its_initial_checkpoint(tmp_path, monkeypatch):
+    """In an empty folder (no runs/, no data/): one line naming the step that makes the start, exit 2, before any
+    data is read (data/vggsound is missing as well, and that error would otherwise come first), nothing written."""
+    result = cli("train", str(RECIPES / "vggsound_er.yaml"), cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and "Traceback" not in out and len(out.strip().splitlines()) == 1, out
+    assert (f"{RECIPES / 'vggsound_er.yaml'}: model.checkpoint: runs/init_audioset20k/checkpoints/task01_all.pt not "
+            f"found ({CHAIN_STEP_2}, or the authors' audioset_pretrained.pth); pass --set model.checkpoint=PATH, or "
+            "--set model.checkpoint=random to start from random weights on purpose") in out, out
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.chdir(tmp_path)  # the recipes' relative paths: none of the files exists here
+    for recipe, sets, expected in (
+            ("audioset_stella.yaml", [], "model.checkpoint: baseline_ckpt/vggsound_pretrained.pth not found (made by "
+                                         "the authors: their vggsound_pretrained.pth, whose script is missing, so no "
+                                         "init_* step makes it; method.md §9.3 B3)"),
+            ("vggsound_stella.yaml", ["model.checkpoint="],
+             f"model.checkpoint is empty, but this recipe starts from a pre-trained backbone ({CHAIN_STEP_2}"),
+            ("init_audioset20k.yaml", [], "runs/init/imagenet_mae.pth not found (made by `stella convert mae "
+                                          "mae_pretrain_vit_base_full.pth runs/init/imagenet_mae.pth --recipe "
+                                          "recipes/init_audioset20k.yaml`"),
+            ("init_avm_vggsound.yaml", [], "runs/init_audioset20k/checkpoints/task01_all.pt not found "
+                                           f"({CHAIN_STEP_2}"),
+            ("init_avm_audioset.yaml", [], "no init_* step makes it")):
+        with pytest.raises(ValueError, match=re.escape(expected)):
+            check_initial_checkpoint(load_recipe(RECIPES / recipe, sets), "R")
+    check_initial_checkpoint(load_recipe(RECIPES / "synthetic_er.yaml"), "R")  # starts from random weights
+
+
+def test_random_weights_on_purpose_and_a_resume_without_the_initial_checkpoint(tmp_path, data_root):
+    """model.checkpoint=random: said on screen and in the saved config. A run whose start file is gone still
+    resumes: its own checkpoint holds every weight."""
+    recipe = tmp_path / "paper_like.yaml"  # a synthetic recipe that names a pre-trained start, as a paper recipe
+    recipe.write_text(f"extends: {RECIPES / 'synthetic_er.yaml'}\nmodel:\n  checkpoint: {tmp_path / 'start.pt'}\n"
+                      "  checkpoint_made_by: '`stella train recipes/init_x.yaml`'\n")
+    sets = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
+            "train.epochs=1", "train.batch_size=4"]
+    result = runner.invoke(app, ["train", str(recipe), "--quiet", "--stop-after", "1", "--set",
+                                 "model.checkpoint=random", "--set", f"output.dir={tmp_path / 'random'}",
+                                 *[a for x in sets for a in ("--set", x)]])
+    assert isinstance(result.exception, TrainingInterrupted), result.output  # a checkpoint after one step
+    assert "model.checkpoint=random: the backbone starts from random weights (train.seed=2021) instead of the " \
+           "pre-trained start the recipe names, on purpose" in " ".join(result.output.split())
+    assert load_recipe(tmp_path / "random" / "config.yaml").model.checkpoint == "random"
+    (tmp_path / "random" / "checkpoints" / "latest.pt").rename(tmp_path / "start.pt")
+    started = load_recipe(recipe, [*sets, f"output.dir={tmp_path / 'run'}"])
+    with pytest.raises(TrainingInterrupted):
+        run(started, quiet=True, stop_after=2)
+    (tmp_path / "start.pt").unlink()
+    with pytest.raises(ValueError, match="start.pt not found"):
+        run(load_recipe(recipe, [*sets, f"output.dir={tmp_path / 'other'}"]), quiet=True)
+    assert retrieval_rows(run(started, quiet=True, resume=True))[-1]["after_task"] == "task2"

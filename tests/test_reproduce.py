@@ -49,6 +49,31 @@ def test_every_table_names_its_recipes():
     assert TABLES["synthetic"].names == PAPER_RECIPES and len(PAPER_RECIPES) == 11
 
 
+def test_paper_tables_start_pretrained_in_fp16_with_one_memory_size():
+    """Every recipe of a paper table names its pre-trained start and uses the authors' fp16 autocast + GradScaler and
+    12 AVM heads; every replay method of one table has one memory size (the authors' result scripts read a whole
+    table from one buffer size): 2000 on VGGSound, 5000 on AudioSet (not 6000 for DER++ and CLS-ER)."""
+    for table, memory in (("vggsound-retrieval", 2000), ("audioset-retrieval", 5000), ("ablation", 2000)):
+        spec = TABLES[table]
+        recipes = {n: load_recipe(ROOT / "recipes" / f"{spec.prefix}_{n}.yaml") for n in spec.names}
+        assert all(r.optim.amp == "fp16" and r.model.avm.num_heads == 12 and r.model.checkpoint
+                   and r.model.checkpoint_made_by for r in recipes.values())
+        replay = {r.method.memory_size for n, r in recipes.items() if n not in ("finetune", "multitask")}
+        assert replay == {memory}, table
+
+
+def test_a_paper_table_stops_before_its_first_run_without_the_initial_checkpoint(tmp_path):
+    """No run starts (nothing is written) and the one line says what to pass."""
+    result = stella("reproduce", "vggsound-retrieval", "--methods", "er,stella", "--recipes", str(ROOT / "recipes"),
+                    cwd=tmp_path)
+    out = result.stdout + result.stderr
+    assert result.returncode == 2 and len(out.strip().splitlines()) == 1 and "Traceback" not in out, out
+    assert f"{ROOT / 'recipes' / 'vggsound_er.yaml'}: model.checkpoint: runs/init_audioset20k/checkpoints/" \
+           "task01_all.pt not found (made by `stella train recipes/init_audioset20k.yaml`" in out
+    assert "pass --set model.checkpoint=PATH, or --set model.checkpoint=random" in out
+    assert list(tmp_path.iterdir()) == []
+
+
 def test_the_laptop_budget_halves_each_recipes_epochs():
     """10 epochs per task, and 20 over the union for Multitask, which trains on as many clips as a replay method."""
     recipes = ROOT / "recipes"
@@ -99,9 +124,10 @@ def test_chance_line_counts_the_gallery(workspace, tmp_path):
 
 
 def test_a_failing_run_stops_with_its_exit_code_and_one_line(workspace, tmp_path):
+    """A run that fails when it starts (a task the data does not have): its exit code, its one line."""
     proc = stella("reproduce", "synthetic", "--methods", "finetune", "--seeds", "3", "--recipes",
-                  str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "train.batch_size=0", cwd=workspace)
+                  str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "data.tasks=[nope]", cwd=workspace)
     assert proc.returncode == 2, proc.stdout + proc.stderr
-    assert "train.batch_size" in proc.stdout and "failed with exit code 2" in proc.stdout
+    assert "nope" in proc.stdout and "failed with exit code 2" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "synthetic" / "synthetic_finetune_s3" / "reproduce.json").exists()
