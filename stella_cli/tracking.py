@@ -144,8 +144,8 @@ class TensorBoardTracker(Tracker):
 
 class WandbTracker(Tracker):
     """One W&B run per run directory (its id in RUN/wandb/run_id, each start's files in RUN/wandb/offline-run-*),
-    offline unless WANDB_MODE says otherwise.
-    W&B cannot forget a step, so after a resume only steps after `sent_through` are sent."""
+    offline unless WANDB_MODE says otherwise. W&B cannot forget a step, so only steps after `sent_through` are sent
+    (a resumed run's steps up to the last one the killed run logged are there already)."""
 
     def __init__(self, folder: Path, name: str, config: dict[str, Any], sent_through: int):
         import wandb
@@ -182,20 +182,16 @@ class MetricsLog:
     def __init__(self, run_dir: Path, log_to: str, config: dict[str, Any], resume_step: int | None = None,
                  evaluations: int = 0):
         self.path = run_dir / METRICS
-        self.tracker: Tracker
-        kept, sent_through = truncate_metrics(self.path, resume_step, evaluations) if resume_step is not None \
-            else ([], 0)
-        if log_to == "none":
-            self.tracker, replay = Tracker(), []
-        else:
-            folder = run_dir / log_to
-            fresh = resume_step is None or not has_data(folder)
-            if log_to == "tensorboard":  # from the checkpoint's step on: its own lines again, then the new ones
-                self.tracker = TensorBoardTracker(folder, None if fresh else resume_step)
-                replay = kept if fresh else [r for r in kept if r["step"] >= resume_step]
-            else:
-                self.tracker = WandbTracker(folder, run_dir.name, config, 0 if fresh else sent_through)
-                replay = kept
+        kept, sent_through = ([], 0) if resume_step is None else truncate_metrics(self.path, resume_step, evaluations)
+        self.tracker, replay = Tracker(), []
+        folder = run_dir / log_to  # RUN/tensorboard, RUN/wandb
+        fresh = resume_step is None or not has_data(folder)
+        if log_to == "tensorboard":  # from the checkpoint's step on: its own lines again, then the new ones
+            self.tracker = TensorBoardTracker(folder, None if fresh else resume_step)
+            replay = kept if fresh else [r for r in kept if r["step"] >= resume_step]
+        elif log_to == "wandb":
+            self.tracker = WandbTracker(folder, run_dir.name, config, 0 if fresh else sent_through)
+            replay = kept
         for record in replay:
             self.tracker.log(record["step"], scalars(record), record.get("time"))
 
