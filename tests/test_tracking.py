@@ -276,7 +276,7 @@ def wandb_history(path: Path) -> list[tuple[int, dict[str, float]]]:
 def test_wandb_offline_run_read_back_across_a_hard_kill(tmp_path, data_root):
     """Only where wandb is installed (it is not a test dependency: 125 MB). The same kill as the TensorBoard test:
     each step is in exactly one of the three offline sessions of one W&B run, with metrics.jsonl's values."""
-    pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb to run this test)")
+    wandb = pytest.importorskip("wandb", reason="wandb is not installed (pip install wandb to run this test)")
     recipe = tiny_recipe(tmp_path, data_root, "run", "train.log_to=wandb")
     run_dir, latest = tmp_path / "run", tmp_path / "run" / "checkpoints" / "latest.pt"
     with pytest.raises(TrainingInterrupted):
@@ -287,6 +287,7 @@ def test_wandb_offline_run_read_back_across_a_hard_kill(tmp_path, data_root):
     latest.unlink()
     shutil.copy(tmp_path / "step3.pt", latest)
     run(recipe, resume=True, quiet=True)
+    wandb.teardown()  # what a process does at exit: the service has written every record when it returns
     run_id = (run_dir / "wandb" / "run_id").read_text()
     sessions = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
     rows = [row for s in sessions for row in wandb_history(s / f"run-{run_id}.wandb")]
