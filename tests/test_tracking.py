@@ -295,3 +295,19 @@ def test_wandb_offline_run_read_back_across_a_hard_kill(tmp_path, data_root):
     expected = {r["step"]: scalars(r)["loss/total"] for r in read_metrics(run_dir / "metrics.jsonl") if "loss" in r}
     assert {step: values["loss/total"] for step, values in rows} == pytest.approx(expected, rel=1e-12)
     assert [step for step, values in rows if "retrieval/a2v_R@1" in values] == [4, 8]
+
+
+def test_a_start_that_logged_before_its_first_checkpoint_is_reused(tmp_path, data_root):
+    """A start that died before its first checkpoint with a tracker on leaves RUN/tensorboard or RUN/wandb: the next
+    start still reuses the folder, and begins the curves afresh."""
+    from stella_cli.train import is_empty_claim, prepare_run_dir
+
+    recipe = tiny_recipe(tmp_path, data_root, "run", "train.log_to=tensorboard")
+    run_dir = prepare_run_dir(recipe, resume=False)
+    for name in ("tensorboard", "wandb"):
+        (run_dir / name).mkdir()
+        (run_dir / name / "left_behind").write_text("x")
+    (run_dir / "metrics.jsonl").write_text(json.dumps(step_line(1)) + "\n")
+    assert is_empty_claim(run_dir)
+    prepare_run_dir(recipe, resume=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["checkpoints", "config.yaml", "results"]
