@@ -221,7 +221,7 @@ def train(
 
 
 def write_run_plots(run_dir: Path) -> None:
-    """The run's accuracy heatmap and stream plot (RUN/plots/); a plot never fails a finished run."""
+    """The run's accuracy heatmap, stream plot and loss curves (RUN/plots/); a plot never fails a finished run."""
     try:
         from stella_cli.plots import plot_run
 
@@ -389,7 +389,7 @@ def report(
     table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation"),
     out: Path = typer.Option(Path("reports"), help="Folder for TABLE.md/.csv/.json and the figures."),
     forgetting: str = typer.Option("conventional", help="conventional | as-coded (the authors' script, B15)."),
-    plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap and stream per run)."),
+    plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap, stream and loss curves per run)."),
 ) -> None:
     """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
     from stella_cli.report import build_table, expand_runs, print_table, write_figures, write_table

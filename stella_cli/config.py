@@ -194,6 +194,7 @@ class TrainConfig:
     batch_size: int = 48  # global batch of current clips (method.md §5.3: 12 per GPU x 4)
     seed: int = 2021
     log_every: int = 10  # steps between metrics.jsonl lines
+    log_to: str = "none"  # none | tensorboard | wandb: the same scalars live in RUN/tensorboard/ or RUN/wandb/ too
     checkpoint_every: int = 0  # steps between 'latest' checkpoints inside a task; 0 = only at task ends
     checkpoint_minutes: float = 10.0  # also a 'latest' checkpoint once this many minutes passed (the authors'
     # save_freq_mints = 10); 0 = off. Either way a crash loses at most this much work.
@@ -282,6 +283,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "method.stella.selection": SELECTIONS,
     "optim.amp": ("auto", "bf16", "fp16", "none"),
     "train.device": ("auto", "cpu", "cuda"),
+    "train.log_to": ("none", "tensorboard", "wandb"),
 }
 
 

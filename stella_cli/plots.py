@@ -2,6 +2,7 @@
 
     accuracy_heatmap   a(l, k) = R@K avg of task k after training task l, per direction, values annotated
     stream_plot        a(l, k) of each task over the stream: the forgetting picture
+    loss_curves        every loss term over the optimiser steps (metrics.jsonl), task boundaries marked
     comparison_bars    A and F per method (a `stella report` table), seed std as error bars
     bench_bars         time per iteration and memory per method (`stella bench --json`)
     buffer_clip_figure one stored clip: frames and fbank, stored importance, pruning probability, core patches
@@ -31,6 +32,7 @@ from stella_cli.checkpoint import read_checkpoint, task_checkpoints, task_of  # 
 from stella_cli.config import load_recipe, num_core_tokens, token_counts  # noqa: E402
 from stella_cli.evaluate import DIRECTIONS, accuracy_matrix  # noqa: E402
 from stella_cli.select import prune_mask, select_audio_chunks, select_video_patches  # noqa: E402
+from stella_cli.tracking import METRICS, read_metrics  # noqa: E402
 
 STYLE = {
     "figure.dpi": 100, "savefig.dpi": 100, "savefig.bbox": "tight", "font.size": 9, "axes.titlesize": 10,
@@ -45,6 +47,8 @@ CORE_EDGE = "#00e5ff"  # outline of the core patches
 IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], dtype=np.float32)
 IMAGENET_STD = np.array([0.229, 0.224, 0.225], dtype=np.float32)
 FBANK_SHIFT_S = 0.01  # Kaldi fbank frame shift (10 ms)
+LOSS_TITLES = {"loss": "total", "loss_mae_a": "audio MAE", "loss_mae_v": "video MAE", "loss_con": "contrastive",
+               "loss_vam": "AVM matching", "loss_pen": "replay penalty"}  # README "Watching a run" says what each is
 
 
 def task_color(k: int) -> Any:
@@ -133,18 +137,87 @@ def stream_plot(retrieval: dict[str, Any], out: Path, title: str = "") -> Path:
         return _save(fig, out)
 
 
+def loss_series(records: list[dict[str, Any]]) -> tuple[np.ndarray, dict[str, np.ndarray], list[tuple[str, int, int]]]:
+    """The training lines of metrics.jsonl as arrays: steps (N,), each loss key's values (N,), NaN where a line
+    lacks the term (a replay term before the buffer fills), total first; and the tasks as (name, first, last step)
+    in stream order."""
+    lines = [r for r in records if "loss" in r and r.get("event") is None]
+    steps = np.array([r["step"] for r in lines], dtype=float)
+    keys = ["loss"] + list(dict.fromkeys(k for r in lines for k in r if k.startswith("loss_")))
+    values = {k: np.array([r.get(k, np.nan) for r in lines], dtype=float) for k in keys}
+    tasks: list[tuple[str, int, int]] = []
+    for r in lines:
+        if tasks and tasks[-1][0] == r["task"]:
+            tasks[-1] = (r["task"], tasks[-1][1], r["step"])
+        else:
+            tasks.append((r["task"], r["step"], r["step"]))
+    return steps, values, tasks
+
+
+def moving_average(values: np.ndarray, window: int) -> np.ndarray:
+    """Centred mean over `window` logged points (NaN-aware; the ends average what they have)."""
+    if window <= 1:
+        return values
+    ok = np.isfinite(values)
+    kernel = np.ones(window)
+    sums = np.convolve(np.where(ok, values, 0.0), kernel, mode="same")
+    counts = np.convolve(ok.astype(float), kernel, mode="same")
+    return np.where(ok, sums / np.maximum(counts, 1), np.nan)
+
+
+def loss_curves(records: list[dict[str, Any]], out: Path, title: str) -> Path | None:
+    """One panel per loss key of the training lines (total first) over the optimiser steps, each task's stretch in
+    its colour with a dashed line at every task boundary; beyond 60 logged points the raw values are drawn thin and
+    a moving average over 1/30 of them thick. None when there are no training lines."""
+    steps, values, tasks = loss_series(records)
+    if not len(steps):
+        return None
+    window = len(steps) // 30 if len(steps) > 60 else 1
+    pad = max(0.5, 0.02 * (steps[-1] - steps[0]))
+    cols = min(3, len(values))
+    rows = -(-len(values) // cols)
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols + 1.4, 2.8 * rows + 0.6), squeeze=False,
+                                 constrained_layout=True)
+        for ax, (key, y) in zip(axes.flat, values.items()):
+            for k, (task, first, last) in enumerate(tasks):
+                part = (steps >= first) & (steps <= last)  # averaged within the task: a jump at a boundary stays
+                if window > 1:
+                    ax.plot(steps[part], y[part], color=task_color(k), lw=0.6, alpha=0.35)
+                ax.plot(steps[part], moving_average(y[part], window), color=task_color(k), lw=1.6,
+                        marker="o" if part.sum() < 30 else None, ms=3, label=task)
+            for (_, _, last), (_, first, _) in zip(tasks, tasks[1:]):
+                ax.axvline((last + first) / 2, color="0.4", ls="--", lw=0.9)
+            ax.set_xlim(steps[0] - pad, steps[-1] + pad)  # the same steps in every panel
+            ax.set_title(f"{key}: {LOSS_TITLES.get(key, 'loss term')}")
+            ax.set_xlabel("optimiser step")
+            ax.grid(True, axis="y")
+        for ax in axes.flat[len(values):]:
+            ax.set_visible(False)
+        handles, labels = axes.flat[0].get_legend_handles_labels()
+        fig.legend(handles, labels, loc="outside right center", frameon=False, title="task\n(dashed: boundary)",
+                   title_fontsize=8)
+        smoothing = f"; thick: moving average of {window} logged points" if window > 1 else ""
+        fig.suptitle(f"{title} (every logged step{smoothing})")
+        return _save(fig, out)
+
+
 def plot_run(run_dir: Path, out_dir: Path | None = None, prefix: str = "") -> list[Path]:
-    """The heatmap and the stream plot of one run (default: RUN/plots/); [] when it has no results yet."""
-    path = Path(run_dir) / "results" / "retrieval.json"
-    if not path.is_file():
-        return []
-    retrieval = json.loads(path.read_text())
-    if not retrieval.get("rows"):
-        return []
-    out_dir = Path(out_dir) if out_dir else Path(run_dir) / "plots"
-    name = Path(run_dir).name
-    return [accuracy_heatmap(retrieval, out_dir / f"{prefix}accuracy_matrix.png", f"{name}: accuracy matrix, R@K avg"),
-            stream_plot(retrieval, out_dir / f"{prefix}stream.png", f"{name}: retrieval of each task over the stream")]
+    """The heatmap and the stream plot of one run (once it has retrieval results) and its loss curves (once it has
+    logged a training line), in out_dir (default: RUN/plots/)."""
+    run_dir = Path(run_dir)
+    out_dir = Path(out_dir) if out_dir else run_dir / "plots"
+    name = run_dir.name
+    written = []
+    path = run_dir / "results" / "retrieval.json"
+    retrieval = json.loads(path.read_text()) if path.is_file() else {}
+    if retrieval.get("rows"):
+        written += [accuracy_heatmap(retrieval, out_dir / f"{prefix}accuracy_matrix.png",
+                                     f"{name}: accuracy matrix, R@K avg"),
+                    stream_plot(retrieval, out_dir / f"{prefix}stream.png",
+                                f"{name}: retrieval of each task over the stream")]
+    losses = loss_curves(read_metrics(run_dir / METRICS), out_dir / f"{prefix}losses.png", f"{name}: loss terms")
+    return written + ([losses] if losses else [])
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -209,6 +209,7 @@ class Table:
     lower_better: dict[str, bool]
     notes: list[str] = field(default_factory=list)
     best: dict[str, set[int]] = field(default_factory=dict)
+    run_dirs: list[Path] = field(default_factory=list)  # every run directory read, in the table or not (figures)
 
     def stat(self, row: int, col: str) -> tuple[float, float | None, int] | None:
         return mean_std(self.groups[row].values.get(col, []))
@@ -368,9 +369,10 @@ def build_table(kind: str, paths: list[Path], forgetting: str = "conventional") 
     if kind == "efficiency":
         return efficiency_table(paths)
     runs = [load_run(p) for p in paths]
-    if kind == "downstream":
-        return downstream_table(runs)
-    return retrieval_table(runs, forgetting, ablation=kind == "ablation")
+    table = downstream_table(runs) if kind == "downstream" else \
+        retrieval_table(runs, forgetting, ablation=kind == "ablation")
+    table.run_dirs = [r.path for r in runs]
+    return table
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -480,18 +482,16 @@ def print_table(table: Table) -> None:
 
 
 def write_figures(table: Table, out: Path) -> list[Path]:
-    """The table's bars (plots.py); for retrieval and ablation also every run's heatmap and stream plot."""
+    """The table's bars (plots.py: retrieval, ablation, efficiency), and for every run directory read, finished or
+    not, its heatmap and stream plot (once it has retrieval results) and its loss curves."""
     if table.name == "efficiency":
         return [bench_bars(table, out / "efficiency_bars.png")]
-    if table.name not in ("retrieval", "ablation"):
-        return []
-    bars = report_bars(table, out / f"{table.name}_bars.png")
+    bars = report_bars(table, out / f"{table.name}_bars.png") if table.name in ("retrieval", "ablation") else None
     written = [bars] if bars else []
     seen: dict[str, int] = {}
-    for group in table.groups:
-        for run in group.runs:
-            seen[run.path.name] = seen.get(run.path.name, 0) + 1
-            count = seen[run.path.name]
-            prefix = run.path.name + (f"_{count}" if count > 1 else "") + "_"  # two runs/<name> in other folders
-            written += plot_run(run.path, out / "runs", prefix=prefix)
+    for path in table.run_dirs:
+        seen[path.name] = seen.get(path.name, 0) + 1
+        count = seen[path.name]
+        prefix = path.name + (f"_{count}" if count > 1 else "") + "_"  # two runs/<name> in other folders
+        written += plot_run(path, out / "runs", prefix=prefix)
     return written

@@ -12,7 +12,6 @@ value 3 (the divergence guard, which every method goes through), a saved stop 13
 from __future__ import annotations
 
 import dataclasses
-import json
 import shutil
 import signal
 import sys
@@ -38,6 +37,7 @@ from stella_cli.errors import DivergenceError, Interrupted, StellaError
 from stella_cli.factory import METHODS, build_method, check_initial_checkpoint, check_method
 from stella_cli.methods import Method
 from stella_cli.replay import merge_state_dicts, split_state_dict
+from stella_cli.tracking import METRICS, TRACKERS, MetricsLog, check_tracker
 
 
 class TrainingInterrupted(Interrupted, RuntimeError):
@@ -63,7 +63,7 @@ def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
 # run directory and checkpoints
 
 
-RUN_FILES = {"config.yaml", "checkpoints", "results", "metrics.jsonl"}  # what a start writes before any checkpoint
+RUN_FILES = {"config.yaml", "checkpoints", "results", METRICS, *TRACKERS}  # what a start writes before any checkpoint
 
 
 def is_claimed(run_dir: Path) -> bool:
@@ -103,9 +103,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
     if is_main() and not resume:
         if reuse:
             log(f"[yellow]reusing {run_dir}: an earlier start stopped before its first checkpoint")
-            for name in ("checkpoints", "results"):
+            for name in ("checkpoints", "results", *TRACKERS):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
-            (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+            (run_dir / METRICS).unlink(missing_ok=True)
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
         (run_dir / "results").mkdir(exist_ok=True)
         (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
@@ -147,6 +147,7 @@ class Trainer:
     stop_requested: bool = False
     last_good: Path | None = None
     last_save: float = field(default_factory=time.monotonic)  # for train.checkpoint_minutes
+    metrics: MetricsLog | None = None  # metrics.jsonl and the train.log_to tracker, on rank 0
 
     def __post_init__(self) -> None:
         unwrap(self.method).attach_optimizer(self.optimizer, self.scaler)  # MIR / GMED take virtual steps with them
@@ -175,6 +176,8 @@ class Trainer:
         """Write the state once under the first name; further names are hard links to it (copies if the file
         system has none), each put in place atomically."""
         state = self.state()
+        if self.metrics is not None:  # the curves on disk reach the checkpoint: a resume purges only what follows
+            self.metrics.flush()
         if is_main():
             first = self.run_dir / "checkpoints" / names[0]
             write_checkpoint(first, state, also=names[1:])
@@ -335,9 +338,8 @@ class Trainer:
             self.pos.history = broadcast_object(self.pos.history)
 
     def log_metrics(self, record: dict[str, Any]) -> None:
-        if is_main():
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.pos.step, "time": time.time(), **record}) + "\n")
+        if self.metrics is not None:
+            self.metrics.log({"step": self.pos.step, "time": time.time(), **record})
 
     def progress(self, name: str, total: int):
         return _TaskProgress(name, total, enabled=is_main() and not self.quiet)
@@ -384,6 +386,7 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
             instead = " instead of the pre-trained start the recipe names" if recipe.model.checkpoint_made_by else ""
             log(f"[yellow]model.checkpoint={RANDOM}: the backbone starts from random weights (train.seed="
                 f"{recipe.train.seed}){instead}, on purpose")
+    check_tracker(recipe.train.log_to)  # before any data is read
     meta = check_prepared(recipe.data)  # also refuses data.tasks that the prepared folder does not have
     tasks = recipe.data.tasks or meta["tasks"]
     union = METHODS[recipe.method.name].union  # one pass over all tasks' clips
@@ -400,9 +403,11 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
                       Position(), quiet=quiet, stop_after=stop_after)
     if resume:
         trainer.load(run_dir / "checkpoints" / LATEST)
-        truncate_metrics(run_dir / "metrics.jsonl", trainer.pos.step)
         log(f"resumed {run_dir} at step {trainer.pos.step} (task {trainer.pos.task + 1}/{len(schedule)}, "
             f"epoch {trainer.pos.epoch + 1}, batch {trainer.pos.batch})")
+    if is_main():  # a resumed run's curves go on from the checkpoint's step (a killed run's later lines: dropped)
+        trainer.metrics = MetricsLog(run_dir, recipe.train.log_to, recipe_to_dict(recipe),
+                                     trainer.pos.step if resume else None, len(trainer.pos.history))
     previous = {s: signal.signal(s, lambda *_: setattr(trainer, "stop_requested", True))
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -410,6 +415,8 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+        if trainer.metrics is not None:
+            trainer.metrics.close()
     return run_dir
 
 
@@ -439,11 +446,3 @@ def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
         elif a[key] != b[key]:
             out.append(f"{prefix}{key}")
     return out
-
-
-def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (a hard kill can leave some)."""
-    if not path.is_file():
-        return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))

@@ -11,7 +11,7 @@ PACKAGE = ROOT / "stella_cli"
 # README "Architecture": a module imports only from lower layers
 LAYERS = [
     {"errors", "console", "media", "audio", "cache", "scoring", "replay"},
-    {"config", "distributed", "pool", "select", "inputs"},
+    {"config", "distributed", "pool", "select", "inputs", "tracking"},
     {"model", "data", "prep"},
     {"checkpoint", "evaluate", "methods", "synth", "prep_init", "prep_downstream"},
     {"stella", "baselines", "downstream", "plots"},

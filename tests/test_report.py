@@ -6,11 +6,13 @@ import csv
 import io
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -227,7 +229,7 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     data = tmp / "data"
     tiny_synthetic(data)
     tiny = [f"data.root={data}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-            "train.epochs=1", "train.batch_size=4"]
+            "train.epochs=1", "train.batch_size=4", "train.log_every=1"]
     runs = {"stella": tmp / "stella", "stella+": tmp / "stella_plus"}
     proc = cli("train", "recipes/synthetic.yaml", "--quiet", *[a for o in tiny for a in ("--set", o)],
                "--set", f"output.dir={runs['stella']}")
@@ -238,11 +240,45 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     return runs
 
 
-def test_train_writes_the_heatmap_and_stream_plot(tiny_runs):
+def test_train_writes_the_heatmap_stream_plot_and_loss_curves(tiny_runs):
     run = tiny_runs["stella"]
     w, h = assert_png(run / "plots" / "accuracy_matrix.png")
     assert w > h  # two panels side by side
     assert_png(run / "plots" / "stream.png")
+    w, h = assert_png(run / "plots" / "losses.png")
+    assert w > 1000 and h > 500  # 3 x 2 panels: loss and STELLA's five terms
+
+
+def test_report_draws_the_loss_curves_of_every_run_it_reads(tiny_runs, tmp_path):
+    unfinished = tmp_path / "unfinished"  # its task-2 retrieval is not there yet: not in the table, still drawn
+    shutil.copytree(tiny_runs["stella"], unfinished)
+    (unfinished / "results" / "summary.json").write_text(json.dumps(
+        {**json.loads((unfinished / "results" / "summary.json").read_text()), "trained": ["task1"]}))
+    proc = cli("report", str(tiny_runs["stella"]), str(tiny_runs["stella+"]), str(unfinished), "--out",
+               str(tmp_path / "out"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "skipped" in proc.stdout and "1 of 2 tasks trained" in proc.stdout
+    for name in ("stella", "stella_plus", "unfinished"):
+        assert_png(tmp_path / "out" / "runs" / f"{name}_losses.png")
+
+
+def test_loss_series_and_its_moving_average():
+    from stella_cli.plots import loss_series, moving_average
+
+    def line(step, task, **terms):
+        return {"step": step, "time": 0.0, "task": task, "epoch": 0, **terms, "loss": sum(terms.values()),
+                "clips_per_s": 1.0, "lr": 1e-4}
+
+    records = [line(1, "t1", loss_mae_a=1.0), line(2, "t1", loss_mae_a=0.75, loss_pen=0.5),
+               {"step": 2, "time": 0.0, "event": "retrieval", "after_task": "t1", "scores": {}},
+               line(3, "t2", loss_mae_a=2.0, loss_pen=0.25), line(4, "t2", loss_mae_a=1.5, loss_pen=0.0)]
+    steps, values, tasks = loss_series(records)
+    assert steps.tolist() == [1, 2, 3, 4] and list(values) == ["loss", "loss_mae_a", "loss_pen"]
+    assert values["loss"].tolist() == [1.0, 1.25, 2.25, 1.5]
+    assert np.isnan(values["loss_pen"][0]) and values["loss_pen"][1:].tolist() == [0.5, 0.25, 0.0]
+    assert tasks == [("t1", 1, 2), ("t2", 3, 4)]  # first and last logged step of each task
+    smooth = moving_average(np.array([1.0, 2.0, 3.0, 4.0, np.nan, 6.0]), 3)  # centred; NaN kept, not averaged in
+    assert smooth[[0, 1, 2, 3, 5]].tolist() == [1.5, 2.0, 3.0, 3.5, 6.0] and np.isnan(smooth[4])
 
 
 def test_buffer_show_draws_clips_and_composition(tiny_runs, tmp_path):
