@@ -6,8 +6,11 @@ line). A video's event is [start, end); its 10 one-second segments are labelled 
 background (ave.py). Videos are found by file stem under --root; a listed video with no file, no audio or an
 unreadable file is skipped and reported (prep_report.json), as for `stella prep vggsound`.
 
-AVSBench S4: `s4_meta_data.csv` (name, category, split), a video per name under --root, the first frame's mask
-png under --masks; the masks are cached beside the frames (cache/{split}/masks.npy), resized and cropped alike.
+AVSBench S4: `s4_meta_data.csv` (name, category, split), a video per name under --root, the mask pngs under
+--masks: the first frame's for a train video, all five for a test video (S4 scores them all); the masks are cached
+beside the frames (cache/{split}/masks.npy). AVSBench draws a mask on its 224 x 224 frame, the whole video frame
+squashed to a square (preprocess_s4.py `cv2.resize(im, (224, 224))`), so a mask is stretched back to the video's
+aspect, then resized and centre-cropped as the frames are.
 
 MSR-VTT: the train and test lists, one video id a line, or a csv with a `video_id` column (Miech's
 MSRVTT_train.9k.csv, the JSFusion test csv MSRVTT_JSFUSION_test.csv); the test list becomes the `retrieval` split.
@@ -26,7 +29,8 @@ from typing import Any
 import av
 import numpy as np
 
-from stella_cli.cache import CacheSpec, disk_bytes, spec_to_dict, write_meta
+from stella_cli.cache import DONE, CacheSpec, disk_bytes, spec_to_dict, write_meta
+from stella_cli.errors import StellaError
 from stella_cli.media import resize_geometry
 from stella_cli.prep import ClipSource, MediaIndex, ListEntry, prepare_split
 
@@ -142,15 +146,26 @@ def read_s4_csv(path: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def decode_mask(path: Path, size: int) -> np.ndarray:
-    """uint8 (size, size) 0/1 mask from a png (PyAV's png decoder), resized and centre-cropped as the frames are
-    (media.resize_geometry), thresholded at half intensity."""
+def video_frame_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a video's decoded frames (media.decode_clip resizes and crops frames of this size)."""
     try:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
     except (av.FFmpegError, OSError, StopIteration) as err:
-        raise ValueError(f"{path}: cannot decode the mask png: {err}") from err
-    rw, rh, left, top = resize_geometry(frame.width, frame.height, size)
+        raise StellaError(f"{path}: cannot decode a video frame: {err}") from err
+    return frame.width, frame.height
+
+
+def decode_mask(path: Path, size: int, video_size: tuple[int, int]) -> np.ndarray:
+    """uint8 (size, size) 0/1 mask from a png (PyAV's png decoder) drawn over a whole video frame of `video_size`
+    (width, height) at any resolution: resized to the frame's Resize(size) shape and centre-cropped as the frames
+    are (media.resize_geometry), thresholded at half intensity."""
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, OSError, StopIteration) as err:
+        raise StellaError(f"{path}: cannot decode the mask png ({err}); replace or remove it") from err
+    rw, rh, left, top = resize_geometry(*video_size, size)
     gray = frame.reformat(width=rw, height=rh, format="gray", interpolation="BILINEAR").to_ndarray()
     return (gray[top:top + size, left:left + size] >= 128).astype(np.uint8)
 
@@ -158,8 +173,9 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
 def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: int = 2, frames_format: str = "raw",
                 progress: bool = True, spec: CacheSpec | None = None) -> dict[str, Any]:
     """`stella prep avs`: the train and test clips of s4_meta_data.csv, their videos under `root` (by name) and
-    their first-frame masks under `masks` ({name}_1.png, as AVSBench's gt_masks/{split}/{category}/{name}/, or
-    {name}.png); masks go to cache/{split}/masks.npy, uint8 (N, S, S), aligned with the cached frames."""
+    their masks under `masks` ({name}_{k}.png, as AVSBench's gt_masks/{split}/{category}/{name}/; a train video
+    needs k = 1, or {name}.png, a test video k = 1 .. clip seconds, 5); masks go to cache/{split}/masks.npy, uint8
+    (N, K, S, S) with K = 1 (train) or 5 (test), aligned with the cached frames."""
     root, masks = Path(root), Path(masks)
     for folder, what in ((root, "videos"), (masks, "mask pngs")):
         if not folder.is_dir():
@@ -169,28 +185,37 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: 
     pngs = {p.name: p for p in sorted(masks.rglob("*.png"))}
     index = MediaIndex(root)
     spec = spec or CacheSpec(clip_seconds=5.0, num_frames=40)  # S4 clips are 5 s
+    per_clip = {"train": 1, "test": max(int(spec.clip_seconds), 1)}  # S4: 1 train mask, 5 test masks per video
     clips, missing, mask_files = {}, {}, {}
     for split in ("train", "test"):
         clips[split], missing[split], mask_files[split] = [], [], []
         for r in (r for r in rows if r["split"] == split):
-            png = pngs.get(f"{r['name']}_1.png") or pngs.get(f"{r['name']}.png")
+            files = [pngs.get(f"{r['name']}_{k}.png") for k in range(1, per_clip[split] + 1)]
+            if split == "train" and files[0] is None:
+                files = [pngs.get(f"{r['name']}.png")]
             path = index.find(ListEntry(r["name"], [], [r["name"]], r["name"], r["where"]))
+            lacking = [k + 1 for k, f in enumerate(files) if f is None]
             reason = ("no media file under --root" if path is None else
-                      "no mask png under --masks" if png is None else None)
+                      f"no mask png {r['name']}_{lacking[0]}.png under --masks" if lacking else None)
             if reason:
                 missing[split].append({"clip_id": r["name"], "source": r["where"], "reason": reason})
                 continue
             label = categories.index(r["category"])
             clips[split].append(ClipSource(r["name"], str(path), label, [label], r["category"], "avs"))
-            mask_files[split].append(png)
+            mask_files[split].append((path, files))
     classes = [{"index": i, "name": c, "category": c, "task": "avs"} for i, c in enumerate(categories)]
     summary = write_prepared(out, "avs", ["avs"], classes, clips, missing, spec, workers=workers,
                              frames_format=frames_format, progress=progress,
                              sources={"root": str(root), "csv": str(meta_csv), "masks": str(masks)})
-    for split, files in mask_files.items():
-        arr = np.zeros((len(files), spec.frame_size, spec.frame_size), np.uint8)
-        for row, png in enumerate(files):
-            arr[row] = decode_mask(png, spec.frame_size)
+    for split, entries in mask_files.items():
+        arr = np.zeros((len(entries), per_clip[split], spec.frame_size, spec.frame_size), np.uint8)
+        status = np.load(Path(out) / "cache" / split / "status.npy")
+        for row, (video, files) in enumerate(entries):
+            if status[row] != DONE:  # skipped by prep (no audio, unreadable): no frames to align with
+                continue
+            size = video_frame_size(video)
+            for k, png in enumerate(files):
+                arr[row, k] = decode_mask(png, spec.frame_size, size)
         np.save(Path(out) / "cache" / split / "masks.npy", arr)
     return summary
 
