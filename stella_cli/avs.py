@@ -223,6 +223,7 @@ class AVSHead(nn.Module):
 
 
 CACHE_BYTES = 2**30  # frozen, unaugmented inputs: features are computed once when they fit in this much memory
+Batch = tuple[tuple[list[Tensor], Tensor], dict[str, Tensor]]  # ((tokens per layer, audio guide), {mask, task, clip})
 
 
 class Features:
@@ -234,28 +235,25 @@ class Features:
         size = 4 * len(dataset) * (layers * backbone.grid ** 2 * hidden + backbone.embed_dim)
         self.cached = None
         if size <= CACHE_BYTES:
-            parts = list(self._loaded(shuffle=False, seed=0, epoch=0))
-            self.cached = ([torch.cat(layer) for layer in zip(*(p[0][0] for p in parts))],
-                           torch.cat([p[0][1] for p in parts]), {k: torch.cat([p[1][k] for p in parts])
-                                                                  for k in parts[0][1]})
+            inputs, extras = zip(*self._loaded(shuffle=False, seed=0, epoch=0))
+            tokens = [torch.cat(layer) for layer in zip(*(t for t, _ in inputs))]
+            audio = torch.cat([a for _, a in inputs])
+            self.cached = (tokens, audio, {k: torch.cat([e[k] for e in extras]) for k in extras[0]})
 
-    def _loaded(self, *, shuffle: bool, seed: int, epoch: int) -> Iterator[tuple[tuple[list[Tensor], Tensor],
-                                                                                 dict[str, Tensor]]]:
+    def _loaded(self, *, shuffle: bool, seed: int, epoch: int) -> Iterator[Batch]:
         for b in build_loader(self.dataset, self.batch, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=False,
                               num_workers=0):
             yield (fusion_features(self.backbone, b["audio"], b["video"], self.amp),
                    {k: b[k] for k in ("mask", "task", "clip")})
 
-    def batches(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0
-                ) -> Iterator[tuple[tuple[list[Tensor], Tensor], dict[str, Tensor]]]:
-        """((tokens, audio), {mask, task, clip}) per batch, in the loader's order for (shuffle, seed, epoch)."""
+    def batches(self, *, shuffle: bool = False, seed: int = 0, epoch: int = 0) -> Iterator[Batch]:
+        """The batches of the loader for (shuffle, seed, epoch), from the cache when there is one."""
         if self.cached is None:
             yield from self._loaded(shuffle=shuffle, seed=seed, epoch=epoch)
             return
         tokens, audio, extra = self.cached
-        n = len(audio)
-        order = torch.tensor(shard_indices(n, shuffle=shuffle, seed=seed, epoch=epoch, drop_last=False))
-        for i in range(0, n, self.batch):  # the loader's batches
+        order = torch.tensor(shard_indices(len(audio), shuffle=shuffle, seed=seed, epoch=epoch, drop_last=False))
+        for i in range(0, len(order), self.batch):  # the loader's batches
             idx = order[i:i + self.batch]
             yield ([t[idx] for t in tokens], audio[idx]), {k: v[idx] for k, v in extra.items()}
 

@@ -423,3 +423,30 @@ def test_avsbench_miou_and_f_score_by_hand():
     assert miou == pytest.approx(100 * ((1 / 3 + 3 / 4) / 2 + 1) / 2, abs=1e-4) and f == pytest.approx(90.625)
     # a batch whose frames are all empty scores F = 0 (AVSBench's score starts at zeros)
     assert batch_scores(iou[1:2], curve[1:2], empty[1:2], video[1:2], 4) == pytest.approx((75.0, 0.0), abs=1e-4)
+
+
+def test_avs_cached_features_train_the_same_head_as_the_loader(tmp_path, monkeypatch):
+    """Features that fit in memory are computed once and batched in the loader's order: the losses and scores equal
+    those of the path that runs the backbone at every pass."""
+    from stella_cli import avs
+    from stella_cli.config import AVSHeadConfig
+
+    spec = CacheSpec(num_frames=16, frame_size=32, fps=8.0, clip_seconds=2.0, target_length=208, num_mel_bins=16)
+    rng = np.random.default_rng(0)
+    clips = [{"frames": rng.integers(0, 256, (16, 32, 32, 3), dtype=np.uint8),
+              "boxes": np.tile(np.array([[0.1, 0.2, 0.5, 0.7]], np.float32), (16, 1))} for _ in range(6)]
+    root = write_cache(tmp_path / "d", spec, {"train": clips[:4], "test": clips[4:]})
+    data = DataConfig(dataset="synthetic", root=str(root), image_size=32, num_frames=2, frame_stride=8,
+                      target_length=208, num_mel_bins=16)
+    torch.manual_seed(0)
+    model = CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), num_frames=2, image_size=32, target_length=208,
+                   num_mel_bins=16).eval()
+    cfg = AVSHeadConfig(epochs=2, lr=1e-2, warmup_epochs=0, batch_size=3, channels=4, select_epoch="best_test",
+                        eval_every=1)
+    cached = avs.train_and_test(model, data, cfg, seed=3)
+    monkeypatch.setattr(avs, "CACHE_BYTES", 0)
+    streamed = avs.train_and_test(model, data, cfg, seed=3)
+    assert cached["frames"] == streamed["frames"] == 4  # 2 test clips x 2 annotated frames
+    for key in ("loss_per_epoch", "mIoU", "F"):
+        assert cached[key] == pytest.approx(streamed[key], rel=1e-5), key
+    assert cached["test_score_per_epoch"] == pytest.approx(streamed["test_score_per_epoch"], rel=1e-5)
