@@ -73,7 +73,8 @@ def prep(
     categories: Optional[Path] = typer.Option(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
     labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name)."),
-    masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs."),
+    masks: Optional[Path] = typer.Option(None, help="avs only: AVSBench's gt_masks folder (frame 1's png of a "
+                                                     "train video, frames 1-5 of a test video)."),
     subset: str = typer.Option("tasks", help="vggsound | audioset: tasks (the continual task split) | unused "
                                              "(VGGSound clips the tasks leave out) | all (every clip: VGGSound "
                                              "'Origin', AudioSet-20K)."),
