@@ -78,8 +78,9 @@ def prep(
         None, help="Class -> category table (VGGSound stat.csv, AudioSet class lists)."),
     labels: Optional[Path] = typer.Option(None, help="CAV-MAE label csv (index,mid,display_name; the header line "
                                                      "is optional)."),
-    masks: Optional[Path] = typer.Option(None, help="avs only: folder of AVSBench's first-frame mask pngs "
-                                                    "(gt_masks; default ROOT/gt_masks)."),
+    masks: Optional[Path] = typer.Option(None, help="avs only: AVSBench's gt_masks folder (frame 1's png of a "
+                                                    "train video, frames 1-5 of a test video; default "
+                                                    "ROOT/gt_masks)."),
     allow_leaks: bool = typer.Option(False, "--allow-leaks", help="Keep clips listed in both train and test "
                                                                   "(refused by default; counted in prep_report.json)."),
     subset: str = typer.Option("tasks", help="vggsound | audioset: tasks (the continual task split) | unused "

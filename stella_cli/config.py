@@ -218,6 +218,10 @@ class HeadConfig:
     timem: int = 192  # SpecAugment time mask width (classification only)
     test_clips: int = 4  # clips per test video, softmax averaged (classification only)
     channels: int = 256  # width of the mask decoder (avs only; the authors' ASPP has 256)
+    # which epoch's head is tested: "last" (ours: no model selection on the test set) or "best_test" (the authors'
+    # run.py: score the test split every `eval_every` epochs and after the last, keep the best epoch's head)
+    select_epoch: str = "last"
+    eval_every: int = 1  # the authors' logging.eval_freq (1 for VGGSound and AVE, 2 for AVS); only for best_test
 
 
 @dataclass
@@ -226,6 +230,10 @@ class AVEHeadConfig(HeadConfig):
 
     lr: float = 1e-3
     batch_size: int = 12
+    # where segment s's one second of audio starts: "authors" = int(linspace(0, len - 1.1 s, S)[s]) samples (their
+    # ave.py; the last of 10 starts at 8.9 s), "seconds" = s seconds (the benchmark's segment s = [s, s+1))
+    audio_starts: str = "authors"
+    train_crop: bool = False  # the authors' multi-scale crop on training segments (features recomputed each epoch)
 
 
 @dataclass
@@ -234,6 +242,8 @@ class AVSHeadConfig(HeadConfig):
 
     epochs: int = 20
     warmup_epochs: int = 3
+    eval_every: int = 2
+    test_batch: int = 4  # videos per batch of AVSBench's test.sh: mIoU and F are per batch, F at its best threshold
 
 
 @dataclass
@@ -284,6 +294,10 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "optim.amp": ("auto", "bf16", "fp16", "none"),
     "train.device": ("auto", "cpu", "cuda"),
     "train.log_to": ("none", "tensorboard", "wandb"),
+    "eval.classification.select_epoch": ("last", "best_test"),
+    "eval.ave.select_epoch": ("last", "best_test"),
+    "eval.avs.select_epoch": ("last", "best_test"),
+    "eval.ave.audio_starts": ("authors", "seconds"),
 }
 
 
@@ -444,7 +458,8 @@ POSITIVE_INTS = ("data.num_frames", "data.frame_stride", "data.image_size", "dat
                  "model.decoder_embed_dim", "model.decoder_depth", "model.decoder_num_heads", "model.patch_size",
                  "model.avm.num_heads",
                  "method.stella.num_core_audio_times", "method.replay_batch_size", "optim.micro_batch_size",
-                 "train.epochs", "train.batch_size", "train.log_every", "eval.batch_size")
+                 "train.epochs", "train.batch_size", "train.log_every", "eval.batch_size",
+                 "eval.classification.eval_every", "eval.ave.eval_every", "eval.avs.eval_every", "eval.avs.test_batch")
 NON_NEGATIVE = ("data.num_workers", "method.memory_size", "method.alpha", "method.stella.matching_loss_weight",
                 "model.contrast_weight", "model.mae_weight", "optim.weight_decay", "train.checkpoint_every",
                 "train.checkpoint_minutes")

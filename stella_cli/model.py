@@ -15,7 +15,7 @@ dicts load key for key (checkpoint.load_authors_checkpoint). Masks follow MAE: T
 from __future__ import annotations
 
 import contextlib
-from typing import NamedTuple
+from typing import Any, Iterable, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +149,20 @@ def init_linear_and_norm(m: nn.Module) -> None:
     elif isinstance(m, nn.LayerNorm):
         nn.init.ones_(m.weight)
         nn.init.zeros_(m.bias)
+
+
+def weight_decay_groups(named_parameters: Iterable[tuple[str, nn.Parameter]], weight_decay: float,
+                        skip: Iterable[str] = ()) -> list[dict[str, Any]]:
+    """Optimiser groups as the authors' `get_parameter_groups` (optimizers/builder.py): no decay for 1-D tensors
+    (biases, LayerNorm weights), names ending in `.bias` and the names in `skip`; `weight_decay` on the rest.
+    Parameters that do not require grad are left out."""
+    skip = set(skip)
+    decay, no_decay = [], []
+    for name, param in named_parameters:
+        if param.requires_grad:
+            plain = param.ndim <= 1 or name.endswith(".bias") or name in skip
+            (no_decay if plain else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -12,10 +12,12 @@ reported (prep_report.json), as for `stella prep vggsound`.
 AVSBench S4: `s4_meta_data.csv` (a header naming category and split; the video name is the `name` column, else the
 first, as AVSBench's loader reads it), the clips either as videos under --root (by name) or as AVSBench's
 processed release under --root (`visual_frames/{split}/{category}/{name}/{name}_{k}.png` at 1 fps +
-`audio_wav/{split}/{category}/{name}.wav`), the first frame's mask png under --masks (default ROOT/gt_masks); the
-masks are cached beside the frames (cache/{split}/masks.npy), resized and cropped alike. A mask file must hold at
-most two grey levels (a video frame given as a mask is refused). Val rows are counted and not used (the authors
-train on train and test on test).
+`audio_wav/{split}/{category}/{name}.wav`), the mask pngs under --masks (default ROOT/gt_masks): the first frame's
+for a train video, all five for a test video (S4 scores them all); the masks are cached beside the frames
+(cache/{split}/masks.npy). A mask file must hold at most two grey levels (a video frame given as a mask is refused).
+AVSBench draws a mask on its 224 x 224 frame, the whole video frame squashed to a square (preprocess_s4.py
+`cv2.resize(im, (224, 224))`), so a mask is stretched back to the video's aspect, then resized and centre-cropped
+as the frames are. Val rows are counted and not used (the authors train on train and test on test).
 
 MSR-VTT: the train and test lists, one video id a line (the authors' `train_list_miech.txt` /
 `test_list_miech.txt`), or a csv whose header has `video_id` (Miech's MSRVTT_train.9k.csv, the JSFusion test csv
@@ -37,7 +39,7 @@ from typing import Any
 import av
 import numpy as np
 
-from stella_cli.cache import CacheSpec, disk_bytes, spec_to_dict, write_meta
+from stella_cli.cache import DONE, CacheSpec, disk_bytes, spec_to_dict, write_meta
 from stella_cli.errors import StellaError
 from stella_cli.inputs import (MediaIndex, check_leaks, duplicate_note, examples, leak_note, parse_split_files,
                                read_rows, read_text, walk_files)
@@ -224,15 +226,26 @@ def read_s4_csv(path: Path) -> list[dict[str, Any]]:
     return out
 
 
-def decode_mask(path: Path, size: int) -> np.ndarray:
-    """uint8 (size, size) 0/1 mask from a png (PyAV's png decoder), resized and centre-cropped as the frames are
-    (media.resize_geometry), thresholded at half intensity."""
+def video_frame_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a video's decoded frames (media.decode_clip resizes and crops frames of this size)."""
     try:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
     except (av.FFmpegError, OSError, StopIteration) as err:
-        raise StellaError(f"{path}: cannot decode the mask png: {err}") from err
-    rw, rh, left, top = resize_geometry(frame.width, frame.height, size)
+        raise StellaError(f"{path}: cannot decode a video frame: {err}") from err
+    return frame.width, frame.height
+
+
+def decode_mask(path: Path, size: int, video_size: tuple[int, int]) -> np.ndarray:
+    """uint8 (size, size) 0/1 mask from a png (PyAV's png decoder) drawn over a whole video frame of `video_size`
+    (width, height) at any resolution: resized to the frame's Resize(size) shape and centre-cropped as the frames
+    are (media.resize_geometry), thresholded at half intensity."""
+    try:
+        with av.open(str(path)) as container:
+            frame = next(container.decode(video=0))
+    except (av.FFmpegError, OSError, StopIteration) as err:
+        raise StellaError(f"{path}: cannot decode the mask png ({err}); replace or remove it") from err
+    rw, rh, left, top = resize_geometry(*video_size, size)
     gray = frame.reformat(width=rw, height=rh, format="gray", interpolation="BILINEAR").to_ndarray()
     return (gray[top:top + size, left:left + size] >= 128).astype(np.uint8)
 
@@ -267,9 +280,10 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path | None = N
                 frames_format: str = "raw", progress: bool = True, spec: CacheSpec | None = None,
                 allow_leaks: bool = False) -> dict[str, Any]:
     """`stella prep avs`: the train and test clips of s4_meta_data.csv, as videos under `root` (by name) or as the
-    processed release (find_processed), and their first-frame masks under `masks` ({name}_1.png, as AVSBench's
-    gt_masks/{split}/{category}/{name}/, or {name}.png; default ROOT/gt_masks); masks go to
-    cache/{split}/masks.npy, uint8 (N, S, S), aligned with the cached frames."""
+    processed release (find_processed), and their masks under `masks` (default ROOT/gt_masks; {name}_{k}.png, as
+    AVSBench's gt_masks/{split}/{category}/{name}/: a train video needs k = 1, or {name}.png, a test video k = 1 ..
+    clip seconds, 5); masks go to cache/{split}/masks.npy, uint8 (N, K, S, S) with K = 1 (train) or 5 (test),
+    aligned with the cached frames."""
     root = Path(root)
     if not root.is_dir():
         raise StellaError(f"--root {root}: folder of AVSBench videos not found")
@@ -294,6 +308,7 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path | None = N
             pngs.setdefault(p.name, []).append(p)
     index, (frame_dirs, wavs) = MediaIndex(root), find_processed(root)
     spec = spec or CacheSpec(clip_seconds=5.0, num_frames=40)  # S4 clips are 5 s
+    per_clip = {"train": 1, "test": max(int(spec.clip_seconds), 1)}  # S4: 1 train mask, 5 test masks per video
     clips, missing, mask_files = {}, {}, {}
     for split, split_rows in by_split.items():
         clips[split], missing[split], mask_files[split], seen = [], [], [], set()
@@ -302,35 +317,46 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path | None = N
             if name in seen:
                 continue
             seen.add(name)
-            found = pngs.get(f"{name}_1.png") or pngs.get(f"{name}.png") or []
-            if len(found) > 1:
-                raise StellaError(f"--masks {masks}: two masks named {found[0].name} ({found[0]}, {found[1]}); "
+            found = [pngs.get(f"{name}_{k}.png", []) for k in range(1, per_clip[split] + 1)]
+            if split == "train" and not found[0]:
+                found = [pngs.get(f"{name}.png", [])]
+            twice = next((f for f in found if len(f) > 1), None)
+            if twice:
+                raise StellaError(f"--masks {masks}: two masks named {twice[0].name} ({twice[0]}, {twice[1]}); "
                                   f"give AVSBench's gt_masks folder")
             path = index.find([name])
             processed = path is None and name in frame_dirs and name in wavs
+            lacking = [k + 1 for k, f in enumerate(found) if not f]
             reason = ("no media file under --root" if path is None and not processed else
-                      "no mask png under --masks" if not found else None)
+                      f"no mask png {name}_{lacking[0]}.png under --masks" if lacking else None)
             if reason:
                 missing[split].append({"clip_id": name, "source": r["where"], "reason": reason})
                 continue
             label = categories.index(r["category"])
-            clips[split].append(ClipSource(name, str(frame_dirs[name] if processed else path), label, [label],
-                                           r["category"], "avs", audio=str(wavs[name]) if processed else None))
-            mask_files[split].append(found[0])
+            source = frame_dirs[name] if processed else path
+            clips[split].append(ClipSource(name, str(source), label, [label], r["category"], "avs",
+                                           audio=str(wavs[name]) if processed else None))
+            mask_files[split].append((Path(source), [f[0] for f in found]))
     index.require_some(sum(len(r) for r in by_split.values()), sum(len(c) for c in clips.values()),
                        [r["name"] for r in by_split["train"][:3]])
-    for files in mask_files.values():
-        for png in files:
-            check_mask(png, masks)
+    for entries in mask_files.values():
+        for _, files in entries:
+            for png in files:
+                check_mask(png, masks)
     classes = [{"index": i, "name": c, "category": c, "task": "avs"} for i, c in enumerate(categories)]
     summary = write_prepared(out, "avs", ["avs"], classes, clips, missing, spec, workers=workers,
                              frames_format=frames_format, progress=progress, warnings=warnings + leak_note(leaks),
                              leaks=leaks, sources={"root": str(root), "csv": str(meta_csv), "masks": str(masks),
                                                    "allow_leaks": allow_leaks})
-    for split, files in mask_files.items():
-        arr = np.zeros((len(files), spec.frame_size, spec.frame_size), np.uint8)
-        for row, png in enumerate(files):
-            arr[row] = decode_mask(png, spec.frame_size)
+    for split, entries in mask_files.items():
+        arr = np.zeros((len(entries), per_clip[split], spec.frame_size, spec.frame_size), np.uint8)
+        status = np.load(Path(out) / "cache" / split / "status.npy")
+        for row, (source, files) in enumerate(entries):
+            if status[row] != DONE:  # skipped by prep (no audio, unreadable): no frames to align with
+                continue
+            size = video_frame_size(source / f"{source.name}_1.png" if source.is_dir() else source)
+            for k, png in enumerate(files):
+                arr[row, k] = decode_mask(png, spec.frame_size, size)
         np.save(Path(out) / "cache" / split / "masks.npy", arr)
     return summary
 

@@ -2,10 +2,12 @@
 
 Frozen backbone; the trainable `Classifier` reads cls_feats = [mean audio; mean video] of the unmasked joint pass
 after `norm` (CAVMAE.joint_embed, (B, 2D)). One-hot CE; AdamW lr 5e-4, betas (0.95, 0.999), wd 5e-6, 15 epochs,
-2 warm-up epochs then cosine (heads.fit). Training clips get the pre-training augmentations (crop, noise, roll)
-plus SpecAugment (one frequency mask of width U[0, freqm) and one time mask of width U[0, timem), set to the
+2 warm-up epochs then cosine (downstream.fit). Training clips get the pre-training augmentations (crop, noise,
+roll) plus SpecAugment (one frequency mask of width U[0, freqm) and one time mask of width U[0, timem), set to the
 un-normalised 0, before noise and roll, as CAV-MAE's loader). Test: `test_clips` windows per video at evenly
-spaced starts (0, 2, 4, 6 s on 10 s clips), softmax averaged; top-1 and top-5, overall and per task.
+spaced starts (0, 2, 4, 6 s on 10 s clips), softmax averaged; top-1 and top-5, overall and per task. The head of
+the last epoch is tested; `select_epoch: best_test` keeps the epoch with the best top-1 of the middle window on
+the test split instead (the authors' eval split: the test clips, sample_type "middle").
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from torch import Tensor
 
 from stella_cli.config import DataConfig, HeadConfig
 from stella_cli.data import AVDataset, add_fbank_noise, build_loader, frame_indices, num_batches, roll_time
-from stella_cli.downstream import Context, epoch_logger, fit, joint_features, topk_correct
+from stella_cli.downstream import Context, epoch_logger, fit, joint_features, selection, topk_correct
 from stella_cli.model import CAVMAE, Classifier
 
 
@@ -108,8 +110,16 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
         for b in loader:
             yield joint_features(backbone, b["audio"], b["video"], amp), to_out[b["label"]].to(device)
 
-    losses = fit(head, head_cfg, batches, steps, F.cross_entropy,
-                 on_epoch=epoch_logger("classification", head_cfg.epochs, log))
+    evaluate = None
+    if head_cfg.select_epoch == "best_test":
+        x_eval, y_eval = middle_window_features(backbone, data, head_cfg.batch_size, amp, num_workers)
+        y_eval = to_out[y_eval].to(device)
+
+        def evaluate() -> float:
+            return 100 * (head(x_eval).argmax(1) == y_eval).double().mean().item()
+
+    fitted = fit(head, head_cfg, batches, steps, F.cross_entropy,
+                 on_epoch=epoch_logger("classification", head_cfg.epochs, log), evaluate=evaluate)
     probs, labels, tasks = [], [], []
     loader = build_loader(test_set, head_cfg.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
                           num_workers=num_workers)
@@ -131,8 +141,22 @@ def train_and_test(backbone: CAVMAE, data: DataConfig, head_cfg: HeadConfig, *, 
             per_task[name] = {"top1": 100 * top1[rows].double().mean().item(),
                               "top5": 100 * top5[rows].double().mean().item(), "videos": int(rows.sum())}
     return {"top1": 100 * top1.double().mean().item(), "top5": 100 * top5.double().mean().item(),
-            "videos": len(labels), "classes": len(classes), "per_task": per_task, "loss_per_epoch": losses,
-            "chance_top1": 100 / len(classes)}
+            "videos": len(labels), "classes": len(classes), "per_task": per_task, "chance_top1": 100 / len(classes),
+            **selection(head_cfg, fitted)}
+
+
+@torch.no_grad()
+def middle_window_features(backbone: CAVMAE, data: DataConfig, batch_size: int, amp: torch.dtype | None,
+                           num_workers: int) -> tuple[Tensor, Tensor]:
+    """Joint features (N, 2D) of the test clips' middle window, and their labels (N,): the authors' eval split."""
+    device = next(backbone.parameters()).device
+    loader = build_loader(AVDataset(data, "test", train=False), batch_size, shuffle=False, seed=0, epoch=0,
+                          drop_last=False, num_workers=num_workers)
+    feats, labels = [], []
+    for b in loader:
+        feats.append(joint_features(backbone, b["audio"], b["video"], amp))
+        labels.append(b["label"])
+    return torch.cat(feats).to(device), torch.cat(labels)
 
 
 def run_classification(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:

@@ -36,6 +36,7 @@ from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, b
 from stella_cli.errors import DivergenceError, Interrupted, StellaError
 from stella_cli.factory import METHODS, build_method, check_initial_checkpoint, check_method
 from stella_cli.methods import Method
+from stella_cli.model import weight_decay_groups
 from stella_cli.replay import merge_state_dicts, split_state_dict
 from stella_cli.tracking import METRICS, TRACKERS, MetricsLog, check_tracker
 
@@ -51,11 +52,7 @@ class TrainingInterrupted(Interrupted, RuntimeError):
 def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
     """Adam, L2-style weight decay on weights with ndim > 1 except the pos/modality/mask tokens (method.md §1.2)."""
     skip = {f"backbone.{n}" for n in method.backbone.no_weight_decay()}
-    decay, no_decay = [], []
-    for name, param in method.named_parameters():
-        if param.requires_grad:
-            (no_decay if param.ndim <= 1 or name in skip else decay).append(param)
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = weight_decay_groups(method.named_parameters(), cfg.weight_decay, skip)
     return torch.optim.Adam(groups, lr=cfg.lr, betas=tuple(cfg.betas))
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from stella_cli.cache import CacheSpec
+from stella_cli.cache import DONE, CacheSpec, SplitWriter, spec_to_dict, write_manifest, write_meta
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, load_recipe, resolve_model_preset, token_counts
+from stella_cli.data import IMAGENET_MEAN, IMAGENET_STD
 from stella_cli.media import write_mp4
 from stella_cli.model import CAVMAE
 from stella_cli.synth import SynthConfig, prepare_synthetic
@@ -301,3 +302,60 @@ def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, 
 def bytes_per_clip(fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """Stored bytes of one slot for a field spec (no allocation)."""
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())
+
+
+# ----------------------------------------------------------------------------------------------------------
+# prepared data whose numbers say where they came from (downstream inputs)
+
+
+def write_cache(root: Path, spec: CacheSpec, clips: dict[str, list[dict]], *, dataset: str = "synthetic",
+                num_classes: int = 1, masks: dict[str, np.ndarray] | None = None) -> Path:
+    """A prepared-data folder (cache.py layout) from made-up clips, one task "t1". clips[split] is a list of
+    {label, event (start, end) or None, frames (F, S, S, 3) uint8, fbank (T, M), boxes (F, 4)}; frames and fbank
+    default to `indexed_frames` / `indexed_fbank`. masks[split] is written as cache/{split}/masks.npy."""
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    write_meta(root, {"dataset": dataset, "tasks": ["t1"], "splits": list(clips), "spec": spec_to_dict(spec),
+                      "classes": [{"index": i, "name": f"c{i}", "category": f"c{i}", "task": "t1"}
+                                  for i in range(num_classes)]})
+    for split, items in clips.items():
+        writer = SplitWriter(root, split, len(items), spec, with_boxes=any("boxes" in c for c in items))
+        rows = []
+        for row, clip in enumerate(items):
+            writer.write(row, clip.get("frames", indexed_frames(spec)), clip.get("fbank", indexed_fbank(spec)),
+                         clip.get("boxes"))
+            writer.mark(row, DONE)
+            event = clip.get("event")
+            rows.append({"clip_id": f"{split}{row}", "row": row, "label": clip.get("label", 0),
+                         "labels": str(clip.get("label", 0)), "category": "c", "task": "t1",
+                         "duration": spec.clip_seconds, "source": "made up",
+                         "event_start": "" if event is None else event[0],
+                         "event_end": "" if event is None else event[1]})
+        writer.flush()
+        write_manifest(root, split, rows)
+        if masks and split in masks:
+            np.save(root / "cache" / split / "masks.npy", masks[split])
+    return root
+
+
+def indexed_frames(spec: CacheSpec) -> np.ndarray:
+    """uint8 (F, S, S, 3): cached frame i is filled with the value i."""
+    return np.broadcast_to(np.arange(spec.num_frames, dtype=np.uint8)[:, None, None, None],
+                           (spec.num_frames, spec.frame_size, spec.frame_size, 3)).copy()
+
+
+def indexed_fbank(spec: CacheSpec) -> np.ndarray:
+    """(T, M): fbank row t holds t + 1 (so the zero padding of a segment stays recognisable)."""
+    return np.broadcast_to(np.arange(1, spec.target_length + 1, dtype=np.float32)[:, None],
+                           (spec.target_length, spec.num_mel_bins)).copy()
+
+
+def frame_ids(video: torch.Tensor) -> list:
+    """The cached frame index each frame of a model input (..., 3, S, S) was read from (indexed_frames)."""
+    first = video[..., 0, 0, 0].double() * IMAGENET_STD[0] + IMAGENET_MEAN[0]  # channel 0, top-left pixel
+    return torch.round(first * 255).long().tolist()
+
+
+def fbank_rows(audio: torch.Tensor, mean: float = -5.081, std: float = 4.4849) -> list[int]:
+    """The cached fbank row (+ 1) each row of a normalised (1, T, M) input came from; 0 = padding."""
+    return torch.round(audio.reshape(-1, audio.shape[-1])[:, 0].double() * std + mean).long().tolist()

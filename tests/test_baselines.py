@@ -141,6 +141,23 @@ def test_lump_trains_on_b_mixed_rows_and_stores_the_clean_clips():
     torch.testing.assert_close(method.buffer.fields["audio"][2:4], current["audio"])
 
 
+def test_lump_mixes_the_audio_with_the_same_lambda_as_the_video():
+    """Silent current clips (audio 0, video halves 3/2, 4/2) mixed with stored x ∈ {1, 2} (halves x/2): the mixed
+    row is x̃ = λ·3/2 + (1 − λ)·x/2 (video) + (1 − λ)·x/2 (audio), so at w = 0 the loss is mean_i x̃_i²; with the
+    audio weights swapped (λ on the replayed audio) it would differ by (1 − 2λ)·x/2 per row."""
+    method = toy_method(Lump, "lump", lump={"mixup_alpha": 0.5})
+    method.step(clips([1.0, 2.0]))
+    slots = replay_order(method, 2, 2)
+    lam = np.random.default_rng(5).beta(0.5, 0.5)  # 0.765 (Beta(0.1, 0.1) draws 0.49 here: too close to 1/2)
+    current = clips([3.0, 4.0])
+    current["audio"].zero_()
+    losses = method.step(current)
+    stored = torch.tensor([1.0, 2.0], dtype=torch.float64)[slots]
+    mixed = lam * torch.tensor([3.0, 4.0], dtype=torch.float64) / 2 + (1 - lam) * stored / 2 + (1 - lam) * stored / 2
+    assert losses["loss_mae_v"].item() == pytest.approx((mixed ** 2).mean().item(), rel=1e-5)
+    assert abs(1 - 2 * lam) > 0.5  # the draw tells the two weightings apart
+
+
 def test_lump_with_fewer_stored_clips_than_the_batch_pairs_row_b_with_stored_row_b_mod_r():
     method = toy_method(Lump, "lump", B=3, memory=2)
     method.step(clips([1.0, 2.0, 3.0]))  # 2 slots: the reservoir keeps two of the three
@@ -400,6 +417,19 @@ def test_esmer_step_weights_the_current_rows_and_filters_the_buffer():
     method.step(clips([1.0, 1.0]))
     assert [c[:3] for c in method.ema.calls[1:]] == [("full", 2, False), ("encoder", 1, False)]
     assert [c[:3] for c in method.backbone.calls] == [("full", 2, True), ("full", 3, True)]
+
+
+def test_esmer_weights_only_the_current_rows_and_averages_over_current_and_replayed():
+    """Buffer: the clip x = 0.1. Step on x = [1, 4] with μ = 1: teacher losses e = [1, 16], weights [1, 1/16]; the
+    replayed row keeps weight 1; the student's rows [1, 4, 0.1] have ℓ = x² = [1, 16, 0.01], so
+    L_mae_v = (1·1 + 16/16 + 0.01·1) / 3 = 2.01 / 3."""
+    method = toy_method(Esmer, "esmer")
+    method.loss_mean = 1.0
+    method.step(clips([0.1, 5.0]))  # stores only x = 0.1 (25 > 2.5·μ)
+    method.loss_mean = 1.0
+    losses = method.step(clips([1.0, 4.0]))
+    assert [c[:3] for c in method.backbone.calls[1:]] == [("full", 3, True)]
+    assert losses["loss_mae_v"].item() == pytest.approx(2.01 / 3)
 
 
 # ----------------------------------------------------------------------------------------------------------

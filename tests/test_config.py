@@ -127,6 +127,11 @@ def test_precision_is_the_authors_fp16_with_a_loss_scaler():
     (MINIMAL, ["method.stella.core_ratio=0.3"], r"unknown key method\.stella\.'core_ratio'; did you mean"),
     (MINIMAL, ["train.epochs"], r"expected key\.sub=value"),
     (MINIMAL, ["model.preset=huge"], r"model\.preset: 'huge' is not one of base, small, tiny"),
+    (MINIMAL, ["eval.avs.select_epoch=best"], r"eval\.avs\.select_epoch: 'best' is not one of last, best_test "
+                                               r"\(did you mean 'best_test'\?\)"),
+    (MINIMAL, ["eval.ave.audio_starts=second"], r"eval\.ave\.audio_starts: 'second' is not one of authors, seconds"),
+    (MINIMAL, ["eval.avs.test_batch=0"], r"eval\.avs\.test_batch: 0 must be at least 1"),
+    (MINIMAL, ["eval.classification.eval_every=-1"], r"eval\.classification\.eval_every: -1 must be at least 1"),
     ("data: {dataset: synthetic, root: x}\n", [], r"r\.yaml: missing required key 'output\.dir'"),
     ("output: {dir: x}\ndata: {root: x}\n", [], r"missing required key 'data\.dataset'"),
     ("data: [1, 2]\n", [], r"data: expected a mapping"),

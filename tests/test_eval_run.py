@@ -21,6 +21,7 @@ from stella_cli.train import run
 ROOT = Path(__file__).resolve().parents[1]
 FAST_HEADS = ["eval.classification.epochs=3", "eval.classification.timem=24", "eval.classification.lr=5e-3",
               "eval.ave.epochs=3", "eval.ave.lr=5e-3", "eval.avs.epochs=3", "eval.avs.lr=5e-3", "eval.avs.channels=8",
+              "eval.avs.select_epoch=best_test",
               "eval.msrvtt.epochs=1", "eval.msrvtt.tasks=[task2]"]
 
 
@@ -66,10 +67,17 @@ def test_eval_all_writes_every_result_file(stella_run, data_root):
     for task in ("classification", "ave", "avs"):
         losses = out[task][0]["loss_per_epoch"]
         assert len(losses) == 3 and losses[-1] < losses[0], (task, losses)
+    # which epoch each head was tested after (the head learning is tested on separable features in
+    # test_downstream.py: a tiny random backbone's features of 4 classes need not be)
     cls = out["classification"][0]
-    assert cls["videos"] == 8 and set(cls["per_task"]) == {"task1", "task2"}
-    assert 0 <= cls["top1"] <= cls["top5"] == 100.0  # 4 classes: top-5 always holds the label
-    assert out["ave"][0]["segments_per_video"] == 4 and out["ave"][0]["videos"] == 8
+    assert cls["videos"] == 8 and set(cls["per_task"]) == {"task1", "task2"} and cls["chance_top1"] == 25.0
+    assert cls["select_epoch"] == "last" and cls["tested_epoch"] == 3
+    ave = out["ave"][0]
+    assert ave["segments_per_video"] == 4 and ave["videos"] == 8 and ave["audio_starts"] == "authors"
+    assert ave["audio_start_seconds"] == pytest.approx([0, 15466 / 16000, 30933 / 16000, 2.9])
+    avs = out["avs"][0]  # best_test: scored after epochs 2 and 3 (eval_every 2, and the last)
+    assert avs["clips"] == 8 and avs["frames"] == 32 and sorted(avs["test_score_per_epoch"]) == [2, 3]
+    assert avs["test_score_per_epoch"][avs["tested_epoch"]] == max(avs["test_score_per_epoch"].values())
     loc = out["localisation"][0]
     assert [r["after_task"] for r in loc["rows"]] == ["task1", "task2"]
     assert 0 < loc["metrics"]["uniform_v"] < 100 and 0 < loc["metrics"]["share_v"] < 100
@@ -112,7 +120,9 @@ def test_latest_run_and_errors(stella_run, tmp_path):
         eval_run.resolve_target(stella_run, recipe=None, overrides=[], checkpoint="task07")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for args, message in ((["--task", "nope"], "--task 'nope': choose one of all, retrieval"),
-                          ([str(tmp_path / "missing")], "no such run directory or checkpoint")):
+                          ([str(tmp_path / "missing")], "no such run directory or checkpoint"),
+                          ([str(stella_run), "--task", "avs", "--set", "eval.avs.select_epoch=best"],
+                           "eval.avs.select_epoch: 'best' is not one of last, best_test")):
         result = subprocess.run([sys.executable, "-m", "stella_cli", "eval", *args], capture_output=True, text=True,
                                 env=env, cwd=tmp_path)
         assert result.returncode == 2 and message in " ".join(result.stdout.split()), result.stdout + result.stderr

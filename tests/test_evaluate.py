@@ -55,14 +55,16 @@ def history_from(matrix):
 
 
 def test_average_accuracy_and_both_forgetting_definitions():
-    a = [[10.0, 2.0, 1.0],
+    # a[0][1] = 15: task 1 scored higher before it was learnt than after; only F_as_coded may count that
+    a = [[10.0, 15.0, 1.0],
          [6.0, 12.0, 3.0],
          [5.0, 7.0, 11.0]]
     assert average_accuracy(a) == pytest.approx((5 + 7 + 11) / 3)
-    # conventional: k=0: max(10, 6) - 5 = 5; k=1: 12 - 7 = 5  -> 10 / 2
+    # conventional: k=0: max(10, 6) - 5 = 5; k=1: max over l >= 1 only: 12 - 7 = 5  -> 10 / 2
+    # (every checkpoint for k < T would give (5 + 15 - 7) / 2 = 6.5)
     assert forgetting_conventional(a) == pytest.approx(5.0)
-    # as coded: k=0: max(10,6)-5=5; k=1: max(2,12)-7=5; k=2 (the last task): max(1,3)-11=-8 -> 2 / 2
-    assert forgetting_as_coded(a) == pytest.approx(1.0)
+    # as coded: k=0: max(10,6)-5=5; k=1: max(15,12)-7=8; k=2 (the last task): max(1,3)-11=-8 -> 5 / 2
+    assert forgetting_as_coded(a) == pytest.approx(2.5)
     assert forgetting_conventional([[3.0]]) is None and forgetting_as_coded([[3.0]]) is None
     history = history_from(a)
     assert accuracy_matrix(history, ["t0", "t1", "t2"], "a2v", "R@1") == a

@@ -68,10 +68,11 @@ def test_prep_ave_reads_the_annotation_files_and_real_mp4s(tmp_path):
     item = segments[[r["clip_id"] for r in segments.records].index("vid_bell")]
     assert item["video"].shape == (2, 4, 3, 16, 16) and item["audio"].shape == (2, 1, 192, 64)
     assert item["label"].tolist() == [2, 0]  # background (2 classes -> index 2), then "Church bell"
+    # the authors' second of segment 1 starts at int(linspace(0, 32000 - 17600, 2))[1] = 14400 samples = row 90
     fbank = np.load(out / "cache" / "train" / "fbank.npy", mmap_mode="r")[train["vid_bell"]["row"]].astype(np.float32)
-    expected = (pad_segment(fbank[100:200], 192) + 5.081) / 4.4849
+    expected = (pad_segment(fbank[90:188], 192) + 5.081) / 4.4849
     np.testing.assert_allclose(item["audio"][1, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
-    assert np.allclose(item["audio"][1, 0, :50].numpy(), 5.081 / 4.4849)  # 92 rows padded by 50 zeros before
+    assert np.allclose(item["audio"][1, 0, :47].numpy(), 5.081 / 4.4849)  # 98 rows padded by 47 zeros before
 
 
 def test_ave_list_errors_name_file_and_line(tmp_path):
@@ -90,56 +91,58 @@ def test_ave_list_errors_name_file_and_line(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def test_mask_iou_and_f_score_on_known_masks():
-    from stella_cli.avs import box_mask, f_score, mask_iou
+def write_png(path: Path, gray: np.ndarray) -> Path:
+    """A real grayscale png through PyAV's png encoder."""
+    import av
 
-    target = torch.zeros(3, 4, 4)
-    target[0, :2, :2] = 1  # 4 pixels
-    target[1, 0, 0] = 1
-    pred = torch.zeros(3, 4, 4)
-    pred[0, :2, :3] = 1  # 6 predicted, 4 hit: IoU 4/6
-    # frame 1: nothing predicted: IoU 0; frame 2: both empty: IoU 1
-    assert mask_iou(pred, target).tolist() == pytest.approx([4 / 6, 0.0, 1.0])
-    # F at beta² 0.3 with hard probabilities: frame 0 P = 4/6, R = 1; frame 1: P = R = 0 -> 0; frame 2: 0
-    p, r = 4 / 6, 1.0
-    assert f_score(pred, target) == pytest.approx(((1.3 * p * r) / (0.3 * p + r)) / 3)
-    # a graded prediction: the best threshold keeps only the true pixels
-    soft = target * 0.9 + (pred - target).clamp(min=0) * 0.4
-    assert f_score(soft[:1], target[:1]) == pytest.approx(1.0)
-    assert box_mask(np.array([0.25, 0.0, 0.5, 0.5]), 4).tolist() == [[0, 1, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0],
-                                                                    [0, 0, 0, 0]]
+    ctx = av.CodecContext.create("png", "w")
+    ctx.width, ctx.height, ctx.pix_fmt = gray.shape[1], gray.shape[0], "gray"
+    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(gray), format="gray")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
+    return path
 
 
 def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
+    """AVSBench draws masks on its 224 x 224 frames, the whole video frame squashed to a square: a square mask of a
+    32 x 24 video is stretched back to 4:3, then resized and centre-cropped like the frames."""
     from stella_cli.avs import MaskDataset
     from stella_cli.prep_downstream import prepare_avs
 
     videos, masks = tmp_path / "videos", tmp_path / "gt_masks"
     (tmp_path / "s4_meta_data.csv").write_text("name,category,split\nclipA,dog,train\nclipB,cat,train\n"
-                                               "clipC,dog,test\nclipD,cat,train\nclipE,dog,val\n")
-    for k, name in enumerate(("clipA", "clipB", "clipC", "clipD")):
+                                               "clipC,dog,test\nclipD,cat,train\nclipE,dog,val\nclipF,cat,test\n")
+    for k, name in enumerate(("clipA", "clipB", "clipC", "clipD", "clipF")):
         make_clip(videos / f"{name}.mp4", seconds=2.0, fps=8, seed=k)  # 32 x 24 frames
-    mask = np.zeros((24, 32), np.uint8)
-    mask[:12, 4:20] = 255  # top-left region of a 32 x 24 frame
-    for name, split, cat in (("clipA", "train", "dog"), ("clipB", "train", "cat"), ("clipC", "test", "dog")):
-        write_png(masks / split / cat / name / f"{name}_1.png", mask)  # clipD has no mask
+    square = np.zeros((16, 16), np.uint8)
+    square[4:12, 8:12] = 255  # on the 32 x 24 frame: x 16..24, y 6..18
+    for name, split, cat, count in (("clipA", "train", "dog", 1), ("clipB", "train", "cat", 1),
+                                    ("clipC", "test", "dog", 2), ("clipF", "test", "cat", 1)):
+        for k in range(1, count + 1):  # clipD has no mask, clipF lacks its second test mask
+            write_png(masks / split / cat / name / f"{name}_{k}.png", square if k == 1 else 255 - square)
     out = tmp_path / "avs_data"
+    spec = CacheSpec(num_frames=8, frame_size=24, fps=4.0, clip_seconds=2.0, target_length=192, num_mel_bins=64)
     summary = prepare_avs(out, root=videos, meta_csv=tmp_path / "s4_meta_data.csv", masks=masks, workers=1,
-                          progress=False, spec=TINY)
+                          progress=False, spec=spec)
     assert summary["splits"] == {"train": {"avs": 2}, "test": {"avs": 1}}
-    assert summary["skipped_clips"]["train"][0]["reason"] == "no mask png under --masks"
+    assert summary["skipped_clips"]["train"][0]["reason"] == "no mask png clipD_1.png under --masks"
+    assert summary["skipped_clips"]["test"][0]["reason"] == "no mask png clipF_2.png under --masks"
     cached = np.load(out / "cache" / "train" / "masks.npy")
-    assert cached.shape == (2, 16, 16)
-    # 32 x 24 -> short side 16: 21 x 16, centre crop from x = 2; the mask (x 4..20 of 32, y 0..12 of 24)
-    # becomes x 2.6..13.1 -> cropped columns 1..10, rows 0..7
-    expected = np.zeros((16, 16), np.uint8)
-    expected[:8, 1:11] = 1
-    assert np.abs(cached[0].astype(int) - expected).sum() <= 4  # bilinear edges
+    assert cached.shape == (2, 1, 24, 24) and np.load(out / "cache" / "test" / "masks.npy").shape == (1, 2, 24, 24)
+    # frames: 32 x 24 -> Resize(24) keeps 32 x 24, CenterCrop(24) from x = 4: the object is at x 12..20, y 6..18
+    # (only resized, as a square, it would be at x 12..18)
+    expected = np.zeros((24, 24), np.uint8)
+    expected[6:18, 12:20] = 1
+    assert np.abs(cached[0, 0].astype(int) - expected).sum() <= 4  # bilinear edges
+    test = np.load(out / "cache" / "test" / "masks.npy")
+    assert np.abs(test[0, 0].astype(int) - expected).sum() <= 4 and np.abs(test[0, 1] + expected - 1).sum() <= 4
     data = DataConfig(dataset="avs", root=str(out), image_size=16, num_frames=2, frame_stride=1, target_length=192,
                       num_mel_bins=64, num_workers=0)
     item = MaskDataset(data, "train", seed=0)[0]
-    assert item["mask"].shape == (16, 16) and torch.equal(item["mask"], torch.from_numpy(cached[0]).float())
+    assert item["mask"].shape == (16, 16) and item["mask"].sum() == pytest.approx(cached[0, 0].sum() * (16 / 24) ** 2,
+                                                                                  rel=0.1)
     assert item["video"].shape == (2, 3, 16, 16) and item["audio"].shape == (1, 192, 64)
+    assert len(MaskDataset(data, "test", seed=0, all_frames=True)) == 2  # both annotated frames of clipC
 
 
 def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
