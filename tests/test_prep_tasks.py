@@ -91,18 +91,6 @@ def test_ave_list_errors_name_file_and_line(tmp_path):
     assert "Traceback" not in result.stdout + result.stderr
 
 
-def write_png(path: Path, gray: np.ndarray) -> Path:
-    """A real grayscale png through PyAV's png encoder."""
-    import av
-
-    ctx = av.CodecContext.create("png", "w")
-    ctx.width, ctx.height, ctx.pix_fmt = gray.shape[1], gray.shape[0], "gray"
-    frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(gray), format="gray")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_bytes(b"".join(bytes(p) for p in ctx.encode(frame) + ctx.encode(None)))
-    return path
-
-
 def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
     """AVSBench draws masks on its 224 x 224 frames, the whole video frame squashed to a square: a square mask of a
     32 x 24 video is stretched back to 4:3, then resized and centre-cropped like the frames."""
