@@ -313,7 +313,8 @@ def test_avsbench_processed_release_raw_video_and_mask_checks(tmp_path):
     rows = [("clipA", "dog_barking", "train"), ("clipB", "helicopter", "train"), ("clipC", "dog_barking", "test"),
             ("clipD", "helicopter", "val")]
     for k, (name, category, split) in enumerate(rows):
-        write_png(s4 / "gt_masks" / split / category / name / f"{name}_1.png", mask)
+        for j in range(1, 6 if split == "test" else 2):  # S4 annotates frame 1 of a train video, all 5 of a test one
+            write_png(s4 / "gt_masks" / split / category / name / f"{name}_{j}.png", mask)
         if name == "clipB":  # as a raw video only
             make_clip(s4 / "raw_videos" / split / category / f"{name}.mp4", seconds=5.0, seed=k)
             continue
@@ -339,8 +340,10 @@ def test_avsbench_processed_release_raw_video_and_mask_checks(tmp_path):
     frames = np.load(out / "cache" / "train" / "frames.npy", mmap_mode="r")
     assert frames.shape == (2, 40, 256, 256, 3)  # 40 frames over 5 s: each 1 fps image 8 times
     assert np.array_equal(frames[0, 0], frames[0, 7]) and not np.array_equal(frames[0, 7], frames[0, 8])
-    masks = np.load(out / "cache" / "train" / "masks.npy")
-    assert masks.shape == (2, 256, 256) and masks[0].sum() > 0 and np.array_equal(masks[0], masks[1])
+    masks = np.load(out / "cache" / "train" / "masks.npy")  # (clips, annotated frames, S, S)
+    assert masks.shape == (2, 1, 256, 256) and masks[0].sum() > 0 and np.array_equal(masks[0], masks[1])
+    test_masks = np.load(out / "cache" / "test" / "masks.npy")
+    assert test_masks.shape == (1, 5, 256, 256) and all(np.array_equal(m, masks[0, 0]) for m in test_masks[0])
     assert "two masks named clipA_1.png" in error_line(*runs[1])
     line = error_line(*runs[2])
     assert "clipA_1.png: not a mask (" in line and "--masks must be AVSBench's gt_masks folder" in line
