@@ -1,8 +1,8 @@
 """`stella reproduce`: every run a paper table needs (methods x seeds), resumable, then its report.
 
-A table is a list of recipes (`recipes/<prefix>_<method>.yaml`) run once per seed. Each run goes through the real
-`stella train` in a child process, so a reproduction behaves exactly like the commands README shows, and an
-interrupted reproduction is continued by running the same command again:
+A table is a list of recipes (`recipes/<prefix>_<method>.yaml`, the shipped ones outside a clone) run once per
+seed. Each run goes through the real `stella train` in a child process, so a reproduction behaves exactly like the
+commands README shows, and an interrupted reproduction is continued by running the same command again:
 
 - a run whose `reproduce.json` marker exists is finished and skipped;
 - a run with `checkpoints/latest.pt` is continued with `--resume`;
@@ -25,7 +25,7 @@ from typing import Any
 
 
 from stella_cli.cache import atomic_write_text
-from stella_cli.config import SELECTIONS, load_recipe
+from stella_cli.config import SELECTIONS, find_recipe, load_recipe
 from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
 from stella_cli.factory import PAPER_METHODS, recipe_suffix
@@ -118,11 +118,7 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
         return [run_bench(names, out_dir)]
     seed_list = parse_seeds(seeds, spec, full)
     sets = list(overrides or [])
-    recipe_paths = [recipes / f"{spec.prefix}_{name}.yaml" for name in names]
-    missing = [str(p) for p in recipe_paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
-                                f"recipes under {recipes})")
+    recipe_paths = [find_recipe(recipes / f"{spec.prefix}_{name}.yaml") for name in names]  # ./recipes or shipped
     if spec.synthetic:
         ensure_synthetic(recipe_paths[0], sets)
     outcomes = []
