@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -166,10 +167,15 @@ def train_once(recipe: Path, seed: int, run_dir: Path, sets: list[str]) -> RunOu
         cmd.append("--resume")
     tic = time.perf_counter()
     child = subprocess.Popen(cmd, env=os.environ.copy())
+    # `docker stop` and schedulers send SIGTERM to this process alone (PID 1 of a container): pass it on, so the run
+    # saves its checkpoint and exits 130, as it does when the signal reaches it directly
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
     try:
         returncode = child.wait()
     except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save its checkpoint and exit 130
         returncode = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - tic
     if returncode != 0:
         return RunOutcome(recipe, seed, run_dir, "failed", seconds, {"returncode": returncode})
