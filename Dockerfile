@@ -13,7 +13,6 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 # The package, with its recipes inside it, is installed from a copy of the sources that is then removed.
-# HOME is writable by any uid that `docker run --user` picks (matplotlib's and CUDA's caches live there).
 COPY pyproject.toml README.md /tmp/stella/
 COPY stella_cli /tmp/stella/stella_cli
 COPY recipes /tmp/stella/recipes
@@ -28,6 +27,7 @@ RUN pip install --no-cache-dir /tmp/stella \
  && ln -s /runs /opt/stella/runs \
  && ln -s /runs/reports /opt/stella/reports \
  && chown 1000:1000 /data /runs
+# HOME is writable by any uid that `docker run --user` picks (matplotlib's and CUDA's caches live there).
 ENV HOME=/home/stella
 
 # Recipes name data/<dataset> and runs/<name> relative to /opt/stella: both are links into the mounted folders, and

@@ -122,7 +122,7 @@ report=$WORK/u1000/runs/synthetic/report
 for file in retrieval.md retrieval.csv retrieval.json retrieval_bars.png; do
   [ -s "$report/$file" ] || fail "no report file $report/$file"
 done
-as_owner 1000 head -n 5 "$report/retrieval.md" || fail "uid 1000 cannot read the report"
+as_owner 1000 head -n 6 "$report/retrieval.md" || fail "uid 1000 cannot read the report"
 # shellcheck disable=SC2046
 step eval docker run --rm $(mounts u1000) "$IMAGE" eval runs/synthetic/synthetic_stella_s2021 --task retrieval
 expect "eval wrote its results" "wrote runs/synthetic/synthetic_stella_s2021/results/retrieval" eval
