@@ -190,7 +190,8 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
 
 @app.command()
 def train(
-    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/synthetic.yaml."),
+    recipe: Path = typer.Argument(..., help="Recipe YAML, e.g. recipes/synthetic.yaml, or the name of a shipped "
+                                            "recipe, e.g. synthetic_stella."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key, e.g. --set optim.lr=5e-5 "
                                                           "(repeatable)."),
     resume: bool = typer.Option(False, help="Continue the run in output.dir from its latest checkpoint."),
@@ -334,7 +335,8 @@ def reproduce(
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key in every run (repeatable)."),
     full: bool = typer.Option(False, help="Synthetic tables: 3 seeds at the recipes' own budget."),
     runs: Path = typer.Option(Path("runs"), help="Runs go to RUNS/TABLE/<recipe>_s<seed>."),
-    recipes: Path = typer.Option(Path("recipes"), help="Folder holding the tables' recipes."),
+    recipes: Path = typer.Option(Path("recipes"), help="Folder holding the tables' recipes; a recipe missing from "
+                                                       "./recipes is the shipped one."),
 ) -> None:
     """Run every recipe a paper table needs (methods x seeds), resumably, then print the table."""
     from stella_cli.reproduce import reproduce as reproduce_table

@@ -306,8 +306,37 @@ CHOICES: dict[str, tuple[str, ...]] = {
 
 
 def load_recipe(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
-    """Read a YAML recipe (following `extends:`), apply `key.sub=value` overrides, validate, fill the preset."""
-    return recipe_from_dict(_read_with_extends(Path(path), seen=()), source=str(path), overrides=overrides)
+    """Read a YAML recipe (a file, or a shipped recipe's name: find_recipe), following `extends:`; apply
+    `key.sub=value` overrides, validate, fill the preset."""
+    return recipe_from_dict(_read_with_extends(find_recipe(path), seen=()), source=str(path), overrides=overrides)
+
+
+def shipped_recipes() -> Path:
+    """The recipes that ship with the package, as a model zoo ships its configs: stella_cli/recipes in an installed
+    wheel (pyproject.toml maps the repository's recipes/ there), the repository's recipes/ in a clone."""
+    here = Path(__file__).resolve().parent
+    installed = here / "recipes"
+    return installed if installed.is_dir() else here.parent / "recipes"
+
+
+def find_recipe(name: str | Path) -> Path:
+    """The file a recipe argument names. An existing path is itself; otherwise `NAME`, `NAME.yaml` and
+    `recipes/NAME.yaml` (README's commands, run outside a clone) are the shipped recipe NAME. Not found: one line
+    with the closest shipped names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    if len(path.parts) == 1 or (len(path.parts) == 2 and path.parts[0] == "recipes"):
+        stem = path.name.removesuffix(".yaml")
+        shipped = shipped_recipes() / f"{stem}.yaml"
+        if shipped.is_file():
+            return shipped
+        names = sorted(p.stem for p in shipped_recipes().glob("*.yaml"))
+        close = difflib.get_close_matches(stem, names, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else f"the shipped ones are {', '.join(names)}"
+        raise RecipeError(f"{name}: no such recipe file, nor a shipped recipe {stem!r}; {hint} "
+                          f"(shipped recipes: {shipped_recipes()})")
+    raise RecipeError(f"{path}: recipe file not found")
 
 
 def resolve_preset(recipe: Recipe) -> Recipe:

@@ -451,8 +451,9 @@ def to_json(table: Table) -> dict[str, Any]:
 
 
 def write_table(table: Table, out: Path) -> list[Path]:
-    """OUT/<table>.md, .csv, .json (each written atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
+    """OUT/<table>.md, .csv, .json (each written atomically). OUT may be a link to a folder not made yet (the Docker
+    image's reports -> /runs/reports): the folder is made where it points."""
+    out.resolve().mkdir(parents=True, exist_ok=True)
     paths = [out / f"{table.name}.{ext}" for ext in ("md", "csv", "json")]
     atomic_write_text(paths[0], to_markdown(table))
     atomic_write_text(paths[1], to_csv(table))

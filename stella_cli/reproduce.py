@@ -1,8 +1,8 @@
 """`stella reproduce`: every run a paper table needs (methods x seeds), resumable, then its report.
 
-A table is a list of recipes (`recipes/<prefix>_<method>.yaml`) run once per seed. Each run goes through the real
-`stella train` in a child process, so a reproduction behaves exactly like the commands README shows, and an
-interrupted reproduction is continued by running the same command again:
+A table is a list of recipes (`recipes/<prefix>_<method>.yaml`, the shipped ones outside a clone) run once per
+seed. Each run goes through the real `stella train` in a child process, so a reproduction behaves exactly like the
+commands README shows, and an interrupted reproduction is continued by running the same command again:
 
 - a run whose `reproduce.json` marker exists is finished and skipped;
 - a run with `checkpoints/latest.pt` is continued with `--resume`;
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ from typing import Any
 
 
 from stella_cli.cache import atomic_write_text
-from stella_cli.config import SELECTIONS, load_recipe
+from stella_cli.config import SELECTIONS, find_recipe, load_recipe
 from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
 from stella_cli.factory import PAPER_METHODS, check_initial_checkpoint, recipe_suffix
@@ -118,11 +119,7 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
         return [run_bench(names, out_dir)]
     seed_list = parse_seeds(seeds, spec, full)
     sets = list(overrides or [])
-    recipe_paths = [recipes / f"{spec.prefix}_{name}.yaml" for name in names]
-    missing = [str(p) for p in recipe_paths if not p.is_file()]
-    if missing:
-        raise FileNotFoundError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
-                                f"recipes under {recipes})")
+    recipe_paths = [find_recipe(recipes / f"{spec.prefix}_{name}.yaml") for name in names]  # ./recipes or shipped
     budget = {r: [] if full else scaled_epochs(r, spec.epochs_fraction) for r in recipe_paths}
     check_starts(out_dir, recipe_paths, seed_list, budget, sets)
     if spec.synthetic:
@@ -189,10 +186,15 @@ def train_once(recipe: Path, seed: int, run_dir: Path, sets: list[str]) -> RunOu
         cmd.append("--resume")
     tic = time.perf_counter()
     child = subprocess.Popen(cmd, env=os.environ.copy())
+    # `docker stop` and schedulers send SIGTERM to this process alone (PID 1 of a container): pass it on, so the run
+    # saves its checkpoint and exits 130, as it does when the signal reaches it directly
+    previous = signal.signal(signal.SIGTERM, lambda *_: child.send_signal(signal.SIGTERM))
     try:
         returncode = child.wait()
     except KeyboardInterrupt:  # the child got the same Ctrl-C: let it save its checkpoint and exit 130
         returncode = child.wait()
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     seconds = time.perf_counter() - tic
     if returncode != 0:
         return RunOutcome(recipe, seed, run_dir, "failed", seconds, {"returncode": returncode})

@@ -196,6 +196,14 @@ def test_cli_writes_tables_and_figures(tmp_path, runs):
         assert_png(out / png)
 
 
+def test_out_may_be_a_link_to_a_folder_not_made_yet(tmp_path, runs):
+    """The Docker image's reports -> /runs/reports, in a runs folder that holds no reports yet."""
+    (tmp_path / "reports").symlink_to(tmp_path / "mounted" / "reports")
+    proc = cli("report", str(runs / "finetune_*"), "--out", str(tmp_path / "reports"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "mounted" / "reports" / "retrieval.md").is_file()
+
+
 def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
     for args, message in [(["report", str(tmp_path / "missing_run")], "no such run directory"),
                           (["report", str(tmp_path), "--table", "speed"], "--table 'speed'")]:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -13,7 +15,7 @@ import pytest
 from helpers import tiny_synthetic
 
 from stella_cli.config import load_recipe, recipe_to_yaml
-from stella_cli.reproduce import PAPER_RECIPES, TABLES, chance_line, scaled_epochs, select_names
+from stella_cli.reproduce import MARKER, PAPER_RECIPES, TABLES, chance_line, scaled_epochs, select_names
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
@@ -131,3 +133,21 @@ def test_a_failing_run_stops_with_its_exit_code_and_one_line(workspace, tmp_path
     assert "nope" in proc.stdout and "failed with exit code 2" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "synthetic" / "synthetic_finetune_s3" / "reproduce.json").exists()
+
+
+def test_sigterm_to_reproduce_alone_stops_the_run_with_a_checkpoint(workspace, tmp_path):
+    """`docker stop` and schedulers signal PID 1 only, here `stella reproduce`: it passes SIGTERM on to its run,
+    which saves a checkpoint at the next step and exits 130 (the same command resumes it: the test above)."""
+    cmd = [sys.executable, "-m", "stella_cli", "reproduce", "synthetic", "--methods", "finetune", "--seeds", "5",
+           "--recipes", str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "train.log_every=1", "--set",
+           "train.epochs=50"]
+    run_dir = tmp_path / "synthetic" / "synthetic_finetune_s5"
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=workspace, env=ENV)
+    metrics, deadline = run_dir / "metrics.jsonl", time.time() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 1) and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # the parent only, not its process group
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, out
+    assert f"stella reproduce interrupted in {run_dir} (checkpoint kept)" in out and "Traceback" not in out
+    assert (run_dir / "checkpoints" / "latest.pt").is_file() and not (run_dir / MARKER).exists()
