@@ -82,10 +82,11 @@ def test_a_recipe_file_that_exists_wins_over_the_shipped_one(tmp_path, monkeypat
 
 
 def test_reproduce_runs_the_shipped_recipes_from_another_folder(site, tmp_path):
-    """The run starts from the shipped recipe (named in the failure line) and fails at once on the bad batch."""
+    """The run starts from the shipped recipe (named in the failure line) and fails at once on a task the data
+    does not have (a bad value such as train.batch_size=0 is refused before any run starts)."""
     tiny_synthetic(tmp_path / "data")
     proc = stella(site, tmp_path, "reproduce", "synthetic", "--methods", "finetune", "--seeds", "3", "--runs",
-                  str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}", "--set", "train.batch_size=0")
+                  str(tmp_path / "runs"), "--set", f"data.root={tmp_path / 'data'}", "--set", "data.tasks=[nope]")
     recipe = site / "stella_cli" / "recipes" / "synthetic_finetune.yaml"
     assert proc.returncode == 2 and "Traceback" not in proc.stdout + proc.stderr
     assert f"{recipe} (seed 3) failed with exit code 2" in proc.stdout
