@@ -31,6 +31,8 @@ from typing import Any, Iterable
 import av
 import numpy as np
 
+from stella_cli.errors import StellaError
+
 SPLITS = ("train", "test", "retrieval")
 PENDING, DONE, FAILED = 0, 1, 2
 MANIFEST_COLUMNS = ["clip_id", "row", "label", "labels", "category", "task", "duration", "source",
@@ -63,7 +65,7 @@ def write_meta(root: Path, meta: dict[str, Any]) -> None:
 def read_meta(root: Path) -> dict[str, Any]:
     path = Path(root) / "meta.json"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no prepared data here (run `stella prep` first)")
+        raise StellaError(f"{path}: no prepared data here (run `stella prep` first)")
     return json.loads(path.read_text())
 
 
@@ -91,7 +93,7 @@ def write_manifest(root: Path, split: str, rows: Iterable[dict[str, Any]]) -> Pa
 def read_manifest(root: Path, split: str) -> list[dict[str, Any]]:
     path = Path(root) / f"{split}.csv"
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no manifest for split {split!r} (run `stella prep` first)")
+        raise StellaError(f"{path}: no manifest for split {split!r} (run `stella prep` first)")
     out = []
     with open(path, newline="") as fh:
         for line_no, rec in enumerate(csv.DictReader(fh), start=2):
@@ -103,7 +105,7 @@ def read_manifest(root: Path, split: str) -> list[dict[str, Any]]:
                 for k in ("event_start", "event_end"):
                     rec[k] = float(rec[k]) if rec.get(k) else None
             except (KeyError, ValueError) as err:
-                raise ValueError(f"{path}:{line_no}: malformed manifest row: {err}") from err
+                raise StellaError(f"{path}:{line_no}: malformed manifest row: {err}") from err
             out.append(rec)
     return out
 
@@ -129,7 +131,7 @@ class SplitWriter:
             self.offsets = open_or_create(self.dir / "jpeg_offsets.npy", np.int64, (num_clips, F + 1))
             (self.dir / "jpeg").mkdir(exist_ok=True)
         else:
-            raise ValueError(f"frames_format must be 'raw' or 'jpeg', got {spec.frames_format!r}")
+            raise StellaError(f"frames_format must be 'raw' or 'jpeg', got {spec.frames_format!r}")
 
     def pending_rows(self) -> list[int]:
         """Rows not yet done (failed rows are retried on a re-run)."""
@@ -168,8 +170,8 @@ def open_or_create(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
     if path.exists():
         arr = np.load(path, mmap_mode="r+")
         if arr.shape != shape or arr.dtype != np.dtype(dtype):
-            raise ValueError(f"{path}: existing cache has {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}"
-                             " (different source list or settings; use a new --out folder)")
+            raise StellaError(f"{path}: existing cache has {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}"
+                              " (different source list or settings; use a new --out folder)")
         return arr
     return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
 
@@ -185,7 +187,7 @@ class SplitReader:
         self.dir = Path(root) / "cache" / split
         self.spec = spec
         if not (self.dir / "fbank.npy").is_file():
-            raise FileNotFoundError(f"{self.dir}: no feature cache for split {split!r} (run `stella prep` first)")
+            raise StellaError(f"{self.dir}: no feature cache for split {split!r} (run `stella prep` first)")
         self.fbank_arr = np.load(self.dir / "fbank.npy", mmap_mode="r")
         boxes = self.dir / "boxes.npy"
         self.boxes_arr = np.load(boxes, mmap_mode="r") if boxes.is_file() else None

@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from stella_cli.config import ModelConfig, Recipe
-from stella_cli.errors import CheckpointError
+from stella_cli.errors import CheckpointError, StellaError
 from stella_cli.model import AVM, CAVMAE, Classifier
 
 TASK_CHECKPOINT = re.compile(r"task(\d+)_(.+)\.pt")  # RUN/checkpoints/taskNN_<task>.pt, NN counted from 01
@@ -68,8 +68,8 @@ def latest_run(runs_root: Path = Path("runs")) -> Path:
     """The run directory under runs/ whose newest checkpoint is the most recent."""
     runs = [d for d in runs_root.glob("*") if (d / "config.yaml").is_file() and run_checkpoints(d)]
     if not runs:
-        raise FileNotFoundError(f"{runs_root}/: no run with checkpoints; train one (`stella train RECIPE`) or give a "
-                                "run directory or checkpoint")
+        raise CheckpointError(f"{runs_root}/: no run with checkpoints; train one (`stella train RECIPE`) or give a "
+                              "run directory or checkpoint")
     return max(runs, key=lambda d: max(p.stat().st_mtime for p in run_checkpoints(d)))
 
 
@@ -82,7 +82,7 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[list[Path], 
         latest = run_dir / "checkpoints" / LATEST
         if latest.is_file():
             return [latest], latest
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (has the run finished a task?)")
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint (has the run finished a task?)")
     for i, p in enumerate(tasks):
         if p.name == checkpoint or p.name.startswith(checkpoint + "_") or p.stem == checkpoint:
             return tasks[: i + 1], p
@@ -90,7 +90,7 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[list[Path], 
     if path.is_file():
         return [path], path
     names = ", ".join(p.name for p in tasks) or "none"
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: not in {run_dir / 'checkpoints'} (task checkpoints: {names})")
+    raise CheckpointError(f"--checkpoint {checkpoint}: not in {run_dir / 'checkpoints'} (task checkpoints: {names})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -193,7 +193,7 @@ def read_any(path: Path) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=False)
     except Exception as err:  # not a torch file at all
-        raise ValueError(f"{path}: cannot read as a checkpoint: {err}") from err
+        raise CheckpointError(f"{path}: cannot read as a checkpoint: {err}") from err
 
 
 def load_backbone(path: Path, recipe: Recipe, device: torch.device) -> Loaded:
@@ -246,14 +246,14 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """torch.load a checkpoint (tensors only) into the authors' layout (see authors_layout)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
+        raise CheckpointError(f"{path}: checkpoint not found")
     try:
         sd = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
-        raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
+        raise CheckpointError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
-                         f"got {type(sd).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
+                              f"got {type(sd).__name__}")
     return authors_layout(sd)
 
 
@@ -265,7 +265,7 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     output), or a `stella train` checkpoint (backbone from "model", AVM from the "method" keys `avm.*`).
     Prefixes `module.` and `backbone.transformer.` are stripped; for an AVM the keys under `avmatching_module.`
     are taken, for a Classifier those under `vacls_classifier.` (if present), for the backbone every other key.
-    Each tensor's shape is checked.  strict: missing or unexpected keys raise ValueError.
+    Each tensor's shape is checked.  strict: missing or unexpected keys raise CheckpointError.
     Returns {"loaded": n, "missing": [...], "unexpected": [...], "skipped": n keys of other modules}.
     """
     where = str(source) if isinstance(source, (str, Path)) else "state dict"
@@ -279,8 +279,8 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     if own is not None and any(k.startswith(own) for k in clean):
         picked = {k.removeprefix(own): v for k, v in clean.items() if k.startswith(own)}
     elif own is not None and "patch_embed_v.proj.weight" in clean:
-        raise ValueError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
-                         f"(e.g. a `stella train` run of a method without one)")
+        raise CheckpointError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
+                              f"(e.g. a `stella train` run of a method without one)")
     elif own is not None:
         picked = clean
     else:
@@ -289,12 +289,12 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     missing = sorted(set(expected) - set(picked))
     unexpected = sorted(set(picked) - set(expected))
     if strict and (missing or unexpected):
-        raise ValueError(f"{where}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:8]} for {type(model).__name__}")
+        raise CheckpointError(f"{where}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
+                              f"{unexpected[:8]} for {type(model).__name__}")
     for key in set(picked) & set(expected):
         if tuple(picked[key].shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(picked[key].shape)}, the model expects "
-                             f"{tuple(expected[key].shape)}")
+            raise CheckpointError(f"{where}: {key} has shape {tuple(picked[key].shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}")
     model.load_state_dict({k: v for k, v in picked.items() if k in expected}, strict=False)
     return {"loaded": len(set(picked) & set(expected)), "missing": missing, "unexpected": unexpected,
             "skipped": len(clean) - len(picked)}
@@ -323,7 +323,7 @@ def mae_sizes(mae: Mapping[str, Tensor], where: str | Path = "MAE") -> dict[str,
             "blocks.0.mlp.fc1.weight")
     for key in need:
         if key not in mae:
-            raise ValueError(f"{where}: missing MAE key {key!r}")
+            raise CheckpointError(f"{where}: missing MAE key {key!r}")
     D, _, p, _ = mae["patch_embed.proj.weight"].shape
     return {"embed_dim": D, "depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks.")),
             "patch_size": p, "image_size": math.isqrt(mae["pos_embed"].shape[1] - 1) * p,
@@ -347,8 +347,8 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     size = mae_sizes(mae, ckpt_path)
     D, p, depth, decoder_depth = size["embed_dim"], size["patch_size"], size["depth"], size["decoder_depth"]
     if not 0 < modality_depth < depth:
-        raise ValueError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
-                         f"for a {depth}-block MAE")
+        raise StellaError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
+                          f"for a {depth}-block MAE")
     cfg = ModelConfig(embed_dim=D, num_heads=1, modality_depth=modality_depth, fusion_depth=depth - modality_depth,
                       decoder_embed_dim=size["decoder_embed_dim"], decoder_depth=decoder_depth,
                       decoder_num_heads=1, mlp_ratio=size["mlp_ratio"], patch_size=p)
@@ -381,8 +381,8 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     mapped["mask_token_a"] = mapped["mask_token_v"] = mae["mask_token"]
     for key, value in mapped.items():
         if key not in out or tuple(value.shape) != tuple(out[key].shape):
-            raise ValueError(f"{ckpt_path}: MAE tensor for {key} has shape {tuple(value.shape)}, expected "
-                             f"{tuple(out[key].shape) if key in out else 'no such key'}")
+            raise CheckpointError(f"{ckpt_path}: MAE tensor for {key} has shape {tuple(value.shape)}, expected "
+                                  f"{tuple(out[key].shape) if key in out else 'no such key'}")
         out[key] = value.detach().clone().float()
     if faithful_zeros:
         for key in MAE_UNMAPPED:
@@ -438,8 +438,8 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
         from_recipe = recipe_inputs(recipe)
         for key, value in options.items():
             if value is not None and value != from_recipe[key]:
-                raise ValueError(f"--{key.replace('_', '-')} {value} contradicts {recipe_name}: "
-                                 f"{OPTION_KEYS[key]}={from_recipe[key]} (drop the option or change the recipe)")
+                raise StellaError(f"--{key.replace('_', '-')} {value} contradicts {recipe_name}: "
+                                  f"{OPTION_KEYS[key]}={from_recipe[key]} (drop the option or change the recipe)")
         chosen = from_recipe
     else:
         chosen.update({k: v for k, v in options.items() if v is not None})
@@ -447,13 +447,13 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
         want = recipe_sizes(recipe)
         for key, value in mae_sizes(read_state_dict(checkpoint), checkpoint).items():
             if want[key] != value:
-                raise ValueError(f"{checkpoint}: the MAE has {key} {value}, {recipe_name} sets {SIZE_KEYS[key]}="
-                                 f"{want[key]}")
+                raise StellaError(f"{checkpoint}: the MAE has {key} {value}, {recipe_name} sets {SIZE_KEYS[key]}="
+                                  f"{want[key]}")
     report = convert_mae(checkpoint, out, faithful_zeros=faithful_zeros, **chosen)
     if recipe is not None:
         try:
             check_fits_recipe(report, recipe, recipe_name, checkpoint)
-        except ValueError:
+        except StellaError:
             Path(out).unlink(missing_ok=True)
             raise
     return report
@@ -468,5 +468,5 @@ def check_fits_recipe(report: dict[str, Any], recipe: Recipe, recipe_name: str, 
     got = {k: tuple(v.shape) for k, v in torch.load(report["out"], map_location="cpu", weights_only=True).items()}
     if got != expected:
         diff = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-        raise ValueError(f"{checkpoint}: the converted weights do not fit {recipe_name}'s model: {len(diff)} keys "
-                         f"differ, e.g. {diff[:4]}")
+        raise CheckpointError(f"{checkpoint}: the converted weights do not fit {recipe_name}'s model: {len(diff)} keys "
+                              f"differ, e.g. {diff[:4]}")

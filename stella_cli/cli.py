@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from stella_cli.console import console, is_main, print_rows, rank_prefix  # rich only: no torch at start-up
+from stella_cli.errors import Interrupted, StellaError
 
 app = typer.Typer(
     add_completion=False,
@@ -47,17 +48,14 @@ def set_openmp_defaults(env: MutableMapping[str, str] | None = None) -> None:
 def main() -> None:
     """Run the CLI; an expected failure is one line and its exit code (errors.py), anything else a traceback."""
     set_openmp_defaults()  # before any command imports torch
-    from stella_cli.errors import Interrupted, StellaError
-
     try:
         app()
     except Interrupted as stop:  # a saved stop: what was kept and how to continue, exit 130
         console.print(f"{escape(rank_prefix())}[yellow]{escape(str(stop))}", soft_wrap=True)
         raise SystemExit(stop.exit_code)
-    except (StellaError, ValueError, FileNotFoundError, FileExistsError) as err:
-        # bad input (2) or divergence (3): one line, never wrapped, no traceback
+    except StellaError as err:  # bad input (2) or divergence (3): one line, never wrapped, no traceback
         console.print(f"{escape(rank_prefix())}[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-        raise SystemExit(getattr(err, "exit_code", 2))
+        raise SystemExit(err.exit_code)
 
 
 @app.command()
@@ -91,22 +89,20 @@ def prep(
     """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet, AVE, AVS, MSR-VTT)."""
     import shutil
 
-    from stella_cli.errors import Interrupted, StellaError
-
     if dataset == "synthetic":
         out = out or DEFAULT_SYNTHETIC_OUT
     elif dataset not in ("vggsound", "audioset", "audioset20k", "ave", "avs", "msrvtt"):
-        raise ValueError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, "
-                         "audioset20k, ave, avs or msrvtt")
+        raise StellaError(f"stella prep: unknown dataset {dataset!r}; choose synthetic, vggsound, audioset, "
+                          "audioset20k, ave, avs or msrvtt")
     elif out is None:
-        raise ValueError(f"stella prep {dataset}: --out DATA_DIR is required")
+        raise StellaError(f"stella prep {dataset}: --out DATA_DIR is required")
     if workers < 0:
-        raise ValueError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
+        raise StellaError(f"stella prep: --workers must be >= 0 (0 or 1: no worker processes), got {workers}")
     if subset != "tasks" and dataset not in ("vggsound", "audioset"):
-        raise ValueError(f"stella prep {dataset}: --subset is for vggsound and audioset only")
+        raise StellaError(f"stella prep {dataset}: --subset is for vggsound and audioset only")
     if (vggsound is not None) != (dataset == "audioset20k"):
-        raise ValueError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
-                         "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
+        raise StellaError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
+                          "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
     fresh = not out.exists() or not any(out.iterdir())
     try:
         summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
@@ -153,7 +149,7 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
         return prepare_audioset20k(out, list_file=list_file, root=root, labels=labels, vggsound=vggsound,
                                    workers=workers, frames_format=frames_format, progress=not quiet)
     if root is None:
-        raise ValueError(f"stella prep {dataset}: --root VIDEOS is required")
+        raise StellaError(f"stella prep {dataset}: --root VIDEOS is required")
     if dataset == "ave":
         from stella_cli.prep_downstream import prepare_ave
 
@@ -163,13 +159,13 @@ def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: 
         from stella_cli.prep_downstream import prepare_avs
 
         if list_file is None or masks is None:
-            raise ValueError("stella prep avs: --list s4_meta_data.csv and --masks GT_MASKS are required")
+            raise StellaError("stella prep avs: --list s4_meta_data.csv and --masks GT_MASKS are required")
         return prepare_avs(out, root=root, meta_csv=Path(list_file), masks=masks, workers=workers,
                            frames_format=frames_format, progress=not quiet)
     from stella_cli.prep_downstream import prepare_msrvtt
 
     if list_file is None:
-        raise ValueError("stella prep msrvtt: --list (train=FILE,test=FILE or a folder of the lists) is required")
+        raise StellaError("stella prep msrvtt: --list (train=FILE,test=FILE or a folder of the lists) is required")
     return prepare_msrvtt(out, root=root, lists=list_file, workers=workers, frames_format=frames_format,
                           progress=not quiet)
 
@@ -193,7 +189,7 @@ def train(
     resolved = load_recipe(recipe, overrides)
     check_method(resolved, str(recipe))
     if stop_after is not None and stop_after < 1:
-        raise ValueError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
+        raise StellaError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
     if print_config:
         console.print(recipe_to_yaml(resolved), markup=False, highlight=False)
         return
@@ -236,7 +232,7 @@ def model(
     elif preset in MODEL_PRESETS:
         cfg, sizes = resolve_model_preset(ModelConfig(preset=preset)), {}
     else:
-        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
+        raise StellaError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
     info = model_summary(cfg, **sizes)
     counts = [*info["params"]["parts"].items(), ("backbone", info["params"]["backbone"]),
               ("AVM", info["params"]["avm"]), ("total", info["params"]["total"])]
@@ -298,7 +294,7 @@ def convert_mae_command(
 
     resolved = load_recipe(recipe, overrides) if recipe is not None else None
     if overrides and recipe is None:
-        raise ValueError("convert mae: --set needs --recipe")
+        raise StellaError("convert mae: --set needs --recipe")
     report = convert_mae_for_recipe(checkpoint, out, recipe=resolved, recipe_name=str(recipe),
                                     faithful_zeros=faithful_zeros, num_frames=num_frames,
                                     target_length=target_length, num_mel_bins=num_mel_bins,
@@ -342,7 +338,7 @@ def buffer(
     path = run_dir / "checkpoints" / checkpoint
     state = read_checkpoint(path)  # one line for a missing, empty, truncated or foreign file
     if "buffer" not in state["method_extra"]:
-        raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
+        raise StellaError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
     from stella_cli.cache import read_meta
 
     tasks = read_meta(Path(load_recipe(run_dir / "config.yaml").data.root))["tasks"]
@@ -359,7 +355,7 @@ def buffer(
         if name in info:
             console.print(f"{name} (pruning probability of the candidate patches): {info[name]:.3f}")
     if show < 0:
-        raise ValueError(f"--show {show}: give a number of clips >= 0")
+        raise StellaError(f"--show {show}: give a number of clips >= 0")
     if show:
         from stella_cli.plots import buffer_figures
 

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from stella_cli.checkpoint import Loaded, load_backbone
 from stella_cli.config import HeadConfig, Recipe
 from stella_cli.console import console
+from stella_cli.errors import StellaError
 from stella_cli.model import CAVMAE
 
 FBANK_FRAMES_PER_SECOND = 100  # 10 ms shift
@@ -60,7 +61,7 @@ class Context:
         return load_backbone(path or self.target.final, self.target.recipe, self.device)
 
 
-class TaskSkipped(ValueError):
+class TaskSkipped(StellaError):
     """The task does not apply to this target (no AVM, no ground truth, no prepared data); `--task all` goes on."""
 
 

@@ -67,13 +67,13 @@ def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) ->
     check_method(recipe, "the recipe")
     d, entry = recipe.data, METHODS[recipe.method.name]
     if entry.cls is AVMPretrain and not recipe.model.checkpoint:
-        raise ValueError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint")
+        raise StellaError("method.name=avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint")
     torch.manual_seed(recipe.train.seed)  # parameter init is the one use of the global RNG
     backbone = CAVMAE(recipe.model, d.num_frames, d.image_size, d.target_length, d.num_mel_bins)
     if recipe.model.checkpoint:
         try:
             load_authors_checkpoint(backbone, recipe.model.checkpoint)
-        except (ValueError, FileNotFoundError) as err:
+        except StellaError as err:
             raise StellaError(f"model.checkpoint: {err}") from err
     method = entry.cls(
         backbone, recipe.method, avm_cfg=recipe.model.avm, batch_size=per_rank_batch(recipe.train, world),

@@ -22,6 +22,7 @@ from stella_cli import evaluate
 from stella_cli.cache import read_meta
 from stella_cli.config import OutputConfig
 from stella_cli.downstream import Context, TaskSkipped
+from stella_cli.errors import StellaError
 from stella_cli.synth import HELDOUT_TASKS, heldout_dir
 from stella_cli.train import run as train_run
 
@@ -43,7 +44,7 @@ def run_msrvtt(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     transfer_dir = ctx.target.results_dir / "msrvtt_transfer"
     if transfer_dir.exists():  # a previous transfer of this command: start again
         if not (transfer_dir / "config.yaml").is_file():
-            raise FileExistsError(f"{transfer_dir}: exists and is not a transfer run; move it away")
+            raise StellaError(f"{transfer_dir}: exists and is not a transfer run; move it away")
         shutil.rmtree(transfer_dir)
     transfer_dir.mkdir(parents=True)
     loaded = ctx.load()

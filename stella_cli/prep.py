@@ -40,6 +40,7 @@ from stella_cli import media
 from stella_cli.audio import clip_fbank
 from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk_bytes, open_or_create, spec_to_dict,
                               write_manifest, write_meta)
+from stella_cli.errors import StellaError
 from stella_cli.pool import run_jobs
 
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
@@ -134,24 +135,24 @@ def read_class_csv(path: Path) -> list[dict[str, Any]]:
     header naming display_name/name and category, or VGGSound's header-less stat.csv (name, count, category)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: class table not found")
+        raise StellaError(f"{path}: class table not found")
     with open(path, newline="", encoding="utf-8") as fh:
         rows = [r for r in csv.reader(fh)]
     if not rows:
-        raise ValueError(f"{path}: empty class table")
+        raise StellaError(f"{path}: empty class table")
     head = [h.strip().lower() for h in rows[0]]
     out = []
     if "category" in head or "display_name" in head or "mid" in head:
         name_col = next((head.index(k) for k in ("display_name", "name", "label") if k in head), None)
         if name_col is None:
-            raise ValueError(f"{path}:1: header has no display_name column: {rows[0]}")
+            raise StellaError(f"{path}:1: header has no display_name column: {rows[0]}")
         mid_col = head.index("mid") if "mid" in head else None
         cat_col = head.index("category") if "category" in head else None
         for line, r in enumerate(rows[1:], start=2):
             if not r:
                 continue
             if len(r) != len(head):
-                raise ValueError(f"{path}:{line}: expected {len(head)} columns ({','.join(head)}), got {len(r)}")
+                raise StellaError(f"{path}:{line}: expected {len(head)} columns ({','.join(head)}), got {len(r)}")
             out.append({"name": r[name_col].strip(), "mid": r[mid_col].strip() if mid_col is not None else None,
                         "category": r[cat_col].strip() if cat_col is not None else None, "line": line})
         return out
@@ -159,8 +160,8 @@ def read_class_csv(path: Path) -> list[dict[str, Any]]:
         if not r:
             continue
         if len(r) != 3 or not r[1].strip().isdigit():
-            raise ValueError(f"{path}:{line}: expected 'class name,number of clips,category' (VGGSound stat.csv) "
-                             f"or a header row, got {r}")
+            raise StellaError(f"{path}:{line}: expected 'class name,number of clips,category' (VGGSound stat.csv) "
+                              f"or a header row, got {r}")
         out.append({"name": r[0].strip(), "mid": None, "category": r[2].strip(), "line": line})
     return out
 
@@ -177,14 +178,14 @@ def read_category_table(path: Path, dataset: str) -> dict[str, tuple[str, str]]:
     table: dict[str, tuple[str, str]] = {}
     for name, category, line in rows:
         if category is None:
-            raise ValueError(f"{path}: no category column (expected VGGSound's stat.csv or a table with a header "
-                             f"display_name,category)")
+            raise StellaError(f"{path}: no category column (expected VGGSound's stat.csv or a table with a header "
+                              f"display_name,category)")
         if category not in allowed:
-            raise ValueError(f"{path}:{line}: unknown category {category!r} for class {name!r}; "
-                             f"{dataset} categories are {sorted(allowed)}")
+            raise StellaError(f"{path}:{line}: unknown category {category!r} for class {name!r}; "
+                              f"{dataset} categories are {sorted(allowed)}")
         old = table.setdefault(canon(name), (name, category))
         if old[1] != category:
-            raise ValueError(f"{path}:{line}: class {name!r} is in both {old[1]!r} and {category!r}")
+            raise StellaError(f"{path}:{line}: class {name!r} is in both {old[1]!r} and {category!r}")
     return table
 
 
@@ -197,7 +198,7 @@ def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
     try:
         tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
     except SyntaxError as err:
-        raise ValueError(f"{path}:{err.lineno}: not a Python class-list file: {err.msg}") from err
+        raise StellaError(f"{path}:{err.lineno}: not a Python class-list file: {err.msg}") from err
     found: dict[str, tuple[Any, int]] = {}
     for node in tree.body:
         if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
@@ -206,13 +207,13 @@ def _read_authors_class_lists(path: Path) -> list[tuple[str, str, int]]:
             except ValueError:
                 continue
     if "category_info" not in found or "category_2_simple" not in found:
-        raise ValueError(f"{path}: expected the dicts category_info and category_2_simple "
-                         "(the authors' tools/audioset/__init__.py)")
+        raise StellaError(f"{path}: expected the dicts category_info and category_2_simple "
+                          "(the authors' tools/audioset/__init__.py)")
     (groups, line), (simple, _) = found["category_info"], found["category_2_simple"]
     rows = []
     for group, names in groups.items():
         if group not in simple:
-            raise ValueError(f"{path}:{line}: group {group!r} has no entry in category_2_simple")
+            raise StellaError(f"{path}:{line}: group {group!r} has no entry in category_2_simple")
         for name in list(names) + group.split("&"):  # the group names are classes too (the authors' tools)
             rows.append((name, simple[group], line))
     return rows
@@ -223,14 +224,14 @@ def read_cavmae_json(path: Path) -> list[ListEntry]:
     try:
         data = json.loads(Path(path).read_text(encoding="utf-8"))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
+        raise StellaError(f"{path}:{err.lineno}: not valid JSON: {err.msg}") from err
     if not isinstance(data, dict) or not isinstance(data.get("data"), list):
-        raise ValueError(f'{path}: expected {{"data": [...]}} (a CAV-MAE json)')
+        raise StellaError(f'{path}: expected {{"data": [...]}} (a CAV-MAE json)')
     out = []
     for i, item in enumerate(data["data"]):
         where = f"{path}: data[{i}]"
         if not isinstance(item, dict) or "video_id" not in item or "labels" not in item:
-            raise ValueError(f"{where}: expected an object with video_id and labels, got {item!r}"[:300])
+            raise StellaError(f"{where}: expected an object with video_id and labels, got {item!r}"[:300])
         vid, labels = str(item["video_id"]), item["labels"]
         refs = labels.split(",") if isinstance(labels, str) else [str(x) for x in labels]
         names, path_hint = [vid], None
@@ -256,8 +257,8 @@ def read_stella_csv(path: Path) -> list[ListEntry]:
             if not r:
                 continue
             if len(r) != 6:
-                raise ValueError(f"{path}:{line}: expected 6 columns (idx, vid, frames_dir, wav, label, category), "
-                                 f"got {len(r)}")
+                raise StellaError(f"{path}:{line}: expected 6 columns (idx, vid, frames_dir, wav, label, category), "
+                                  f"got {len(r)}")
             _, vid, frames_dir, wav, label, _ = (x.strip() for x in r)
             stem = Path(frames_dir).name or Path(wav).stem or vid
             refs = [x.strip() for x in label.split(",") if x.strip()]
@@ -268,7 +269,7 @@ def read_stella_csv(path: Path) -> list[ListEntry]:
 def read_clip_list(path: Path) -> list[ListEntry]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: clip list not found")
+        raise StellaError(f"{path}: clip list not found")
     if path.suffix.lower() == ".json":
         return read_cavmae_json(path)
     return read_stella_csv(path)
@@ -299,23 +300,23 @@ def resolve_lists(list_file: Any, dataset: str) -> tuple[dict[str, Path], dict[s
                 if hit is not None:
                     (found if key in SPLITS else extra)[key] = hit
             if "train" not in found or "test" not in found:
-                raise FileNotFoundError(f"{folder}: no {dataset} train/test lists here (looked for "
-                                        f"{KNOWN_LISTS[dataset]['train'] + KNOWN_LISTS[dataset]['test']})")
+                raise StellaError(f"{folder}: no {dataset} train/test lists here (looked for "
+                                  f"{KNOWN_LISTS[dataset]['train'] + KNOWN_LISTS[dataset]['test']})")
             return found, extra
         items = []
         for item in raw:
             for part in str(item).split(","):
                 split, sep, file = part.partition("=")
                 if not sep:
-                    raise ValueError(f"--list {part}: give SPLIT=FILE (splits {list(SPLITS)}) or a folder of lists")
+                    raise StellaError(f"--list {part}: give SPLIT=FILE (splits {list(SPLITS)}) or a folder of lists")
                 items.append((split.strip(), file.strip()))
     lists = {}
     for split, file in items:
         if split not in SPLITS:
-            raise ValueError(f"--list {split}={file}: unknown split {split!r}; choose from {list(SPLITS)}")
+            raise StellaError(f"--list {split}={file}: unknown split {split!r}; choose from {list(SPLITS)}")
         lists[split] = Path(file)
     if "train" not in lists or "test" not in lists:
-        raise ValueError(f"--list: train and test lists are required (retrieval is optional), got {sorted(lists)}")
+        raise StellaError(f"--list: train and test lists are required (retrieval is optional), got {sorted(lists)}")
     return lists, {}
 
 
@@ -337,11 +338,11 @@ def build_classes(dataset: str, table: dict[str, tuple[str, str]], label_rows: l
         key = canon(name)
         category = table[key][1] if key in table else own_category
         if category and category not in _allowed_categories(dataset):
-            raise ValueError(f"{label_file}:{line}: unknown category {category!r} for class {name!r}; "
-                             f"{dataset} categories are {sorted(_allowed_categories(dataset))}")
+            raise StellaError(f"{label_file}:{line}: unknown category {category!r} for class {name!r}; "
+                              f"{dataset} categories are {sorted(_allowed_categories(dataset))}")
         if not category:
             if dataset == "vggsound":
-                raise ValueError(f"{label_file}:{line}: class {name!r} has no category in the category table")
+                raise StellaError(f"{label_file}:{line}: class {name!r} has no category in the category table")
             continue  # AudioSet: a class outside the 7 category lists is not used
         seen.add(key)
         name = table[key][0] if key in table else name  # the table's spelling ("a, b", not CAV-MAE's "a_ b")
@@ -389,7 +390,7 @@ def assign_split(split: str, entries: list[ListEntry], classes: list[ClassInfo],
         for r in e.refs:
             if r not in known and canon(r) not in known:
                 where = label_file or "the category table (a list of mids needs --labels)"
-                raise ValueError(f"{e.where}: unknown class {r!r} (not in {where})")
+                raise StellaError(f"{e.where}: unknown class {r!r} (not in {where})")
         hits = [by_ref.get(r) or by_ref.get(canon(r)) for r in e.refs]
         hits = list({c.index: c for c in hits if c is not None}.values())  # distinct, in label order
         if not hits:
@@ -459,12 +460,12 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
     """Read the inputs and build the task split (or another `subset`, see the module docstring), without decoding
     anything."""
     if dataset not in ("vggsound", "audioset"):
-        raise ValueError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
+        raise StellaError(f"unknown dataset {dataset!r}; choose vggsound or audioset")
     if subset not in SUBSETS or (subset == "unused" and dataset != "vggsound"):
         choices = SUBSETS if dataset == "vggsound" else ("tasks", "all")
-        raise ValueError(f"--subset {subset}: {dataset} subsets are {', '.join(choices)}")
+        raise StellaError(f"--subset {subset}: {dataset} subsets are {', '.join(choices)}")
     if root is None or not Path(root).is_dir():
-        raise FileNotFoundError(f"--root {root}: folder of media files not found")
+        raise StellaError(f"--root {root}: folder of media files not found")
     root = Path(root)
     lists, found = resolve_lists(list_file, dataset) if list_file is not None else ({}, {})
     labels = labels or found.get("labels")
@@ -473,20 +474,20 @@ def plan_real(dataset: str, *, list_file: Any = None, root: Path | None = None, 
     if label_rows is not None:
         for r in label_rows:
             if not r["mid"]:
-                raise ValueError(f"{labels}:{r['line']}: a label csv needs the header index,mid,display_name")
+                raise StellaError(f"{labels}:{r['line']}: a label csv needs the header index,mid,display_name")
     warnings: list[str] = []
     every_class = dataset == "audioset" and subset == "all"  # AudioSet-20K: all 527 classes, no category rules
     if every_class:
         if label_rows is None:
-            raise FileNotFoundError("stella prep audioset --subset all: --labels is required (the CAV-MAE label "
-                                    "csv, class_labels_indices.csv)")
+            raise StellaError("stella prep audioset --subset all: --labels is required (the CAV-MAE label "
+                              "csv, class_labels_indices.csv)")
         classes = [ClassInfo(r["name"], r["mid"], "all", "all", True, i) for i, r in enumerate(label_rows)]
     else:
         if categories is None:
             if not (label_rows and all(r["category"] for r in label_rows)):
-                raise FileNotFoundError(f"stella prep {dataset}: --categories is required (" + (
-                    "VGGSound's stat.csv: name,count,category" if dataset == "vggsound" else
-                    "the authors' tools/audioset/__init__.py, or a csv with header display_name,category") + ")")
+                raise StellaError(f"stella prep {dataset}: --categories is required (" + (
+              "VGGSound's stat.csv: name,count,category" if dataset == "vggsound" else
+              "the authors' tools/audioset/__init__.py, or a csv with header display_name,category") + ")")
             table = {}
         else:
             table = read_category_table(categories, dataset)
@@ -633,8 +634,8 @@ def _check_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec)
     rows = {"spec": spec_to_dict(spec), "clip_ids": [c.clip_id for c in clips], "sources": [c.source for c in clips]}
     if path.is_file():
         if json.loads(path.read_text()) != rows:
-            raise ValueError(f"{path}: the cache was prepared from another clip list or other settings; "
-                             "use a new --out folder")
+            raise StellaError(f"{path}: the cache was prepared from another clip list or other settings; "
+                              "use a new --out folder")
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(rows))

@@ -27,6 +27,7 @@ import av
 import numpy as np
 
 from stella_cli.cache import CacheSpec, disk_bytes, spec_to_dict, write_meta
+from stella_cli.errors import StellaError
 from stella_cli.media import resize_geometry
 from stella_cli.prep import ClipSource, MediaIndex, ListEntry, prepare_split
 
@@ -37,7 +38,7 @@ def read_ave_list(path: Path) -> list[dict[str, Any]]:
     """Rows {category, video_id, quality, start, end, where} of an AVE annotation file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: AVE annotation file not found")
+        raise StellaError(f"{path}: AVE annotation file not found")
     rows = []
     for line_no, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
         line = line.strip()
@@ -45,14 +46,14 @@ def read_ave_list(path: Path) -> list[dict[str, Any]]:
             continue
         parts = line.split("&")
         if len(parts) != 5:
-            raise ValueError(f"{path}:{line_no}: expected category&video_id&quality&start&end, got {line!r}")
+            raise StellaError(f"{path}:{line_no}: expected category&video_id&quality&start&end, got {line!r}")
         category, video_id, quality, start, end = (p.strip() for p in parts)
         try:
             s, e = float(start), float(end)
         except ValueError:
-            raise ValueError(f"{path}:{line_no}: start and end must be seconds, got {start!r}, {end!r}") from None
+            raise StellaError(f"{path}:{line_no}: start and end must be seconds, got {start!r}, {end!r}") from None
         if not 0 <= s < e:
-            raise ValueError(f"{path}:{line_no}: event [{start}, {end}) is empty or negative")
+            raise StellaError(f"{path}:{line_no}: event [{start}, {end}) is empty or negative")
         rows.append({"category": category, "video_id": video_id, "quality": quality, "start": s, "end": e,
                      "where": f"{path}:{line_no}"})
     return rows
@@ -64,7 +65,7 @@ def prepare_ave(out: Path, *, root: Path, annotations: Path | None = None, worke
     testSet.txt under `annotations` (default: root); one task "ave"; clips keep their event window."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--root {root}: folder of AVE videos not found")
+        raise StellaError(f"--root {root}: folder of AVE videos not found")
     folder = Path(annotations or root)
     lists = {split: read_ave_list(folder / name) for split, name in AVE_FILES.items()}
     everything = read_ave_list(folder / "Annotations.txt") if (folder / "Annotations.txt").is_file() else []
@@ -126,18 +127,18 @@ def read_s4_csv(path: Path) -> list[dict[str, Any]]:
     extra columns ignored)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: AVSBench S4 csv not found")
+        raise StellaError(f"{path}: AVSBench S4 csv not found")
     with open(path, newline="", encoding="utf-8") as fh:
         reader = csv.DictReader(fh)
         head = [h.strip() for h in reader.fieldnames or []]
         missing = [k for k in ("name", "category", "split") if k not in head]
         if missing:
-            raise ValueError(f"{path}:1: header must name name, category and split (missing {missing}), got {head}")
+            raise StellaError(f"{path}:1: header must name name, category and split (missing {missing}), got {head}")
         rows = []
         for line_no, r in enumerate(reader, start=2):
             r = {k.strip(): (v or "").strip() for k, v in r.items() if k}
             if not r["name"] or not r["category"] or r["split"] not in ("train", "val", "test"):
-                raise ValueError(f"{path}:{line_no}: expected a name, a category and split train|val|test, got {r}")
+                raise StellaError(f"{path}:{line_no}: expected a name, a category and split train|val|test, got {r}")
             rows.append({**r, "where": f"{path}:{line_no}"})
     return rows
 
@@ -149,7 +150,7 @@ def decode_mask(path: Path, size: int) -> np.ndarray:
         with av.open(str(path)) as container:
             frame = next(container.decode(video=0))
     except (av.FFmpegError, OSError, StopIteration) as err:
-        raise ValueError(f"{path}: cannot decode the mask png: {err}") from err
+        raise StellaError(f"{path}: cannot decode the mask png: {err}") from err
     rw, rh, left, top = resize_geometry(frame.width, frame.height, size)
     gray = frame.reformat(width=rw, height=rh, format="gray", interpolation="BILINEAR").to_ndarray()
     return (gray[top:top + size, left:left + size] >= 128).astype(np.uint8)
@@ -163,7 +164,7 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: 
     root, masks = Path(root), Path(masks)
     for folder, what in ((root, "videos"), (masks, "mask pngs")):
         if not folder.is_dir():
-            raise FileNotFoundError(f"{folder}: folder of AVSBench {what} not found")
+            raise StellaError(f"{folder}: folder of AVSBench {what} not found")
     rows = read_s4_csv(meta_csv)
     categories = sorted({r["category"] for r in rows})
     pngs = {p.name: p for p in sorted(masks.rglob("*.png"))}
@@ -207,7 +208,7 @@ def read_video_list(path: Path) -> list[tuple[str, str]]:
     """[(video id, file:line)] of a list: a csv whose header has `video_id`, or one id per line."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: MSR-VTT list not found")
+        raise StellaError(f"{path}: MSR-VTT list not found")
     lines = path.read_text(encoding="utf-8").splitlines()
     head = [h.strip() for h in next(csv.reader(lines[:1]), [])]
     if "video_id" in head:
@@ -217,7 +218,7 @@ def read_video_list(path: Path) -> list[tuple[str, str]]:
             if not row:
                 continue
             if len(row) <= col or not row[col].strip():
-                raise ValueError(f"{path}:{line_no}: no video_id in column {col + 1}: {row}")
+                raise StellaError(f"{path}:{line_no}: no video_id in column {col + 1}: {row}")
             out.append((row[col].strip(), f"{path}:{line_no}"))
         return out
     out = []
@@ -225,8 +226,8 @@ def read_video_list(path: Path) -> list[tuple[str, str]]:
         vid = line.strip()
         if vid:
             if "," in vid or " " in vid:
-                raise ValueError(f"{path}:{line_no}: expected one video id a line (or a csv with a video_id "
-                                 f"column), got {vid!r}")
+                raise StellaError(f"{path}:{line_no}: expected one video id a line (or a csv with a video_id "
+                                  f"column), got {vid!r}")
             out.append((vid, f"{path}:{line_no}"))
     return out
 
@@ -237,7 +238,7 @@ def prepare_msrvtt(out: Path, *, root: Path, lists: Path, workers: int = 2, fram
     (MSRVTT_LISTS), or `train=FILE,test=FILE`. The test list becomes the `retrieval` split."""
     root = Path(root)
     if not root.is_dir():
-        raise FileNotFoundError(f"--root {root}: folder of MSR-VTT videos not found")
+        raise StellaError(f"--root {root}: folder of MSR-VTT videos not found")
     files = resolve_msrvtt_lists(lists)
     index = MediaIndex(root)
     clips, missing = {}, {}
@@ -265,7 +266,7 @@ def resolve_msrvtt_lists(lists: Path | str) -> dict[str, Path]:
         for split, names in MSRVTT_LISTS.items():
             hit = next((Path(text) / n for n in names if (Path(text) / n).is_file()), None)
             if hit is None:
-                raise FileNotFoundError(f"{text}: no {split} list (looked for {names})")
+                raise StellaError(f"{text}: no {split} list (looked for {names})")
             found[split] = hit
         return found
     found = {}
@@ -273,8 +274,8 @@ def resolve_msrvtt_lists(lists: Path | str) -> dict[str, Path]:
         split, sep, file = part.partition("=")
         split = {"test": "retrieval"}.get(split.strip(), split.strip())
         if not sep or split not in MSRVTT_LISTS:
-            raise ValueError(f"--list {part}: give train=FILE,test=FILE or a folder holding {MSRVTT_LISTS}")
+            raise StellaError(f"--list {part}: give train=FILE,test=FILE or a folder holding {MSRVTT_LISTS}")
         found[split] = Path(file.strip())
     if set(found) != set(MSRVTT_LISTS):
-        raise ValueError(f"--list {text}: both train= and test= lists are required")
+        raise StellaError(f"--list {text}: both train= and test= lists are required")
     return found

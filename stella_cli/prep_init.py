@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from stella_cli.cache import CacheSpec
+from stella_cli.errors import StellaError
 from stella_cli.prep import RETRIEVAL_PER_CLASS, Plan, plan_real, resolve_lists, write_plan
 
 SOURCE_TASKS = ("audioset20k", "vggsound_unused")
@@ -31,19 +32,19 @@ def vggsound_unused_plan(vggsound: Path) -> Plan:
     """The clips a prepared VGGSound task split left out, from the inputs its meta.json records."""
     meta_path = Path(vggsound) / "meta.json"
     if not meta_path.is_file():
-        raise FileNotFoundError(f"--vggsound {vggsound}: no meta.json; give the folder `stella prep vggsound` wrote "
-                                f"for the continual tasks")
+        raise StellaError(f"--vggsound {vggsound}: no meta.json; give the folder `stella prep vggsound` wrote "
+                          f"for the continual tasks")
     meta = json.loads(meta_path.read_text())
     src = meta.get("sources") or {}
     if meta.get("dataset") != "vggsound" or src.get("subset", "tasks") != "tasks" or "root" not in src:
-        raise ValueError(f"{meta_path}: not a VGGSound task split prepared by `stella prep vggsound` "
-                         f"(dataset {meta.get('dataset')!r}, subset {src.get('subset', 'tasks')!r})")
+        raise StellaError(f"{meta_path}: not a VGGSound task split prepared by `stella prep vggsound` "
+                          f"(dataset {meta.get('dataset')!r}, subset {src.get('subset', 'tasks')!r})")
     lists = src["lists"] if isinstance(src["lists"], dict) else None  # None: a folder of clips was the list
     inputs = [src["root"], *(lists or {}).values(), *(src[k] for k in ("categories", "labels") if src.get(k))]
     gone = next((f for f in inputs if not Path(f).exists()), None)
     if gone is not None:  # relative paths are relative to where `stella prep vggsound` ran
-        raise FileNotFoundError(f"{meta_path}: its input {gone} is not found from here; run from the folder that "
-                                f"`stella prep vggsound` ran in")
+        raise StellaError(f"{meta_path}: its input {gone} is not found from here; run from the folder that "
+                          f"`stella prep vggsound` ran in")
     return plan_real("vggsound", list_file=lists, root=Path(src["root"]), categories=src.get("categories"),
                      labels=src.get("labels"), classes_per_task=src["classes_per_task"],
                      max_train_per_class=src["max_train_per_class"],
@@ -71,8 +72,8 @@ def prepare_audioset20k(out: Path, *, list_file: Any, root: Path | None, labels:
     """AudioSet-20K (`--list/--root/--labels`) + the VGGSound clips unused by the task split in `vggsound`."""
     t0 = time.perf_counter()
     if list_file is None:
-        raise ValueError("stella prep audioset20k: --list is required (train=audioset_20k_cleaned.json,"
-                         "test=audioset_eval_cleaned.json, or a folder holding them)")
+        raise StellaError("stella prep audioset20k: --list is required (train=audioset_20k_cleaned.json,"
+                          "test=audioset_eval_cleaned.json, or a folder holding them)")
     lists, found = resolve_lists(list_file, "audioset20k")  # a folder: the 20K train list, not the 2M one
     audioset = plan_real("audioset", list_file=lists, root=root, labels=labels or found.get("labels"), subset="all")
     plan = merge_plans(audioset, vggsound_unused_plan(vggsound))

@@ -89,7 +89,7 @@ def select_names(spec: TableSpec, methods: str | None) -> tuple[str, ...]:
     wanted = [recipe_suffix(m.strip()) for m in methods.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in spec.names]
     if unknown:
-        raise ValueError(f"--methods: {', '.join(unknown)} not in this table; choose from {', '.join(spec.names)}")
+        raise StellaError(f"--methods: {', '.join(unknown)} not in this table; choose from {', '.join(spec.names)}")
     return tuple(n for n in spec.names if n in wanted)
 
 
@@ -99,9 +99,9 @@ def parse_seeds(text: str | None, spec: TableSpec, full: bool) -> tuple[int, ...
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 2021,2022,2023") from None
+        raise StellaError(f"--seeds {text!r}: expected comma-separated integers, e.g. 2021,2022,2023") from None
     if not seeds:
-        raise ValueError("--seeds: give at least one seed")
+        raise StellaError("--seeds: give at least one seed")
     return seeds
 
 
@@ -110,7 +110,7 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
               recipes: Path = Path("recipes")) -> list[RunOutcome]:
     """Run (or continue) every run of `table`, then report it. Returns one outcome per run."""
     if table not in TABLES:
-        raise ValueError(f"stella reproduce: unknown table {table!r}; choose one of {', '.join(TABLES)}")
+        raise StellaError(f"stella reproduce: unknown table {table!r}; choose one of {', '.join(TABLES)}")
     spec = TABLES[table]
     names = select_names(spec, methods)
     out_dir = runs / table
@@ -121,8 +121,8 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
     recipe_paths = [recipes / f"{spec.prefix}_{name}.yaml" for name in names]
     missing = [str(p) for p in recipe_paths if not p.is_file()]
     if missing:
-        raise FileNotFoundError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
-                                f"recipes under {recipes})")
+        raise StellaError(f"{missing[0]}: recipe not found (table {table!r} needs {len(recipe_paths)} "
+                          f"recipes under {recipes})")
     if spec.synthetic:
         ensure_synthetic(recipe_paths[0], sets)
     outcomes = []

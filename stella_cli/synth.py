@@ -37,6 +37,7 @@ from stella_cli import prep
 from stella_cli.audio import clip_fbank, one_torch_thread
 from stella_cli.cache import (DONE, SPLITS, CacheSpec, SplitWriter, disk_bytes, read_meta, spec_to_dict, write_manifest,
                               write_meta)
+from stella_cli.errors import StellaError
 from stella_cli.media import write_mp4
 from stella_cli.pool import run_jobs
 
@@ -485,7 +486,7 @@ def prepare_synthetic(out: str | Path, *, seed: int = 0, fmt: str = "cache", wor
     cfg = config or SynthConfig()
     cfg.validate()
     if fmt not in ("cache", "mp4"):
-        raise ValueError(f"stella prep synthetic: --format must be 'cache' or 'mp4', got {fmt!r}")
+        raise StellaError(f"stella prep synthetic: --format must be 'cache' or 'mp4', got {fmt!r}")
     out = Path(out)
     spec = cache_spec(cfg, frames_format)
     meta = build_meta(cfg, seed, fmt, spec)
@@ -520,8 +521,8 @@ def _check_resume(out: Path, meta: dict[str, Any]) -> None:
     old, new = read_meta(out), json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
     for key in ("dataset", "spec", "generator"):
         if old.get(key) != new[key]:
-            raise ValueError(f"{out / 'meta.json'}: the folder was prepared with different {key!r} settings "
-                             f"(seed, format or generator); use a new --out folder or delete this one")
+            raise StellaError(f"{out / 'meta.json'}: the folder was prepared with different {key!r} settings "
+                              f"(seed, format or generator); use a new --out folder or delete this one")
 
 
 def _generate_cache(out: Path, cfg: SynthConfig, seed: int, spec: CacheSpec, workers: int, progress: bool) -> int:

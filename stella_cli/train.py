@@ -88,15 +88,15 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
             others = run_checkpoints(run_dir)
             raise StellaError(f"{latest}: missing, but {run_dir / 'checkpoints'} holds {others[-1].name}; copy it to "
                               f"latest.pt to resume from it, or start a new output.dir")
-        raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
+        raise StellaError(f"{latest}: nothing to resume (start without --resume)")
     if not resume and run_dir.exists() and any(run_dir.iterdir()):
         if is_claimed(run_dir):
-            raise FileExistsError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
-                                  f"output.dir (e.g. --set output.dir={run_dir}_2)")
+            raise StellaError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
+                              f"output.dir (e.g. --set output.dir={run_dir}_2)")
         if not is_empty_claim(run_dir):
-            raise FileExistsError(f"{run_dir} holds other files than a stella run "
-                                  f"({', '.join(sorted(p.name for p in run_dir.iterdir()))[:200]}); choose another "
-                                  f"output.dir (e.g. --set output.dir={run_dir}_2)")
+            raise StellaError(f"{run_dir} holds other files than a stella run "
+                              f"({', '.join(sorted(p.name for p in run_dir.iterdir()))[:200]}); choose another "
+                              f"output.dir (e.g. --set output.dir={run_dir}_2)")
         reuse = True
     barrier()
     if is_main() and not resume:
@@ -218,8 +218,8 @@ class Trainer:
         batch = per_rank_batch(r.train, self.world)
         steps_per_epoch = num_batches(len(dataset), batch, drop_last=True, world_size=self.world)
         if steps_per_epoch == 0:
-            raise ValueError(f"task {name!r}: {len(dataset)} training clips, fewer than train.batch_size="
-                             f"{r.train.batch_size}")
+            raise StellaError(f"task {name!r}: {len(dataset)} training clips, fewer than train.batch_size="
+                              f"{r.train.batch_size}")
         with self.progress(name, r.train.epochs * steps_per_epoch) as (bar, job):
             bar.update(job, completed=self.pos.epoch * steps_per_epoch + self.pos.batch)
             while self.pos.epoch < r.train.epochs:

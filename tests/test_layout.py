@@ -10,7 +10,8 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stella_cli"
 # README "Architecture": a module imports only from lower layers
 LAYERS = [
-    {"errors", "console", "media", "audio", "cache", "scoring", "replay"},
+    {"errors"},
+    {"console", "media", "audio", "cache", "scoring", "replay"},
     {"config", "distributed", "pool", "select"},
     {"model", "data", "prep"},
     {"checkpoint", "evaluate", "methods", "synth", "prep_init", "prep_downstream"},

@@ -16,6 +16,7 @@ from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_MIDS, VGG_STAT, f
 from stella_cli import media, prep
 from stella_cli.audio import clip_fbank
 from stella_cli.cache import DONE, PENDING, SplitReader, read_manifest, read_meta
+from stella_cli.errors import StellaError
 from stella_cli.prep import plan_real, prepare_real
 
 
@@ -123,35 +124,35 @@ def test_list_folder_with_the_usual_file_names(tmp_path):
 
 def test_input_errors_name_file_and_line(tmp_path):
     inputs = fake_vggsound(tmp_path)
-    with pytest.raises(FileNotFoundError, match="--categories is required"):
+    with pytest.raises(StellaError, match="--categories is required"):
         plan_real("vggsound", **(inputs | {"categories": None}))
-    with pytest.raises(FileNotFoundError, match="nowhere.csv"):
+    with pytest.raises(StellaError, match="nowhere.csv"):
         plan_real("vggsound", **(inputs | {"categories": tmp_path / "nowhere.csv"}))
     bad = tmp_path / "stat_bad.csv"
     bad.write_text("dog barking,767,animals\nplaying piano,1050,music\nthunder;325;nature\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:3: expected 'class name,number of clips,category'"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(bad))}:3: expected 'class name,number of clips,category'"):
         plan_real("vggsound", **(inputs | {"categories": bad}))
     bad.write_text("dog barking,767,animals\nplaying piano,1050,spaceships\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(bad))}:2: unknown category 'spaceships'"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(bad))}:2: unknown category 'spaceships'"):
         plan_real("vggsound", **(inputs | {"categories": bad}))
     labels = tmp_path / "labels.csv"
     labels.write_text(VGG_LABELS.read_text() + "18,/m/vgg_18,mystery sound\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(labels))}:20: class 'mystery sound' has no category"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(labels))}:20: class 'mystery sound' has no category"):
         plan_real("vggsound", **(inputs | {"labels": labels}))
     unknown = write_json(tmp_path / "unknown.json", [("x_000001", VGG_MIDS[0]), ("y_000001", "/m/nope")])
-    with pytest.raises(ValueError, match=r"unknown.json: data\[1\]: unknown class '/m/nope'"):
+    with pytest.raises(StellaError, match=r"unknown.json: data\[1\]: unknown class '/m/nope'"):
         plan_real("vggsound", **(inputs | {"list_file": {"train": unknown, "test": unknown}}))
     short = tmp_path / "short.csv"
     short.write_text(f'0,vid,frames/vid,audio/vid.mp3,"{VGG_MIDS[0]}",sports\n1,vid2,frames/vid2,"{VGG_MIDS[0]}"\n')
-    with pytest.raises(ValueError, match=rf"{re.escape(str(short))}:2: expected 6 columns"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(short))}:2: expected 6 columns"):
         plan_real("vggsound", **(inputs | {"list_file": {"train": short, "test": short}}))
-    with pytest.raises(ValueError, match="SPLIT=FILE"):
+    with pytest.raises(StellaError, match="SPLIT=FILE"):
         plan_real("vggsound", **(inputs | {"list_file": inputs["list_file"]["train"]}))
-    with pytest.raises(FileNotFoundError, match="--root"):
+    with pytest.raises(StellaError, match="--root"):
         plan_real("vggsound", **(inputs | {"root": tmp_path / "absent"}))
     not_lists = tmp_path / "not_lists.py"
     not_lists.write_text("x = 1\n")
-    with pytest.raises(ValueError, match=rf"{re.escape(str(not_lists))}: expected the dicts category_info"):
+    with pytest.raises(StellaError, match=rf"{re.escape(str(not_lists))}: expected the dicts category_info"):
         plan_real("audioset", **(inputs | {"categories": not_lists}))
 
 
@@ -160,7 +161,7 @@ def test_unknown_folder_class(tmp_path):
     (tmp_path / "train" / "dog_barking" / "a.mp4").touch()
     (tmp_path / "train" / "kazoo solo").mkdir()
     (tmp_path / "train" / "kazoo solo" / "b.mp4").touch()
-    with pytest.raises(ValueError, match=r"kazoo solo/b.mp4: unknown class 'kazoo solo'"):
+    with pytest.raises(StellaError, match=r"kazoo solo/b.mp4: unknown class 'kazoo solo'"):
         plan_real("vggsound", root=tmp_path, categories=VGG_STAT)
 
 
@@ -281,7 +282,7 @@ def test_a_changed_clip_list_is_refused(clip_folder, tmp_path):
     out = tmp_path / "data"
     run_prep(clip_folder, out)
     (clip_folder / "test" / "dog_barking" / "dog_test0.mp4").unlink()
-    with pytest.raises(ValueError, match="rows.json: the cache was prepared from another clip list"):
+    with pytest.raises(StellaError, match="rows.json: the cache was prepared from another clip list"):
         run_prep(clip_folder, out)
 
 

@@ -18,6 +18,7 @@ from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_STAT, fake_vggsou
 from stella_cli.cache import read_manifest, read_meta
 from stella_cli.config import load_recipe
 from stella_cli.data import check_prepared
+from stella_cli.errors import StellaError
 from stella_cli.prep import plan_real, prepare_real, resolve_lists
 from stella_cli.prep_init import prepare_audioset20k
 
@@ -84,9 +85,9 @@ def test_audioset_all_keeps_every_class_of_the_label_csv(tmp_path):
     assert [(c.clip_id, c.labels) for c in plan.clips["train"]] == [
         ("aaa", [1]), ("bbb", [1, 0]), ("ccc", [4, 3]), ("ddd", [4, 6]), ("eee", [0]), ("fff", [16, 10])]
     assert len(plan.clips["retrieval"]) == 6  # derived: the first 5 test clips per (primary) class
-    with pytest.raises(FileNotFoundError, match="--subset all: --labels is required"):
+    with pytest.raises(StellaError, match="--subset all: --labels is required"):
         plan_real("audioset", list_file=lists, root=media_dir, categories=AS_LISTS, subset="all")
-    with pytest.raises(ValueError, match="--subset unused: audioset subsets are tasks, all"):
+    with pytest.raises(StellaError, match="--subset unused: audioset subsets are tasks, all"):
         plan_real("audioset", list_file=lists, root=media_dir, labels=AS_LABELS, subset="unused")
 
 
@@ -98,7 +99,7 @@ def test_a_list_folder_gives_audioset20k_its_20k_train_list(tmp_path):
     assert lists == {"train": tmp_path / "audioset_20k_cleaned.json", "test": tmp_path / "audioset_eval_cleaned.json"}
     assert found == {"labels": tmp_path / "class_labels_indices.csv"}
     (tmp_path / "audioset_20k_cleaned.json").unlink()
-    with pytest.raises(FileNotFoundError, match="no audioset20k train/test lists here"):
+    with pytest.raises(StellaError, match="no audioset20k train/test lists here"):
         resolve_lists(tmp_path, "audioset20k")
 
 

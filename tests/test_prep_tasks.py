@@ -17,6 +17,7 @@ from stella_cli.ave import SegmentDataset, segment_accuracy, segment_labels
 from stella_cli.cache import CacheSpec, read_manifest, read_meta
 from stella_cli.config import DataConfig
 from stella_cli.downstream import pad_segment
+from stella_cli.errors import StellaError
 from stella_cli.prep_downstream import prepare_ave, read_ave_list
 
 TINY = CacheSpec(num_frames=8, frame_size=16, fps=4.0, clip_seconds=2.0, target_length=192, num_mel_bins=64)
@@ -76,10 +77,10 @@ def test_prep_ave_reads_the_annotation_files_and_real_mp4s(tmp_path):
 def test_ave_list_errors_name_file_and_line(tmp_path):
     bad = tmp_path / "trainSet.txt"
     bad.write_text("Dog&vid&good&0&1\nDog&vid2&good&zero&1\n")
-    with pytest.raises(ValueError, match=r"trainSet.txt:2: start and end must be seconds"):
+    with pytest.raises(StellaError, match=r"trainSet.txt:2: start and end must be seconds"):
         read_ave_list(bad)
     bad.write_text("Dog,vid,good,0,1\n")
-    with pytest.raises(ValueError, match=r"trainSet.txt:1: expected category&video_id&quality&start&end"):
+    with pytest.raises(StellaError, match=r"trainSet.txt:1: expected category&video_id&quality&start&end"):
         read_ave_list(bad)
     result = subprocess.run([sys.executable, "-m", "stella_cli", "prep", "ave", "--root", str(tmp_path), "--out",
                              str(tmp_path / "o")], capture_output=True, text=True,
@@ -170,7 +171,7 @@ def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
     assert reasons == {"video9": "no audio stream", "video7": "no media file under --root"}
     assert [r["clip_id"] for r in read_manifest(tmp_path / "msrvtt", "retrieval")] == ["video2", "video3"]
     (lists / "plain.txt").write_text("video0\nvideo1 extra\n")
-    with pytest.raises(ValueError, match=r"plain.txt:2: expected one video id a line"):
+    with pytest.raises(StellaError, match=r"plain.txt:2: expected one video id a line"):
         read_video_list(lists / "plain.txt")
 
 
