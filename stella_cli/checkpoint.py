@@ -125,11 +125,29 @@ def earlier_checkpoints(path: Path) -> list[Path]:
 
 
 def what_to_do(path: Path) -> str:
+    if path.parent.name != "checkpoints":  # not a run's checkpoint: the authors' weights, a converted MAE
+        return "restore the file from a copy, or download or convert it again"
     others = [p for p in earlier_checkpoints(path) if p.stat().st_size > 0]
     if path.name == "latest.pt" and others:
         return (f"copy an earlier one over it (cp {others[0]} {path}) and resume, or start a new output.dir "
                 f"(--set output.dir=...)")
     return "start a new output.dir (--set output.dir=...), or restore the file from a copy"
+
+
+def load_file(path: Path, *, weights_only: bool, mmap: bool = False) -> Any:
+    """torch.load an existing file; an empty (0-byte) or unreadable one (truncated by a full disk or a cut copy,
+    damaged, not a torch file) is the same CheckpointError for every reader: `stella train --resume`, `stella eval`,
+    `model.checkpoint`, `stella convert`. mmap: map the tensors instead of reading them."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {what_to_do(path)}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only, mmap=mmap)
+    except Exception as err:  # truncated zip, a text file, a pickle of something else: torch raises many types
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read ({size:,} bytes; truncated or damaged: {reason}); "
+                              f"{what_to_do(path)}") from err
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -138,16 +156,7 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {what_to_do(path)}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap)
-    except Exception as err:  # truncated zip, a text file, a pickle of something else: torch raises many types
-        text = str(err).strip()
-        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read ({size:,} bytes; truncated or damaged: {reason}); "
-                              f"{what_to_do(path)}") from err
+    state = load_file(path, weights_only=False, mmap=mmap)
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a `stella train` checkpoint (no {', '.join(missing)}); "
@@ -190,10 +199,10 @@ class Loaded:
 
 def read_any(path: Path) -> Any:
     """The object in a torch file (a run checkpoint, a state dict, the authors' weights)."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # not a torch file at all
-        raise CheckpointError(f"{path}: cannot read as a checkpoint: {err}") from err
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    return load_file(path, weights_only=False)
 
 
 def load_backbone(path: Path, recipe: Recipe, device: torch.device) -> Loaded:
@@ -247,10 +256,7 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint not found")
-    try:
-        sd = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # a pickle with non-tensor objects, or not a torch file at all
-        raise CheckpointError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
+    sd = load_file(path, weights_only=True)
     if not isinstance(sd, Mapping):
         raise CheckpointError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
                               f"got {type(sd).__name__}")

@@ -182,8 +182,11 @@ def test_damaged_checkpoints_are_one_line_and_say_what_to_do(tmp_path, data_root
                 "shape": "another model shape than the recipe's (backbone.pos_embed_a: saved (1, 3, 5)"}
     cmds = [train_cmd(data_root, copies[h], resume=True) for h in hows]
     cmds += [cli("buffer", str(copies[h])) for h in ("truncated", "empty")]
+    # `stella eval` reads a checkpoint file the same way, so it says the same
+    cmds += [cli("eval", str(copies[h] / "checkpoints" / "latest.pt"), "--task", "retrieval")
+             for h in ("truncated", "empty")]
     results = run_all(cmds)
-    for how, result in zip(hows + ["truncated", "empty"], results):
+    for how, result in zip(hows + ["truncated", "empty"] * 2, results):
         latest = copies[how] / "checkpoints" / "latest.pt"
         line = assert_one_line(result, 2, f"{latest}: ", messages[how])
         if how in ("truncated", "empty"):

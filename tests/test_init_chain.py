@@ -18,7 +18,7 @@ from helpers import fake_mae_state_dict
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.checkpoint import convert_mae_for_recipe, load_authors_checkpoint, load_avm_checkpoint
-from stella_cli.errors import StellaError
+from stella_cli.errors import CheckpointError, StellaError
 from stella_cli.factory import METHODS, build_method
 from stella_cli.model import AVM, CAVMAE
 from stella_cli.stella import AVMPretrain
@@ -264,7 +264,8 @@ def test_avm_checkpoint_errors(tmp_path, data_root):
     assert load_authors_checkpoint(CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 4, 64, 384, 128),
                                    tmp_path / "finetune.pt")["missing"] == []
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(StellaError, match=r"notes.txt: cannot read as a tensor checkpoint"):
+    with pytest.raises(CheckpointError, match=r"notes.txt: cannot be read \(16 bytes; truncated or damaged: .*\); "
+                                              r"restore the file from a copy"):
         load_avm_checkpoint(AVM(64, 4), tmp_path / "notes.txt")
     with pytest.raises(StellaError, match=r"missing.pt: checkpoint not found"):
         load_authors_checkpoint(AVM(64, 4), tmp_path / "missing.pt")
