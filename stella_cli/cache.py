@@ -22,8 +22,9 @@ parent process has set its status. "raw" frames are fastest to read; "jpeg" is a
 from __future__ import annotations
 
 import csv
+import io
 import json
-import os
+import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
@@ -32,6 +33,7 @@ import av
 import numpy as np
 
 from stella_cli.errors import StellaError
+from stella_cli.files import atomic_write_bytes, atomic_write_text, make_dir, reserve, write_failures
 
 SPLITS = ("train", "test", "retrieval")
 PENDING, DONE, FAILED = 0, 1, 2
@@ -80,13 +82,12 @@ def spec_to_dict(spec: CacheSpec) -> dict[str, Any]:
 def write_manifest(root: Path, split: str, rows: Iterable[dict[str, Any]]) -> Path:
     """One CSV per split; `labels` is ';'-joined class indices, `event_*` are seconds or empty."""
     path = Path(root) / f"{split}.csv"
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=MANIFEST_COLUMNS, extrasaction="raise")
-        writer.writeheader()
-        for row in rows:
-            writer.writerow({k: row.get(k, "") for k in MANIFEST_COLUMNS})
-    os.replace(tmp, path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=MANIFEST_COLUMNS, extrasaction="raise")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in MANIFEST_COLUMNS})
+    atomic_write_text(path, text.getvalue())
     return path
 
 
@@ -120,7 +121,7 @@ class SplitWriter:
     def __init__(self, root: Path, split: str, num_clips: int, spec: CacheSpec, with_boxes: bool = False):
         self.dir = Path(root) / "cache" / split
         self.spec = spec
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dir(self.dir)
         F, S, T, M = spec.num_frames, spec.frame_size, spec.target_length, spec.num_mel_bins
         self.status = open_or_create(self.dir / "status.npy", np.uint8, (num_clips,))
         self.fbank = open_or_create(self.dir / "fbank.npy", np.float16, (num_clips, T, M))
@@ -129,7 +130,7 @@ class SplitWriter:
             self.frames = open_or_create(self.dir / "frames.npy", np.uint8, (num_clips, F, S, S, 3))
         elif spec.frames_format == "jpeg":
             self.offsets = open_or_create(self.dir / "jpeg_offsets.npy", np.int64, (num_clips, F + 1))
-            (self.dir / "jpeg").mkdir(exist_ok=True)
+            make_dir(self.dir / "jpeg")
         else:
             raise StellaError(f"frames_format must be 'raw' or 'jpeg', got {spec.frames_format!r}")
 
@@ -173,7 +174,17 @@ def open_or_create(path: Path, dtype: Any, shape: tuple[int, ...]) -> np.memmap:
             raise StellaError(f"{path}: existing cache has {arr.dtype} {arr.shape}, expected {np.dtype(dtype)} {shape}"
                               " (different source list or settings; use a new --out folder)")
         return arr
-    return np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+    return create_array(path, np.dtype(dtype), shape)
+
+
+def create_array(path: Path, dtype: np.dtype, shape: tuple[int, ...]) -> np.memmap:
+    """A new zeroed .npy, memory-mapped, its disk space taken now (files.reserve): a full disk stops the prep here
+    in one line saying how much the file needs, and the partial file is removed."""
+    with write_failures(path, partial=path, needs=math.prod(shape) * dtype.itemsize):
+        arr = np.lib.format.open_memmap(path, mode="w+", dtype=dtype, shape=shape)
+        with open(path, "r+b") as fh:
+            reserve(fh, path.stat().st_size)
+    return arr
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -232,16 +243,6 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     frames = ctx.decode(av.Packet(data))
     return frames[0].to_ndarray(format="rgb24")
 
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Temp file + rename: readers never see a half-written file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
 
 
 def disk_bytes(root: Path) -> int:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from stella_cli.config import ModelConfig, Recipe
 from stella_cli.errors import CheckpointError, StellaError
+from stella_cli.files import replacing, write_failures
 from stella_cli.model import AVM, CAVMAE, Classifier
 
 TASK_CHECKPOINT = re.compile(r"task(\d+)_(.+)\.pt")  # RUN/checkpoints/taskNN_<task>.pt, NN counted from 01
@@ -98,20 +99,21 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[list[Path], 
 
 
 def write_checkpoint(path: Path, state: dict[str, Any], *, also: tuple[str, ...] = ()) -> None:
-    """Write `state` to `path` through a temp file + rename, so a crash never leaves a half-written checkpoint;
-    each name in `also` (beside `path`) becomes a hard link to it (a copy where the file system has none), also put
-    in place atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write `state` to `path` through a temp file + fsync + rename (files.replacing), so neither a crash nor a full
+    disk leaves a half-written checkpoint: a failed write removes the temp file, leaves the previous checkpoint as it
+    was and is one WriteFailed line. Each name in `also` (beside `path`) becomes a hard link to it (a copy where the
+    file system has none), also put in place atomically."""
+    with replacing(path, sync=True) as fh:
+        torch.save(state, fh)
     for name in also:
         tmp = path.with_name(name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, path.with_name(name))
+        with write_failures(path.with_name(name), partial=tmp):
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, path.with_name(name))
 
 
 CHECKPOINT_KEYS = ("model", "method", "method_extra", "optimizer", "scaler", "position", "world_size", "recipe")
@@ -393,8 +395,7 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     if faithful_zeros:
         for key in MAE_UNMAPPED:
             out[key].zero_()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, out_path)
+    write_checkpoint(Path(out_path), out)
     return {"out": str(out_path), "mapped": len(mapped), "zeros": list(MAE_UNMAPPED) if faithful_zeros else [],
             "unmapped": sorted(set(out) - set(mapped)), "ignored": sorted(k for k in mae if k in ("cls_token",)),
             "sizes": {**size, "modality_depth": modality_depth}}

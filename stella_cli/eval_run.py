@@ -16,7 +16,6 @@ from typing import Any, Callable
 from stella_cli import evaluate
 from stella_cli.ave import run_ave
 from stella_cli.avs import run_avs
-from stella_cli.cache import atomic_write_text
 from stella_cli.checkpoint import latest_run, pick_checkpoint, read_any, task_of
 from stella_cli.config import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
 from stella_cli.console import console, print_rows
@@ -24,6 +23,7 @@ from stella_cli.data import check_prepared
 from stella_cli.distributed import amp_dtype, setup_distributed
 from stella_cli.downstream import Context, Target, TaskSkipped
 from stella_cli.errors import StellaError
+from stella_cli.files import atomic_write_text
 from stella_cli.localisation import run_localisation
 from stella_cli.msrvtt import run_msrvtt
 from stella_cli.probe import run_classification

@@ -29,8 +29,9 @@ import torch  # noqa: E402
 from stella_cli.cache import read_meta  # noqa: E402
 from stella_cli.checkpoint import read_checkpoint, task_checkpoints, task_of  # noqa: E402
 from stella_cli.config import load_recipe, num_core_tokens, token_counts  # noqa: E402
-from stella_cli.errors import StellaError
+from stella_cli.errors import StellaError  # noqa: E402
 from stella_cli.evaluate import DIRECTIONS, accuracy_matrix  # noqa: E402
+from stella_cli.files import replacing  # noqa: E402
 from stella_cli.select import prune_mask, select_audio_chunks, select_video_patches  # noqa: E402
 
 STYLE = {
@@ -53,9 +54,12 @@ def task_color(k: int) -> Any:
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    """Write the figure atomically (files.replacing: a full disk leaves no half PNG), then close it."""
+    try:
+        with replacing(out) as fh:
+            fig.savefig(fh, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 

@@ -41,6 +41,7 @@ from stella_cli.audio import clip_fbank
 from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk_bytes, open_or_create, spec_to_dict,
                               write_manifest, write_meta)
 from stella_cli.errors import StellaError
+from stella_cli.files import atomic_write_text
 from stella_cli.pool import run_jobs
 
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
@@ -576,7 +577,7 @@ def write_plan(plan: Plan, out: Path, spec: CacheSpec, *, workers: int, progress
         report["splits"][split] = {"selected": len(plan.clips[split]) + len(plan.missing[split]),
                                    "prepared": sum(counts.values()), "clips": counts, "skipped": skipped,
                                    "excluded": dict(plan.excluded[split])}
-    (out / "prep_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "prep_report.json", json.dumps(report, indent=2))
     summary["seconds"] = time.perf_counter() - t0
     summary["bytes"] = disk_bytes(out)
     return summary
@@ -637,8 +638,7 @@ def _check_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec)
             raise StellaError(f"{path}: the cache was prepared from another clip list or other settings; "
                               "use a new --out folder")
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(rows))
+    atomic_write_text(path, json.dumps(rows))
 
 
 _WORKER: dict[str, Any] = {}

@@ -28,6 +28,7 @@ import numpy as np
 
 from stella_cli.cache import CacheSpec, disk_bytes, spec_to_dict, write_meta
 from stella_cli.errors import StellaError
+from stella_cli.files import atomic_write_text, make_dir, replacing
 from stella_cli.media import resize_geometry
 from stella_cli.prep import ClipSource, MediaIndex, ListEntry, prepare_split
 
@@ -97,7 +98,7 @@ def write_prepared(out: Path, dataset: str, tasks: list[str], classes: list[dict
     t0 = time.perf_counter()
     out = Path(out)
     spec = replace(spec, frames_format=frames_format)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_meta(out, {"dataset": dataset, "tasks": tasks, "splits": list(clips), "spec": spec_to_dict(spec),
                      "classes": classes, "sources": sources, **(extra_meta or {})})
     summary: dict[str, Any] = {"out": str(out), "splits": {}, "skipped": {}, "skipped_clips": {},
@@ -112,7 +113,7 @@ def write_prepared(out: Path, dataset: str, tasks: list[str], classes: list[dict
         summary["skipped_clips"][split] = skipped
         report["splits"][split] = {"selected": len(items) + len(missing.get(split, [])),
                                    "prepared": sum(counts.values()), "clips": counts, "skipped": skipped}
-    (out / "prep_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "prep_report.json", json.dumps(report, indent=2))
     summary["seconds"] = time.perf_counter() - t0
     summary["bytes"] = disk_bytes(out)
     return summary
@@ -192,7 +193,8 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path, workers: 
         arr = np.zeros((len(files), spec.frame_size, spec.frame_size), np.uint8)
         for row, png in enumerate(files):
             arr[row] = decode_mask(png, spec.frame_size)
-        np.save(Path(out) / "cache" / split / "masks.npy", arr)
+        with replacing(Path(out) / "cache" / split / "masks.npy") as fh:
+            np.save(fh, arr)
     return summary
 
 

@@ -25,12 +25,12 @@ from typing import Any
 import yaml
 from rich.markup import escape
 
-from stella_cli.cache import atomic_write_text
 from stella_cli.config import SELECTIONS
 from stella_cli.console import console, print_rows
 from stella_cli.errors import StellaError
 from stella_cli.evaluate import DIRECTIONS, mean_std
 from stella_cli.factory import METHODS, PAPER_METHODS
+from stella_cli.files import atomic_write_text, make_dir
 from stella_cli.plots import bench_bars, plot_run, report_bars
 
 DOWNSTREAM_TASKS = ("classification", "ave", "avs", "msrvtt", "localisation")
@@ -447,7 +447,7 @@ def to_json(table: Table) -> dict[str, Any]:
 
 def write_table(table: Table, out: Path) -> list[Path]:
     """OUT/<table>.md, .csv, .json (each written atomically)."""
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     paths = [out / f"{table.name}.{ext}" for ext in ("md", "csv", "json")]
     atomic_write_text(paths[0], to_markdown(table))
     atomic_write_text(paths[1], to_csv(table))

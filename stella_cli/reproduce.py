@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Any
 
 
-from stella_cli.cache import atomic_write_text
 from stella_cli.config import SELECTIONS, load_recipe
 from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
 from stella_cli.factory import PAPER_METHODS, recipe_suffix
+from stella_cli.files import atomic_write_text, make_dir
 
 PAPER_RECIPES = tuple(recipe_suffix(m) for m in PAPER_METHODS)  # recipe suffixes in the paper's row order
 MARKER = "reproduce.json"
@@ -209,7 +209,7 @@ def evaluate_downstream(run_dir: Path) -> None:
 
 def run_bench(names: tuple[str, ...], out_dir: Path) -> RunOutcome:
     """The efficiency table: `stella bench` at the paper's size, both attention kernels, then the report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     method_of = {recipe_suffix(m): m for m in PAPER_METHODS}
     methods = ",".join(method_of[n] for n in names)
     tic = time.perf_counter()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import shutil
 import signal
 import sys
@@ -33,8 +34,9 @@ from stella_cli.console import console, is_main, log
 from stella_cli.data import AVDataset, build_loader, check_prepared, num_batches
 from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, barrier, broadcast_object, no_sync,
                                     setup_distributed, unwrap, wrap)
-from stella_cli.errors import DivergenceError, Interrupted, StellaError
+from stella_cli.errors import DivergenceError, Interrupted, StellaError, WriteFailed
 from stella_cli.factory import METHODS, build_method, check_method
+from stella_cli.files import append_text, atomic_write_text, make_dir
 from stella_cli.methods import Method
 from stella_cli.replay import merge_state_dicts, split_state_dict
 
@@ -105,9 +107,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
             for name in ("checkpoints", "results"):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
             (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "results").mkdir(exist_ok=True)
-        (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
+        make_dir(run_dir / "checkpoints")
+        make_dir(run_dir / "results")
+        atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
     barrier()
     return run_dir
 
@@ -329,8 +331,8 @@ class Trainer:
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if is_main():
-            with open(self.run_dir / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps({"step": self.pos.step, "time": time.time(), **record}) + "\n")
+            append_text(self.run_dir / "metrics.jsonl",
+                        json.dumps({"step": self.pos.step, "time": time.time(), **record}) + "\n")
 
     def progress(self, name: str, total: int):
         return _TaskProgress(name, total, enabled=is_main() and not self.quiet)
@@ -393,10 +395,21 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.run()
+    except WriteFailed as err:  # a full disk: the last good checkpoint and how to continue from it
+        raise err.with_advice(
+            f"the last good checkpoint {trainer.last_good} is untouched: make room and continue with "
+            f"`{resume_command()}`" if trainer.last_good else
+            "no checkpoint was written yet: make room and start again (the run directory is reused)") from err
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
     return run_dir
+
+
+def resume_command() -> str:
+    """This `stella train` command with --resume: what continues the run."""
+    args = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", "RECIPE"]
+    return " ".join(["stella", *map(shlex.quote, args), *([] if "--resume" in args else ["--resume"])])
 
 
 def check_task_sizes(recipe: Recipe, schedule: list[tuple[str, list[str]]], world: int) -> None:
@@ -428,8 +441,14 @@ def changed_keys(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list
 
 
 def truncate_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after the checkpoint we resume from (a hard kill can leave some)."""
+    """Drop lines logged after the checkpoint we resume from (a hard kill can leave some, and a line it cut)."""
     if not path.is_file():
         return
-    kept = [line for line in path.read_text().splitlines() if json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (ValueError, KeyError, TypeError):  # a line cut short by kill -9
+            continue
+    atomic_write_text(path, "".join(line + "\n" for line in kept))

@@ -7,18 +7,21 @@ Resume after kill -9 in the middle of task 1 is in test_train.py (test_a_signal_
 from __future__ import annotations
 
 import os
+import resource
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
 from stella_cli.config import load_recipe
-from stella_cli.train import run
+from stella_cli.train import TrainingInterrupted, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -197,6 +200,85 @@ def test_damaged_checkpoints_are_one_line_and_say_what_to_do(tmp_path, data_root
     fixed = subprocess.run(cli("buffer", str(copies["truncated"])), capture_output=True, text=True, env=ENV,
                            timeout=300)
     assert fixed.returncode == 0 and "12 / 12 slots filled" in fixed.stdout, fixed.stdout + fixed.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a full disk
+
+
+@dataclass
+class SmallDisk:
+    """A folder on which only so many more bytes fit: a tmpfs of its own where this process may mount one (root on
+    Linux: a real full disk, ENOSPC), else `ulimit -f` on the command that writes (RLIMIT_FSIZE: no file may grow
+    past that many bytes, EFBIG). Both reach the same code: an OSError while a file is written."""
+
+    folder: Path
+    tmpfs: bool
+
+    @property
+    def reason(self) -> str:
+        return "no space left on device" if self.tmpfs else "file too large"
+
+    def leave(self, free: int) -> dict[str, Any]:
+        """Let only `free` more bytes fit; returns the keyword arguments of the subprocess that meets it."""
+        if not self.tmpfs:
+            return {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (free, free))}
+        self.make_room()
+        stat = os.statvfs(self.folder)
+        with open(self.folder / "filler", "wb") as fh:
+            os.posix_fallocate(fh.fileno(), 0, stat.f_bavail * stat.f_frsize - free)
+        return {}
+
+    def make_room(self) -> None:
+        (self.folder / "filler").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = sys.platform.startswith("linux") and os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    yield SmallDisk(folder, mounted)
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_names_the_file_keeps_the_last_good_version_and_the_same_command_continues(small_disk, data_root):
+    """A checkpoint, a figure and a feature cache written to a full disk: one line naming the file, the free space
+    and how to continue, the partial file removed, the last good checkpoint untouched; with room, --resume ends."""
+    run_dir = small_disk.folder / "run"
+    recipe = load_recipe(ROOT / "recipes" / "synthetic.yaml", [o for o in tiny(data_root, run_dir) if o != "--set"])
+    with pytest.raises(TrainingInterrupted):
+        run(recipe, quiet=True, stop_after=2)  # latest.pt at step 2, the last good checkpoint
+    latest = run_dir / "checkpoints" / "latest.pt"
+    good = latest.read_bytes()
+    full = subprocess.run(train_cmd(data_root, run_dir, resume=True), capture_output=True, text=True, env=ENV,
+                          timeout=600, **small_disk.leave(len(good) // 2))  # the task-1 checkpoint does not fit
+    assert_one_line(full, 2, f"{run_dir / 'checkpoints' / 'task01_task1.pt'}: cannot write it ({small_disk.reason}",
+                    " free on ", "; the partial file was removed; the last good checkpoint "
+                    f"{latest} is untouched: make room and continue with `stella train ", " --resume`")
+    assert latest.read_bytes() == good
+    assert [p.name for p in latest.parent.iterdir()] == ["latest.pt"]  # no task01_task1.pt.tmp left behind
+    small_disk.make_room()
+    again = subprocess.run(full.args, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed {run_dir} at step 2" in again.stdout and "after task2: A->V" in again.stdout
+
+    reports = small_disk.folder / "reports"  # the tables fit, the first figure does not
+    report = subprocess.run(cli("report", str(run_dir), "--out", str(reports)), capture_output=True, text=True,
+                            env=ENV, timeout=300, **small_disk.leave(16 * 1024))
+    assert_one_line(report, 2, f"{reports / 'retrieval_bars.png'}: cannot write it ({small_disk.reason}",
+                    "the partial file was removed; make room (or fix the cause) and run the same command again")
+    assert sorted(p.name for p in reports.iterdir()) == ["retrieval.csv", "retrieval.json", "retrieval.md"]
+
+    data = small_disk.folder / "data"  # the synthetic benchmark's training fbank cache is 60 MiB
+    prep = subprocess.run(cli("prep", "synthetic", "--out", str(data), "--no-heldout", "--workers", "1", "--quiet"),
+                          capture_output=True, text=True, env=ENV, timeout=300, **small_disk.leave(10 * 2**20))
+    fbank = data / "cache" / "train" / "fbank.npy"
+    assert_one_line(prep, 2, f"{fbank}: cannot write it ({small_disk.reason}", ": it needs 60.0 MiB; ",
+                    "the partial file was removed; make room")
+    assert not fbank.exists() and (data / "cache" / "train" / "status.npy").is_file()
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ PACKAGE = ROOT / "stella_cli"
 # README "Architecture": a module imports only from lower layers
 LAYERS = [
     {"errors"},
-    {"console", "media", "audio", "cache", "scoring", "replay"},
-    {"config", "distributed", "pool", "select"},
+    {"files", "console", "media", "audio", "scoring", "replay"},
+    {"cache", "config", "distributed", "pool", "select"},
     {"model", "data", "prep"},
     {"checkpoint", "evaluate", "methods", "synth", "prep_init", "prep_downstream"},
     {"stella", "baselines", "downstream", "plots"},
