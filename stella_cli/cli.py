@@ -103,21 +103,26 @@ def prep(
     if (vggsound is not None) != (dataset == "audioset20k"):
         raise StellaError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
                           "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
-    fresh = not out.exists() or not any(out.iterdir())
-    try:
-        summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
-                                  labels=labels, masks=masks, workers=workers, frames_format=frames_format, seed=seed,
-                                  fmt=fmt, heldout=heldout, quiet=quiet, subset=subset, vggsound=vggsound)
-    except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
-        raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
-                          f"command again to continue") from None
-    if not sum(summary["splits"].get("train", {}).values()):  # nothing usable: fail, and leave nothing behind
-        skipped = summary.get("skipped_clips", {}).get("train", [])
-        example = f", e.g. {skipped[0]['clip_id']}: {skipped[0]['reason']}" if skipped else ""
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
-        raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
-                          f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
+    from stella_cli.files import LOCK_NAME, holding
+
+    fresh = not out.exists() or not {p.name for p in out.iterdir()} - {LOCK_NAME}
+    with holding(out, advice="wait for it to end or stop it (a prep continues where it stopped), or choose "
+                             "another --out"):  # one prep at a time into one folder
+        try:
+            summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
+                                      labels=labels, masks=masks, workers=workers, frames_format=frames_format,
+                                      seed=seed, fmt=fmt, heldout=heldout, quiet=quiet, subset=subset,
+                                      vggsound=vggsound)
+        except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
+            raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
+                              f"command again to continue") from None
+        if not sum(summary["splits"].get("train", {}).values()):  # nothing usable: fail, and leave nothing behind
+            skipped = summary.get("skipped_clips", {}).get("train", [])
+            example = f", e.g. {skipped[0]['clip_id']}: {skipped[0]['reason']}" if skipped else ""
+            if fresh:
+                shutil.rmtree(out, ignore_errors=True)
+            raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
+                              f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
     print_prep_summary(summary)
 
 

@@ -35,6 +35,11 @@ class WriteFailed(StellaError):
         return WriteFailed(self.what, advice)
 
 
+class FolderInUse(StellaError):
+    """Another process holds the folder (a run directory, a prep's --out, a reproduction's table): the message names
+    it (host, pid, since when, command)."""
+
+
 class DivergenceError(StellaError, FloatingPointError):
     """Training produced a non-finite value; the message names the step, the values and the last good checkpoint."""
 

@@ -1,4 +1,4 @@
-"""Writing files so that a full disk never leaves a half-written one: atomic writes whose failure is one line.
+"""Writing files that a full disk or a second process cannot spoil: atomic writes that fail in one line, folder locks.
 
 Every file stella writes goes through `replacing` (a temp file beside it, renamed into place), `append_text` or
 `write_failures` (a folder, a memory-mapped cache). An OSError while writing (a full disk, a quota, a file-size limit,
@@ -6,21 +6,32 @@ a folder that cannot be written) removes what was half-written and becomes one W
 the reason and the free space; the previous version of the file (the last good checkpoint, a finished cache row, a
 report) is never touched. torch.save reports the OSError of the file object it writes to as the context of its own
 RuntimeError, so checkpoints get the same line.
+
+A folder that one command owns while it runs (a run directory, the --out of `stella prep`, a table folder of
+`stella reproduce`) is held with `holding`: an flock on FOLDER/.stella.lock, which the kernel releases when the
+holder exits or dies (kill -9 included), so a killed run never blocks its own --resume. A second process is refused
+in one line naming the holder (host, pid, since when, command).
 """
 
 from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
+import json
 import os
 import shutil
+import socket
 import sys
+import time
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
-from stella_cli.errors import StellaError, WriteFailed
+from stella_cli.errors import FolderInUse, StellaError, WriteFailed
 
+LOCK_NAME = ".stella.lock"  # in the held folder; left there (removing a lock file races with the next holder)
+NO_LOCKS = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)  # a file system without flock (some NFS mounts)
 REASONS = {errno.ENOSPC: "no space left on device", errno.EDQUOT: "disk quota exceeded",
            errno.EFBIG: "file too large for the file-size limit, ulimit -f, or the file system"}
 
@@ -142,3 +153,103 @@ def reserve(fh: BinaryIO, size: int) -> None:
         code = ctypes.get_errno()
         if code not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
             raise OSError(code, os.strerror(code))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# folder locks
+
+
+_HELD: set[int] = set()  # this process's lock descriptors
+
+
+def _close_held_in_child() -> None:
+    """In a forked child (a data-loader or prep worker): drop its copies of the parent's lock descriptors, so the
+    lock goes with the parent (kill -9 included), not with the last worker to notice."""
+    for fd in _HELD:
+        with suppress(OSError):
+            os.close(fd)
+    _HELD.clear()
+
+
+os.register_at_fork(after_in_child=_close_held_in_child)
+
+
+def holder_of(fd: int) -> str:
+    """'pid 123 on host gpu01 since 2025-01-05 14:03:12 (2 min ago): stella train r.yaml', from the lock file."""
+    for _ in range(40):  # the holder writes its line just after it takes the lock
+        try:
+            info = json.loads(os.pread(fd, 4096, 0).decode() or "null")
+        except (OSError, ValueError):
+            info = None
+        if isinstance(info, dict) and "since" in info:
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(info["since"]))
+            age = max(0.0, time.time() - info["since"])
+            ago = f"{age:.0f} s" if age < 120 else f"{age / 60:.0f} min" if age < 7200 else f"{age / 3600:.1f} h"
+            return f"pid {info.get('pid')} on host {info.get('host')} since {since}, {ago} ago: {info.get('command')}"
+        time.sleep(0.05)
+    return "its pid and host are not recorded"
+
+
+def lock(folder: Path, advice: str) -> int | None:
+    """Take FOLDER/.stella.lock, creating the folder; FolderInUse naming the holder when another process has it.
+    Returns the descriptor that holds the lock (None on a file system without locks: then nothing is held)."""
+    path = Path(folder) / LOCK_NAME
+    while True:
+        with write_failures(path):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = holder_of(fd)
+            os.close(fd)
+            raise FolderInUse(f"{folder} is in use by another stella process ({holder}); {advice}") from None
+        except OSError as err:
+            os.close(fd)
+            if err.errno in NO_LOCKS:
+                return None
+            raise
+        try:  # still the file at `path`: a holder that ends removes a folder it created and left empty
+            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                break
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+    info = {"pid": os.getpid(), "host": socket.gethostname(), "since": time.time(),
+            "command": " ".join(["stella", *sys.argv[1:]])}
+    with write_failures(path):
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+    _HELD.add(fd)
+    return fd
+
+
+def unlock(fd: int | None) -> None:
+    if fd is not None:
+        _HELD.discard(fd)
+        os.close(fd)
+
+
+@contextmanager
+def holding(folder: Path, *, advice: str) -> Iterator[None]:
+    """Hold `folder` for the block (see the module docstring); `advice` ends the line a second process gets. The
+    folders the lock created are removed again if the block leaves them empty, so a failed start leaves nothing."""
+    folder = Path(folder)
+    first_new = None
+    for parent in (folder.absolute(), *folder.absolute().parents):
+        if parent.exists():
+            break
+        first_new = parent
+    fd = lock(folder, advice)
+    try:
+        yield
+    finally:
+        if first_new is not None:
+            with suppress(OSError):
+                if [p.name for p in folder.iterdir()] == [LOCK_NAME]:
+                    (folder / LOCK_NAME).unlink()
+                    for empty in (folder.absolute(), *folder.absolute().parents):
+                        empty.rmdir()
+                        if empty == first_new:
+                            break
+        unlock(fd)

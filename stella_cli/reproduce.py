@@ -9,7 +9,8 @@ interrupted reproduction is continued by running the same command again:
 - any other run starts.
 
 Run directories: `{runs}/{table}/{recipe stem}_s{seed}`. After the runs, `stella report` writes the table into
-`{runs}/{table}/report/` and prints it; this module then prints each run's wall time.
+`{runs}/{table}/report/` and prints it; this module then prints each run's wall time. The table folder is held by
+one reproduction at a time (files.holding); its `stella train` children hold their own run directories inside it.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from stella_cli.config import SELECTIONS, load_recipe
 from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
 from stella_cli.factory import PAPER_METHODS, recipe_suffix
-from stella_cli.files import atomic_write_text, make_dir
+from stella_cli.files import atomic_write_text, holding, make_dir
 
 PAPER_RECIPES = tuple(recipe_suffix(m) for m in PAPER_METHODS)  # recipe suffixes in the paper's row order
 MARKER = "reproduce.json"
@@ -114,8 +115,17 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
     spec = TABLES[table]
     names = select_names(spec, methods)
     out_dir = runs / table
-    if spec.bench:
-        return [run_bench(names, out_dir)]
+    with holding(out_dir, advice="wait for it to end or stop it (the same command continues it), or choose "
+                                 "another --runs folder"):  # one reproduction of a table at a time
+        if spec.bench:
+            return [run_bench(names, out_dir)]
+        return run_table(table, names, out_dir, seeds=seeds, overrides=overrides, full=full, recipes=recipes)
+
+
+def run_table(table: str, names: tuple[str, ...], out_dir: Path, *, seeds: str | None, overrides: list[str] | None,
+              full: bool, recipes: Path) -> list[RunOutcome]:
+    """reproduce() in the held table folder: every run through `stella train`, then the report and the times."""
+    spec = TABLES[table]
     seed_list = parse_seeds(seeds, spec, full)
     sets = list(overrides or [])
     recipe_paths = [recipes / f"{spec.prefix}_{name}.yaml" for name in names]

@@ -3,9 +3,9 @@
 run() -> train_task() -> train_step(), top to bottom. One optimiser (Adam, constant LR) for the whole stream;
 the method's state (AVM, replay buffer, generators) carries across tasks. A checkpoint is one flat dict written
 atomically, at task ends, every train.checkpoint_every steps and every train.checkpoint_minutes; a run directory
-is claimed by its first checkpoint and never overwritten without --resume (an earlier start that stopped before
-that is reused); SIGINT/SIGTERM save a checkpoint at the next step boundary, so a resumed run continues the same
-stream and ends with the same weights. Expected failures are errors.py types: bad input exits 2, a non-finite
+is held by one process at a time (its .stella.lock), claimed by its first checkpoint and never overwritten without
+--resume (an earlier start that stopped before that is reused); SIGINT/SIGTERM save a checkpoint at the next step
+boundary, so a resumed run continues the same stream and ends with the same weights. Expected failures are errors.py types: bad input exits 2, a non-finite
 value 3 (the divergence guard, which every method goes through), a saved stop 130.
 """
 
@@ -18,9 +18,10 @@ import shutil
 import signal
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -36,7 +37,7 @@ from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, b
                                     setup_distributed, unwrap, wrap)
 from stella_cli.errors import DivergenceError, Interrupted, StellaError, WriteFailed
 from stella_cli.factory import METHODS, build_method, check_method
-from stella_cli.files import append_text, atomic_write_text, make_dir
+from stella_cli.files import LOCK_NAME, append_text, atomic_write_text, holding, make_dir
 from stella_cli.methods import Method
 from stella_cli.replay import merge_state_dicts, split_state_dict
 
@@ -67,14 +68,44 @@ def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
 RUN_FILES = {"config.yaml", "checkpoints", "results", "metrics.jsonl"}  # what a start writes before any checkpoint
 
 
+def run_files(run_dir: Path) -> set[str]:
+    """The names in a run directory, its lock file aside."""
+    return {p.name for p in run_dir.iterdir()} - {LOCK_NAME} if run_dir.is_dir() else set()
+
+
 def is_claimed(run_dir: Path) -> bool:
     """A run directory belongs to a run once it holds a checkpoint (temp files of a killed save do not count)."""
     return bool(run_checkpoints(run_dir))
 
 
 def is_empty_claim(run_dir: Path) -> bool:
-    """A start that stopped before its first checkpoint: only the files a start writes, and no checkpoint."""
-    return run_dir.is_dir() and not is_claimed(run_dir) and {p.name for p in run_dir.iterdir()} <= RUN_FILES
+    """A start that stopped before its first checkpoint: some of the files a start writes, and no checkpoint."""
+    files = run_files(run_dir)
+    return bool(files) and files <= RUN_FILES and not is_claimed(run_dir)
+
+
+@contextmanager
+def holding_run_dir(run_dir: Path) -> Iterator[None]:
+    """The run directory is this run's while it trains (files.holding): rank 0 holds its lock, every rank gets the
+    refusal when another process has it. A folder with other files than a stella run's is refused first, before
+    anything (the lock file included) is written into it."""
+    if run_files(run_dir) and not is_claimed(run_dir) and not is_empty_claim(run_dir):
+        raise StellaError(f"{run_dir} holds other files than a stella run "
+                          f"({', '.join(sorted(run_files(run_dir)))[:200]}); choose another "
+                          f"output.dir (e.g. --set output.dir={run_dir}_2)")
+    with ExitStack() as held:
+        refusal = None
+        if is_main():
+            try:
+                held.enter_context(holding(run_dir, advice="wait for it to end or stop it (then continue with "
+                                                           "--resume), or choose another output.dir (e.g. --set "
+                                                           f"output.dir={run_dir}_2)"))
+            except StellaError as err:
+                refusal = err
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
@@ -91,15 +122,11 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
             raise StellaError(f"{latest}: missing, but {run_dir / 'checkpoints'} holds {others[-1].name}; copy it to "
                               f"latest.pt to resume from it, or start a new output.dir")
         raise StellaError(f"{latest}: nothing to resume (start without --resume)")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+    if not resume and run_files(run_dir):
         if is_claimed(run_dir):
             raise StellaError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
                               f"output.dir (e.g. --set output.dir={run_dir}_2)")
-        if not is_empty_claim(run_dir):
-            raise StellaError(f"{run_dir} holds other files than a stella run "
-                              f"({', '.join(sorted(p.name for p in run_dir.iterdir()))[:200]}); choose another "
-                              f"output.dir (e.g. --set output.dir={run_dir}_2)")
-        reuse = True
+        reuse = True  # an empty claim (holding_run_dir refused any other folder)
     barrier()
     if is_main() and not resume:
         if reuse:
@@ -362,6 +389,13 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     """Train the recipe's task stream; returns the run directory. Raises TrainingInterrupted after a saved stop."""
     check_method(recipe, "the recipe")
     rank, world, device = setup_distributed(recipe.train.device)
+    with holding_run_dir(Path(recipe.output.dir)):  # no second process in it, from here to the end
+        return train_stream(recipe, rank, world, device, resume=resume, quiet=quiet, stop_after=stop_after)
+
+
+def train_stream(recipe: Recipe, rank: int, world: int, device: torch.device, *, resume: bool, quiet: bool,
+                 stop_after: int | None) -> Path:
+    """run() in the held run directory: the checks, the run directory, the model, then the task loop."""
     if resume and is_empty_claim(Path(recipe.output.dir)):  # nothing to resume: prepare_run_dir reuses it, saying so
         resume = False
     if resume:  # the saved recipe is the run's recipe

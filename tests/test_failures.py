@@ -10,6 +10,7 @@ import os
 import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -143,6 +144,30 @@ def test_kill_before_the_first_checkpoint_then_the_same_command(tmp_path, data_r
     resumed = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "reusing" in resumed.stdout and "before its first checkpoint" in resumed.stdout
+
+
+def test_a_second_start_in_a_held_run_directory_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, data_root):
+    """Two real processes: while a run trains, the same command (and its --resume) is refused in one line naming
+    the holder; after kill -9 of the holder the OS has released the lock, and --resume continues at once."""
+    out = tmp_path / "run"
+    cmd = train_cmd(data_root, out, "train.epochs=1000", "train.checkpoint_every=1")
+    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    latest, deadline = out / "checkpoints" / "latest.pt", time.time() + 120
+    while not latest.is_file() and holder.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert latest.is_file(), holder.communicate()[0][-3000:] if holder.poll() is not None else "no checkpoint"
+    for result in run_all([cmd, cmd + ["--resume"]]):
+        assert_one_line(result, 2, f"{out} is in use by another stella process (pid {holder.pid} on host "
+                                   f"{socket.gethostname()} since ", " s ago: stella train ",
+                        f"); wait for it to end or stop it (then continue with --resume), or choose another "
+                        f"output.dir (e.g. --set output.dir={out}_2)")
+    holder.kill()
+    holder.communicate(timeout=60)
+    step = torch.load(latest, map_location="cpu", weights_only=False)["position"]["step"]
+    resumed = subprocess.run(train_cmd(data_root, out, resume=True) + ["--stop-after", str(step + 1)],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 130, resumed.stdout + resumed.stderr
+    assert f"resumed {out} at step {step}" in resumed.stdout and f"stopped at step {step + 1}" in resumed.stdout
 
 
 @pytest.fixture(scope="module")
@@ -339,6 +364,11 @@ def start_prep(out: Path) -> tuple[subprocess.Popen, list[int]]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
 def test_prep_killed_with_9_leaves_no_worker_behind(tmp_path):
     proc, workers = start_prep(tmp_path / "out")
+    second = subprocess.run(cli("prep", "synthetic", "--out", str(tmp_path / "out"), "--quiet"), capture_output=True,
+                            text=True, env=ENV, timeout=300)  # one prep at a time into one --out
+    assert_one_line(second, 2, f"{tmp_path / 'out'} is in use by another stella process (pid {proc.pid} on host ",
+                    "stella prep synthetic --out", "; wait for it to end or stop it (a prep continues where it "
+                    "stopped), or choose another --out")
     proc.kill()
     proc.communicate(timeout=60)
     deadline = time.time() + 5
