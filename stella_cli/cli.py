@@ -85,10 +85,16 @@ def prep(
     heldout: bool = typer.Option(True, help="Synthetic only: also write the held-out domain (OUT/heldout), the "
                                             "transfer target of `stella eval --task msrvtt`."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    check: Optional[Path] = typer.Option(None, help="Verify the prepared folder CHECK (file sizes, manifests against "
+                                                    "the cache, meta.json against the manifests) without changing "
+                                                    "it; every other option is ignored."),
 ) -> None:
     """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet, AVE, AVS, MSR-VTT)."""
     import shutil
 
+    if check is not None:
+        check_prepared_folder(check)
+        return
     if dataset == "synthetic":
         out = out or DEFAULT_SYNTHETIC_OUT
     elif dataset not in ("vggsound", "audioset", "audioset20k", "ave", "avs", "msrvtt"):
@@ -124,6 +130,31 @@ def prep(
             raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
                               f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
     print_prep_summary(summary)
+
+
+def check_prepared_folder(root: Path) -> None:
+    """`stella prep --check DIR` (and DIR/heldout, which `stella prep synthetic` writes beside the benchmark)."""
+    from stella_cli.cache import check_folder, prep_command_of, read_meta
+
+    folders = [root] + [root / "heldout"] * (root / "heldout" / "meta.json").is_file()
+    found = []
+    for folder in folders:
+        table, problems = check_folder(folder)
+        if table:
+            meta = read_meta(folder)
+            print_rows(f"{folder}: {meta['dataset']}, {len(meta['tasks'])} tasks, {len(meta['classes'])} classes, "
+                       f"{meta['spec'].get('frames_format', 'raw')} frames",
+                       [["split", "clips", "cache rows", "done", "failed", "pending", "size"], *table])
+        for problem in problems:
+            console.print(f"[red]problem:[/red] {escape(problem)}", soft_wrap=True)
+        found += [(folder, problems)] if problems else []
+    if found:
+        folder, problems = found[0]
+        total = sum(len(p) for _, p in found)
+        raise StellaError(f"{folder}: {total} problem{'s' * (total > 1)} (above); `{prep_command_of(folder)}` "
+                          "rebuilds what is missing or damaged and keeps the rest")
+    console.print(f"{', '.join(map(str, folders))}: every cache file whole, every manifest row cached and done, "
+                  "meta.json agrees with the manifests", soft_wrap=True)
 
 
 def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: Optional[Path],

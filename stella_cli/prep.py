@@ -592,7 +592,7 @@ def prepare_split(out: Path, split: str, clips: list[ClipSource], spec: CacheSpe
     out = Path(out)
     _check_rows(out, split, clips, spec)
     writer = SplitWriter(out, split, len(clips), spec)
-    durations = open_or_create(out / "cache" / split / "duration.npy", np.float32, (len(clips),))
+    durations = open_or_create(out / "cache" / split / "duration.npy", np.float32, (len(clips),), writer.status)
     pending = writer.pending_rows()
     skipped = []
     bar = tqdm(total=len(pending), desc=f"prep {split}", unit="clip", disable=not progress, leave=False)

@@ -21,7 +21,11 @@ from typing import Any
 import pytest
 import torch
 
+from helpers import tiny_synthetic
+
+from stella_cli.cache import check_folder
 from stella_cli.config import load_recipe
+from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import TrainingInterrupted, run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -304,6 +308,60 @@ def test_a_full_disk_names_the_file_keeps_the_last_good_version_and_the_same_com
     assert_one_line(prep, 2, f"{fbank}: cannot write it ({small_disk.reason}", ": it needs 60.0 MiB; ",
                     "the partial file was removed; make room")
     assert not fbank.exists() and (data / "cache" / "train" / "status.npy").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a damaged feature cache
+
+
+def test_a_damaged_feature_cache_names_the_file_and_the_prep_that_rebuilds_it(tmp_path, data_root):
+    """cache/train/fbank.npy cut short (a copy interrupted by a full disk) inside its 21st row: `stella train` names
+    the file, its expected and actual size and the prep command, before it writes anything; `stella prep --check`
+    finds it; the prep that made the folder keeps the 20 whole rows and prepares the other 12 again, bit for bit."""
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    fbank = data / "cache" / "train" / "fbank.npy"
+    whole = fbank.read_bytes()
+    row_bytes = 384 * 128 * 2  # float16 (32, 384, 128): 32 clips of 384 x 128
+    header = len(whole) - 32 * row_bytes
+    fbank.write_bytes(whole[: header + 20 * row_bytes + 1000])
+    cut = fbank.stat().st_size
+    out = tmp_path / "run"
+    train, check = run_all([train_cmd(data, out), cli("prep", "--check", str(data))])
+    assert_one_line(train, 2, f"{fbank}: damaged feature cache ({cut:,} bytes, expected {len(whole):,} (float16 "
+                              "(32, 384, 128)): cut short, by a full disk or an interrupted copy?); rebuild it with "
+                              f"`stella prep synthetic --out {data}`")
+    assert not out.exists()
+    assert_one_line(check, 2, f"{data}: 1 problem (above); `stella prep synthetic --out {data}` rebuilds what is "
+                              "missing or damaged and keeps the rest")
+    assert f"problem: {fbank}: {cut:,} bytes, expected {len(whole):,}" in check.stdout
+    assert tiny_synthetic(data) and fbank.read_bytes() == whole  # the same prep (a config the CLI does not take)
+    again = subprocess.run(cli("prep", "--check", str(data)), capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 0 and "every cache file whole, every manifest row cached and done" in again.stdout
+
+
+def test_a_prep_prepares_again_only_the_rows_a_damaged_file_lost(tmp_path):
+    """The repair behind `stella prep`'s resume: a cut fbank.npy loses the rows past its last whole one, a cut JPEG
+    file its own row, a cut status.npy every row; check_folder (`--check`) names each, and the prep redoes exactly
+    those rows, ending bit-identical to an undamaged cache."""
+    config = SynthConfig(num_classes=4, num_tasks=1, train_per_class=2, test_per_class=1, retrieval_per_class=1)
+    good, data = tmp_path / "good", tmp_path / "data"
+    for folder in (good, data):
+        prepare_synthetic(folder, workers=1, frames_format="jpeg", config=config)
+    train = data / "cache" / "train"
+    fbank = train / "fbank.npy"
+    fbank.write_bytes(fbank.read_bytes()[:-(3 * 384 * 128 * 2 + 10)])  # the last 4 of 8 rows lost (one in part)
+    (train / "jpeg" / "1.bin").write_bytes(b"")
+    (data / "cache" / "test" / "status.npy").write_bytes(b"\x93NUMPY")
+    _, problems = check_folder(data)
+    assert [p.split(": ")[0] for p in problems] == [str(fbank), str(data / "train.csv"),
+                                                     str(data / "cache" / "test" / "status.npy")]
+    assert "clips whose JPEG file in " in problems[1] and ": 1 (e.g. train_c00_001, row 1)" in problems[1]
+    assert prepare_synthetic(data, workers=1, frames_format="jpeg", config=config)["generated"] == 4 + 1 + 4
+    for path in sorted(good.rglob("*")):
+        if path.is_file() and path.name != "prep_report.json":
+            assert path.read_bytes() == (data / path.relative_to(good)).read_bytes(), path
+    assert check_folder(data)[1] == []
 
 
 # ----------------------------------------------------------------------------------------------------------
