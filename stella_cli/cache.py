@@ -29,8 +29,8 @@ import io
 import json
 import math
 import os
-from dataclasses import asdict, dataclass
 import shlex
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -77,7 +77,8 @@ def read_meta(root: Path) -> dict[str, Any]:
     try:
         meta = json.loads(path.read_text())
     except ValueError as err:
-        raise StellaError(f"{path}: damaged, not JSON ({str(err)[:80]}); rebuild it with `{prep_command_of(root)}`")
+        raise StellaError(f"{path}: damaged, not JSON ({str(err)[:80]}); rebuild it with "
+                          f"`{prep_command_of(root)}`") from None
     if not isinstance(meta, dict) or not {"dataset", "tasks", "classes", "spec"} <= set(meta):
         raise StellaError(f"{path}: not a meta.json of `stella prep` (no dataset, tasks, classes and spec)")
     return meta
@@ -108,10 +109,9 @@ def prep_command_of(root: Path, dataset: str | None = None) -> str:
         generator = meta.get("generator") or {}
         args += ["--seed", str(generator["seed"])] if generator.get("seed") else []
         args += ["--format", "mp4"] if generator.get("format") == "mp4" else []
-    elif "audioset20k" in src:  # prep_init's two sources; the VGGSound folder is not recorded
+    elif "audioset20k" in src:  # prep_init's two sources
         dataset, src = "audioset20k", src["audioset20k"]
         lists = src.get("lists")
-        args += ["--vggsound", "VGGSOUND_DIR"]
     if isinstance(lists, dict):
         args += ["--list", ",".join(f"{split}={file}" for split, file in lists.items())]
     if dataset == "ave":
@@ -125,6 +125,8 @@ def prep_command_of(root: Path, dataset: str | None = None) -> str:
         args += ["--subset", src["subset"]]
     if spec.get("frames_format") == "jpeg":
         args += ["--frames-format", "jpeg"]
+    if dataset == "audioset20k":  # the prepared VGGSound task split is not recorded
+        args += ["--vggsound", "VGGSOUND_DIR"]
     return " ".join(["stella", "prep", dataset, *map(shlex.quote, args), "--out", shlex.quote(str(root))])
 
 

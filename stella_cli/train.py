@@ -5,8 +5,9 @@ the method's state (AVM, replay buffer, generators) carries across tasks. A chec
 atomically, at task ends, every train.checkpoint_every steps and every train.checkpoint_minutes; a run directory
 is held by one process at a time (its .stella.lock), claimed by its first checkpoint and never overwritten without
 --resume (an earlier start that stopped before that is reused); SIGINT/SIGTERM save a checkpoint at the next step
-boundary, so a resumed run continues the same stream and ends with the same weights. Expected failures are errors.py types: bad input exits 2, a non-finite
-value 3 (the divergence guard, which every method goes through), a saved stop 130.
+boundary, so a resumed run continues the same stream and ends with the same weights. Expected failures are
+errors.py types: bad input or a full disk exits 2, a non-finite value 3 (the divergence guard, which every method
+goes through), a saved stop 130.
 """
 
 from __future__ import annotations
