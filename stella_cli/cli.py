@@ -136,6 +136,8 @@ def check_prepared_folder(root: Path) -> None:
     """`stella prep --check DIR` (and DIR/heldout, which `stella prep synthetic` writes beside the benchmark)."""
     from stella_cli.cache import check_folder, prep_command_of, read_meta
 
+    if not (root / "meta.json").is_file():
+        raise StellaError(f"{root}: not a prepared folder (no meta.json); give the --out of a `stella prep`")
     folders = [root] + [root / "heldout"] * (root / "heldout" / "meta.json").is_file()
     found = []
     for folder in folders:

@@ -25,6 +25,7 @@ from helpers import tiny_synthetic
 
 from stella_cli.cache import check_folder
 from stella_cli.config import load_recipe
+from stella_cli.files import lock, unlock
 from stella_cli.synth import SynthConfig, prepare_synthetic
 from stella_cli.train import TrainingInterrupted, run
 
@@ -172,6 +173,29 @@ def test_a_second_start_in_a_held_run_directory_is_refused_and_a_killed_holder_b
                              capture_output=True, text=True, env=ENV, timeout=600)
     assert resumed.returncode == 130, resumed.stdout + resumed.stderr
     assert f"resumed {out} at step {step}" in resumed.stdout and f"stopped at step {step + 1}" in resumed.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="data-loader and prep workers are forked on Linux only")
+def test_a_forked_worker_does_not_keep_its_parents_lock(tmp_path):
+    """A data-loader or prep worker is a fork of the process that holds the lock: once that process lets go (or is
+    killed), the lock is free even while the worker still runs, so --resume never waits for a worker to notice."""
+    held = lock(tmp_path, "advice")
+    read, write = os.pipe()
+    started, ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: says it runs, then lives on until the parent writes
+        os.write(ready, b"r")
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"r"
+        unlock(held)
+        unlock(lock(tmp_path, "advice"))  # a FolderInUse here if the worker had kept its copy of the lock
+    finally:
+        os.write(write, b"x")
+        os.waitpid(pid, 0)
+        for fd in (read, write, started, ready):
+            os.close(fd)
 
 
 @pytest.fixture(scope="module")
