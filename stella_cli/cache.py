@@ -109,6 +109,7 @@ def prep_command_of(root: Path, dataset: str | None = None) -> str:
         generator = meta.get("generator") or {}
         args += ["--seed", str(generator["seed"])] if generator.get("seed") else []
         args += ["--format", "mp4"] if generator.get("format") == "mp4" else []
+        args += [] if (root / "heldout" / "meta.json").is_file() else ["--no-heldout"]
     elif "audioset20k" in src:  # prep_init's two sources
         dataset, src = "audioset20k", src["audioset20k"]
         lists = src.get("lists")

@@ -354,10 +354,10 @@ def test_a_damaged_feature_cache_names_the_file_and_the_prep_that_rebuilds_it(tm
     train, check = run_all([train_cmd(data, out), cli("prep", "--check", str(data))])
     assert_one_line(train, 2, f"{fbank}: damaged feature cache ({cut:,} bytes, expected {len(whole):,} (float16 "
                               "(32, 384, 128)): cut short, by a full disk or an interrupted copy?); rebuild it with "
-                              f"`stella prep synthetic --out {data}`")
+                              f"`stella prep synthetic --no-heldout --out {data}`")
     assert not out.exists()
-    assert_one_line(check, 2, f"{data}: 1 problem (above); `stella prep synthetic --out {data}` rebuilds what is "
-                              "missing or damaged and keeps the rest")
+    assert_one_line(check, 2, f"{data}: 1 problem (above); `stella prep synthetic --no-heldout --out {data}` "
+                              "rebuilds what is missing or damaged and keeps the rest")
     assert f"problem: {fbank}: {cut:,} bytes, expected {len(whole):,}" in check.stdout
     assert tiny_synthetic(data) and fbank.read_bytes() == whole  # the same prep (a config the CLI does not take)
     again = subprocess.run(cli("prep", "--check", str(data)), capture_output=True, text=True, env=ENV, timeout=300)
