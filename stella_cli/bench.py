@@ -61,7 +61,7 @@ def math_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
 def attention_kernel(name: str) -> Iterator[None]:
     """Every `F.scaled_dot_product_attention` call in the block (backbone, decoder, AVM) uses kernel `name`."""
     if name not in ATTENTIONS:
-        raise ValueError(f"--attention {name!r}: choose one of {', '.join(ATTENTIONS)}")
+        raise StellaError(f"--attention {name!r}: choose one of {', '.join(ATTENTIONS)}")
     F.scaled_dot_product_attention = math_attention if name == "math" else _SDPA
     try:
         yield
@@ -120,14 +120,14 @@ def all_methods() -> list[str]:
 
 
 def parse_methods(text: str) -> list[str]:
-    """`all` or a comma-separated list of method names (factory.METHODS); an unknown name raises ValueError."""
+    """`all` or a comma-separated list of method names (factory.METHODS); an unknown name raises StellaError."""
     if text.strip() == "all":
         return all_methods()
     names = [n.strip() for n in text.split(",") if n.strip()]
     unknown = [n for n in names if n not in METHODS]
     if unknown or not names:
-        raise ValueError(f"--methods {text!r}: unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
-                         f"choose all or from {', '.join(METHODS)}")
+        raise StellaError(f"--methods {text!r}: unknown method {', '.join(map(repr, unknown)) or '(none given)'}; "
+                          f"choose all or from {', '.join(METHODS)}")
     return list(dict.fromkeys(names))
 
 
@@ -271,15 +271,15 @@ def run_bench(methods: list[str], *, preset: str = "base", batch: int = 2, devic
               progress: Any = None) -> list[dict[str, Any]]:
     """Rows for `methods` (validated names), in order, with ratios; `progress(text)` is told what runs."""
     if preset not in MODEL_PRESETS:
-        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
+        raise StellaError(f"--preset {preset!r}: choose one of {', '.join(MODEL_PRESETS)}")
     if attention not in ATTENTIONS:
-        raise ValueError(f"--attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
+        raise StellaError(f"--attention {attention!r}: choose one of {', '.join(ATTENTIONS)}")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"--device {device!r}: choose cpu or cuda")
+        raise StellaError(f"--device {device!r}: choose cpu or cuda")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: CUDA is not available on this machine")
+        raise StellaError("--device cuda: CUDA is not available on this machine")
     if batch < 1 or steps < 1 or (memory is not None and memory < 1):
-        raise ValueError("--batch, --steps and --memory must be at least 1")
+        raise StellaError("--batch, --steps and --memory must be at least 1")
     rows = []
     for name in methods:
         if progress:

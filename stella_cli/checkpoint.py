@@ -32,7 +32,8 @@ import torch
 from torch import Tensor, nn
 
 from stella_cli.config import ModelConfig, Recipe
-from stella_cli.errors import CheckpointError
+from stella_cli.errors import CheckpointError, StellaError
+from stella_cli.files import replacing, write_failures
 from stella_cli.model import AVM, CAVMAE, Classifier
 
 TASK_CHECKPOINT = re.compile(r"task(\d+)_(.+)\.pt")  # RUN/checkpoints/taskNN_<task>.pt, NN counted from 01
@@ -70,8 +71,8 @@ def latest_run(runs_root: Path = Path("runs")) -> Path:
     """The run directory under runs/ whose newest checkpoint is the most recent."""
     runs = [d for d in runs_root.glob("*") if (d / "config.yaml").is_file() and run_checkpoints(d)]
     if not runs:
-        raise FileNotFoundError(f"{runs_root}/: no run with checkpoints; train one (`stella train RECIPE`) or give a "
-                                "run directory or checkpoint")
+        raise CheckpointError(f"{runs_root}/: no run with checkpoints; train one (`stella train RECIPE`) or give a "
+                              "run directory or checkpoint")
     return max(runs, key=lambda d: max(p.stat().st_mtime for p in run_checkpoints(d)))
 
 
@@ -84,7 +85,7 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[list[Path], 
         latest = run_dir / "checkpoints" / LATEST
         if latest.is_file():
             return [latest], latest
-        raise FileNotFoundError(f"{run_dir / 'checkpoints'}: no checkpoint (has the run finished a task?)")
+        raise CheckpointError(f"{run_dir / 'checkpoints'}: no checkpoint (has the run finished a task?)")
     for i, p in enumerate(tasks):
         if p.name == checkpoint or p.name.startswith(checkpoint + "_") or p.stem == checkpoint:
             return tasks[: i + 1], p
@@ -92,7 +93,7 @@ def pick_checkpoint(run_dir: Path, checkpoint: str | None) -> tuple[list[Path], 
     if path.is_file():
         return [path], path
     names = ", ".join(p.name for p in tasks) or "none"
-    raise FileNotFoundError(f"--checkpoint {checkpoint}: not in {run_dir / 'checkpoints'} (task checkpoints: {names})")
+    raise CheckpointError(f"--checkpoint {checkpoint}: not in {run_dir / 'checkpoints'} (task checkpoints: {names})")
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -136,20 +137,21 @@ def unsafe_globals(path: Path, message: str) -> list[str]:
 
 
 def write_checkpoint(path: Path, state: dict[str, Any], *, also: tuple[str, ...] = ()) -> None:
-    """Write `state` to `path` through a temp file + rename, so a crash never leaves a half-written checkpoint;
-    each name in `also` (beside `path`) becomes a hard link to it (a copy where the file system has none), also put
-    in place atomically."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write `state` to `path` through a temp file + fsync + rename (files.replacing), so neither a crash nor a full
+    disk leaves a half-written checkpoint: a failed write removes the temp file, leaves the previous checkpoint as it
+    was and is one WriteFailed line. Each name in `also` (beside `path`) becomes a hard link to it (a copy where the
+    file system has none), also put in place atomically."""
+    with replacing(path, sync=True) as fh:
+        torch.save(state, fh)
     for name in also:
         tmp = path.with_name(name + ".tmp")
-        tmp.unlink(missing_ok=True)
-        try:
-            os.link(path, tmp)
-        except OSError:
-            shutil.copyfile(path, tmp)
-        os.replace(tmp, path.with_name(name))
+        with write_failures(path.with_name(name), partial=tmp):
+            tmp.unlink(missing_ok=True)
+            try:
+                os.link(path, tmp)
+            except OSError:
+                shutil.copyfile(path, tmp)
+            os.replace(tmp, path.with_name(name))
 
 
 CHECKPOINT_KEYS = ("model", "method", "method_extra", "optimizer", "scaler", "position", "world_size", "recipe")
@@ -163,11 +165,32 @@ def earlier_checkpoints(path: Path) -> list[Path]:
 
 
 def what_to_do(path: Path) -> str:
+    if path.parent.name != "checkpoints":  # not a run's checkpoint: the authors' weights, a converted MAE
+        return "restore the file from a copy, or download or convert it again"
     others = [p for p in earlier_checkpoints(path) if p.stat().st_size > 0]
     if path.name == "latest.pt" and others:
         return (f"copy an earlier one over it (cp {others[0]} {path}) and resume, or start a new output.dir "
                 f"(--set output.dir=...)")
     return "start a new output.dir (--set output.dir=...), or restore the file from a copy"
+
+
+def load_file(path: Path, *, mmap: bool = False) -> Any:
+    """read_torch_file of an existing file; an empty (0-byte) or unreadable one (truncated by a full disk or a cut
+    copy, damaged, not a torch file) is the same CheckpointError for every reader: `stella train --resume`, `stella
+    eval`, `model.checkpoint`, `stella convert`; one that would run code is refused by read_torch_file.
+    mmap: map the tensors instead of reading them."""
+    size = path.stat().st_size
+    if size == 0:
+        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {what_to_do(path)}")
+    try:
+        return read_torch_file(path, mmap=mmap)
+    except CheckpointError:  # refused: it would run code
+        raise
+    except Exception as err:  # truncated zip, a text file, a pickle of something else: torch raises many types
+        text = str(err).strip()
+        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
+        raise CheckpointError(f"{path}: cannot be read ({size:,} bytes; truncated or damaged: {reason}); "
+                              f"{what_to_do(path)}") from err
 
 
 def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
@@ -176,18 +199,7 @@ def read_checkpoint(path: Path, *, mmap: bool = False) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such checkpoint")
-    size = path.stat().st_size
-    if size == 0:
-        raise CheckpointError(f"{path}: empty file (0 bytes), not a checkpoint; {what_to_do(path)}")
-    try:
-        state = read_torch_file(path, mmap=mmap)
-    except CheckpointError:  # refused: it would run code
-        raise
-    except Exception as err:  # truncated zip, a text file, a pickle of something else: torch raises many types
-        text = str(err).strip()
-        reason = text.splitlines()[0].split(". ")[0][:120] if text else type(err).__name__
-        raise CheckpointError(f"{path}: cannot be read ({size:,} bytes; truncated or damaged: {reason}); "
-                              f"{what_to_do(path)}") from err
+    state = load_file(path, mmap=mmap)
     missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise CheckpointError(f"{path}: not a `stella train` checkpoint (no {', '.join(missing)}); "
@@ -229,13 +241,11 @@ class Loaded:
 
 
 def read_any(path: Path) -> Any:
-    """The object in a torch file (a run checkpoint, a state dict, the authors' weights): read_torch_file."""
-    try:
-        return read_torch_file(path)
-    except CheckpointError:  # refused: it would run code
-        raise
-    except Exception as err:  # not a torch file at all
-        raise ValueError(f"{path}: cannot read as a checkpoint: {err}") from err
+    """The object in a torch file (a run checkpoint, a state dict, the authors' weights)."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint")
+    return load_file(path)
 
 
 def load_backbone(path: Path, recipe: Recipe, device: torch.device) -> Loaded:
@@ -288,16 +298,11 @@ def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """A checkpoint (read_torch_file) in the authors' layout (see authors_layout)."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: checkpoint not found")
-    try:
-        sd = read_torch_file(path)
-    except CheckpointError:  # refused: it would run code
-        raise
-    except Exception as err:  # not a torch file at all
-        raise ValueError(f"{path}: cannot read as a tensor checkpoint: {err}") from err
+        raise CheckpointError(f"{path}: checkpoint not found")
+    sd = load_file(path)
     if not isinstance(sd, Mapping):
-        raise ValueError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
-                         f"got {type(sd).__name__}")
+        raise CheckpointError(f"{path}: expected a state dict, {{'model': state_dict}} or a `stella train` checkpoint, "
+                              f"got {type(sd).__name__}")
     return authors_layout(sd)
 
 
@@ -309,7 +314,7 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     output), or a `stella train` checkpoint (backbone from "model", AVM from the "method" keys `avm.*`).
     Prefixes `module.` and `backbone.transformer.` are stripped; for an AVM the keys under `avmatching_module.`
     are taken, for a Classifier those under `vacls_classifier.` (if present), for the backbone every other key.
-    Each tensor's shape is checked.  strict: missing or unexpected keys raise ValueError.
+    Each tensor's shape is checked.  strict: missing or unexpected keys raise CheckpointError.
     Returns {"loaded": n, "missing": [...], "unexpected": [...], "skipped": n keys of other modules}.
     """
     where = str(source) if isinstance(source, (str, Path)) else "state dict"
@@ -323,8 +328,8 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     if own is not None and any(k.startswith(own) for k in clean):
         picked = {k.removeprefix(own): v for k, v in clean.items() if k.startswith(own)}
     elif own is not None and "patch_embed_v.proj.weight" in clean:
-        raise ValueError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
-                         f"(e.g. a `stella train` run of a method without one)")
+        raise CheckpointError(f"{where}: holds a backbone but no {own}* keys, so no {type(model).__name__} weights "
+                              f"(e.g. a `stella train` run of a method without one)")
     elif own is not None:
         picked = clean
     else:
@@ -333,12 +338,12 @@ def load_authors_checkpoint(model: nn.Module, source: str | Path | Mapping[str, 
     missing = sorted(set(expected) - set(picked))
     unexpected = sorted(set(picked) - set(expected))
     if strict and (missing or unexpected):
-        raise ValueError(f"{where}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
-                         f"{unexpected[:8]} for {type(model).__name__}")
+        raise CheckpointError(f"{where}: {len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys "
+                              f"{unexpected[:8]} for {type(model).__name__}")
     for key in set(picked) & set(expected):
         if tuple(picked[key].shape) != tuple(expected[key].shape):
-            raise ValueError(f"{where}: {key} has shape {tuple(picked[key].shape)}, the model expects "
-                             f"{tuple(expected[key].shape)}")
+            raise CheckpointError(f"{where}: {key} has shape {tuple(picked[key].shape)}, the model expects "
+                                  f"{tuple(expected[key].shape)}")
     model.load_state_dict({k: v for k, v in picked.items() if k in expected}, strict=False)
     return {"loaded": len(set(picked) & set(expected)), "missing": missing, "unexpected": unexpected,
             "skipped": len(clean) - len(picked)}
@@ -367,7 +372,7 @@ def mae_sizes(mae: Mapping[str, Tensor], where: str | Path = "MAE") -> dict[str,
             "blocks.0.mlp.fc1.weight")
     for key in need:
         if key not in mae:
-            raise ValueError(f"{where}: missing MAE key {key!r}")
+            raise CheckpointError(f"{where}: missing MAE key {key!r}")
     D, _, p, _ = mae["patch_embed.proj.weight"].shape
     return {"embed_dim": D, "depth": 1 + max(int(k.split(".")[1]) for k in mae if k.startswith("blocks.")),
             "patch_size": p, "image_size": math.isqrt(mae["pos_embed"].shape[1] - 1) * p,
@@ -391,8 +396,8 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     size = mae_sizes(mae, ckpt_path)
     D, p, depth, decoder_depth = size["embed_dim"], size["patch_size"], size["depth"], size["decoder_depth"]
     if not 0 < modality_depth < depth:
-        raise ValueError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
-                         f"for a {depth}-block MAE")
+        raise StellaError(f"{ckpt_path}: modality_depth={modality_depth} must be in 1..{depth - 1} "
+                          f"for a {depth}-block MAE")
     cfg = ModelConfig(embed_dim=D, num_heads=1, modality_depth=modality_depth, fusion_depth=depth - modality_depth,
                       decoder_embed_dim=size["decoder_embed_dim"], decoder_depth=decoder_depth,
                       decoder_num_heads=1, mlp_ratio=size["mlp_ratio"], patch_size=p)
@@ -425,14 +430,13 @@ def convert_mae(ckpt_path: str | Path, out_path: str | Path, *, num_frames: int 
     mapped["mask_token_a"] = mapped["mask_token_v"] = mae["mask_token"]
     for key, value in mapped.items():
         if key not in out or tuple(value.shape) != tuple(out[key].shape):
-            raise ValueError(f"{ckpt_path}: MAE tensor for {key} has shape {tuple(value.shape)}, expected "
-                             f"{tuple(out[key].shape) if key in out else 'no such key'}")
+            raise CheckpointError(f"{ckpt_path}: MAE tensor for {key} has shape {tuple(value.shape)}, expected "
+                                  f"{tuple(out[key].shape) if key in out else 'no such key'}")
         out[key] = value.detach().clone().float()
     if faithful_zeros:
         for key in MAE_UNMAPPED:
             out[key].zero_()
-    Path(out_path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(out, out_path)
+    write_checkpoint(Path(out_path), out)
     return {"out": str(out_path), "mapped": len(mapped), "zeros": list(MAE_UNMAPPED) if faithful_zeros else [],
             "unmapped": sorted(set(out) - set(mapped)), "ignored": sorted(k for k in mae if k in ("cls_token",)),
             "sizes": {**size, "modality_depth": modality_depth}}
@@ -482,8 +486,8 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
         from_recipe = recipe_inputs(recipe)
         for key, value in options.items():
             if value is not None and value != from_recipe[key]:
-                raise ValueError(f"--{key.replace('_', '-')} {value} contradicts {recipe_name}: "
-                                 f"{OPTION_KEYS[key]}={from_recipe[key]} (drop the option or change the recipe)")
+                raise StellaError(f"--{key.replace('_', '-')} {value} contradicts {recipe_name}: "
+                                  f"{OPTION_KEYS[key]}={from_recipe[key]} (drop the option or change the recipe)")
         chosen = from_recipe
     else:
         chosen.update({k: v for k, v in options.items() if v is not None})
@@ -491,13 +495,13 @@ def convert_mae_for_recipe(checkpoint: str | Path, out: str | Path, *, recipe: R
         want = recipe_sizes(recipe)
         for key, value in mae_sizes(read_state_dict(checkpoint), checkpoint).items():
             if want[key] != value:
-                raise ValueError(f"{checkpoint}: the MAE has {key} {value}, {recipe_name} sets {SIZE_KEYS[key]}="
-                                 f"{want[key]}")
+                raise StellaError(f"{checkpoint}: the MAE has {key} {value}, {recipe_name} sets {SIZE_KEYS[key]}="
+                                  f"{want[key]}")
     report = convert_mae(checkpoint, out, faithful_zeros=faithful_zeros, **chosen)
     if recipe is not None:
         try:
             check_fits_recipe(report, recipe, recipe_name, checkpoint)
-        except ValueError:
+        except StellaError:
             Path(out).unlink(missing_ok=True)
             raise
     return report
@@ -512,5 +516,5 @@ def check_fits_recipe(report: dict[str, Any], recipe: Recipe, recipe_name: str, 
     got = {k: tuple(v.shape) for k, v in read_torch_file(report["out"]).items()}
     if got != expected:
         diff = sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k))
-        raise ValueError(f"{checkpoint}: the converted weights do not fit {recipe_name}'s model: {len(diff)} keys "
-                         f"differ, e.g. {diff[:4]}")
+        raise CheckpointError(f"{checkpoint}: the converted weights do not fit {recipe_name}'s model: {len(diff)} keys "
+                              f"differ, e.g. {diff[:4]}")

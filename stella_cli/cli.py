@@ -12,6 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from stella_cli.console import console, is_main, print_rows, rank_prefix  # rich only: no torch at start-up
+from stella_cli.errors import Interrupted, StellaError
 
 app = typer.Typer(
     add_completion=False,
@@ -47,17 +48,14 @@ def set_openmp_defaults(env: MutableMapping[str, str] | None = None) -> None:
 def main() -> None:
     """Run the CLI; an expected failure is one line and its exit code (errors.py), anything else a traceback."""
     set_openmp_defaults()  # before any command imports torch
-    from stella_cli.errors import Interrupted, StellaError
-
     try:
         app()
     except Interrupted as stop:  # a saved stop: what was kept and how to continue, exit 130
         console.print(f"{escape(rank_prefix())}[yellow]{escape(str(stop))}", soft_wrap=True)
         raise SystemExit(stop.exit_code)
-    except (StellaError, ValueError, FileNotFoundError, FileExistsError) as err:
-        # bad input (2) or divergence (3): one line, never wrapped, no traceback
+    except StellaError as err:  # bad input (2) or divergence (3): one line, never wrapped, no traceback
         console.print(f"{escape(rank_prefix())}[red]error:[/red] {escape(str(err))}", soft_wrap=True)
-        raise SystemExit(getattr(err, "exit_code", 2))
+        raise SystemExit(err.exit_code)
 
 
 @app.command()
@@ -96,12 +94,16 @@ def prep(
     heldout: bool = typer.Option(True, help="Synthetic only: also write the held-out domain (OUT/heldout), the "
                                             "transfer target of `stella eval --task msrvtt`."),
     quiet: bool = typer.Option(False, help="No progress bar."),
+    check: Optional[Path] = typer.Option(None, help="Verify the prepared folder CHECK (file sizes, manifests against "
+                                                    "the cache, meta.json against the manifests) without changing "
+                                                    "it; every other option is ignored."),
 ) -> None:
     """Build a dataset: manifests + feature cache (synthetic benchmark, VGGSound, AudioSet, AVE, AVS, MSR-VTT)."""
     import shutil
 
-    from stella_cli.errors import Interrupted, StellaError
-
+    if check is not None:
+        check_prepared_folder(check)
+        return
     if dataset == "synthetic":
         out = out or DEFAULT_SYNTHETIC_OUT
     elif dataset not in ("vggsound", "audioset", "audioset20k", "ave", "avs", "msrvtt"):
@@ -115,24 +117,55 @@ def prep(
         raise StellaError(f"stella prep {dataset}: --subset is for vggsound and audioset only")
     if (vggsound is not None) != (dataset == "audioset20k"):
         raise StellaError("stella prep audioset20k: --vggsound DATA_DIR (the prepared VGGSound task split) is "
-                         "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
-    fresh = not out.exists() or not any(out.iterdir())
-    try:
-        summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
-                                  labels=labels, masks=masks, workers=workers, frames_format=frames_format, seed=seed,
-                                  fmt=fmt, heldout=heldout, quiet=quiet, subset=subset, vggsound=vggsound,
-                                  allow_leaks=allow_leaks)
-    except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
-        raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
-                          f"command again to continue") from None
-    if not sum(summary["splits"].get("train", {}).values()):  # nothing usable: fail, and leave nothing behind
-        skipped = summary.get("skipped_clips", {}).get("train", [])
-        example = f", e.g. {skipped[0]['clip_id']}: {skipped[0]['reason']}" if skipped else ""
-        if fresh:
-            shutil.rmtree(out, ignore_errors=True)
-        raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
-                          f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
+                          "required" if dataset == "audioset20k" else "--vggsound is for audioset20k only")
+    from stella_cli.files import LOCK_NAME, holding
+
+    fresh = not out.exists() or not {p.name for p in out.iterdir()} - {LOCK_NAME}
+    with holding(out, advice="wait for it to end or stop it (a prep continues where it stopped), or choose "
+                             "another --out"):  # one prep at a time into one folder
+        try:
+            summary = prepare_dataset(dataset, out, list_file=list_file, root=root, categories=categories,
+                                      labels=labels, masks=masks, workers=workers, frames_format=frames_format,
+                                      seed=seed, fmt=fmt, heldout=heldout, quiet=quiet, subset=subset,
+                                      vggsound=vggsound, allow_leaks=allow_leaks)
+        except KeyboardInterrupt:  # the workers are stopped already (leaving their pool terminates them)
+            raise Interrupted(f"stella prep interrupted; the clips prepared so far are kept in {out}: run the same "
+                              f"command again to continue") from None
+        if not sum(summary["splits"].get("train", {}).values()):  # nothing usable: fail, and leave nothing behind
+            skipped = summary.get("skipped_clips", {}).get("train", [])
+            example = f", e.g. {skipped[0]['clip_id']}: {skipped[0]['reason']}" if skipped else ""
+            if fresh:
+                shutil.rmtree(out, ignore_errors=True)
+            raise StellaError(f"stella prep {dataset}: no training clip could be prepared ({len(skipped)} skipped"
+                              f"{example}); check --root and --list" + (f" ({out} removed)" if fresh else ""))
     print_prep_summary(summary)
+
+
+def check_prepared_folder(root: Path) -> None:
+    """`stella prep --check DIR` (and DIR/heldout, which `stella prep synthetic` writes beside the benchmark)."""
+    from stella_cli.cache import check_folder, prep_command_of, read_meta
+
+    if not (root / "meta.json").is_file():
+        raise StellaError(f"{root}: not a prepared folder (no meta.json); give the --out of a `stella prep`")
+    folders = [root] + [root / "heldout"] * (root / "heldout" / "meta.json").is_file()
+    found = []
+    for folder in folders:
+        table, problems = check_folder(folder)
+        if table:
+            meta = read_meta(folder)
+            print_rows(f"{folder}: {meta['dataset']}, {len(meta['tasks'])} tasks, {len(meta['classes'])} classes, "
+                       f"{meta['spec'].get('frames_format', 'raw')} frames",
+                       [["split", "clips", "cache rows", "done", "failed", "pending", "size"], *table])
+        for problem in problems:
+            console.print(f"[red]problem:[/red] {escape(problem)}", soft_wrap=True)
+        found += [(folder, problems)] if problems else []
+    if found:
+        folder, problems = found[0]
+        total = sum(len(p) for _, p in found)
+        raise StellaError(f"{folder}: {total} problem{'s' * (total > 1)} (above); `{prep_command_of(folder)}` "
+                          "rebuilds what is missing or damaged and keeps the rest")
+    console.print(f"{', '.join(map(str, folders))}: every cache file whole, every manifest row cached and done, "
+                  "meta.json agrees with the manifests", soft_wrap=True)
 
 
 def prepare_dataset(dataset: str, out: Path, *, list_file: Optional[str], root: Optional[Path],
@@ -210,7 +243,7 @@ def train(
     if not resume and not print_config:  # a paper recipe without its pre-trained start, named by its file
         check_initial_checkpoint(resolved, str(recipe))
     if stop_after is not None and stop_after < 1:
-        raise ValueError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
+        raise StellaError(f"--stop-after {stop_after}: must be at least 1 (optimiser steps in total)")
     if print_config:
         console.print(recipe_to_yaml(resolved), markup=False, highlight=False)
         return
@@ -253,7 +286,7 @@ def model(
     elif preset in MODEL_PRESETS:
         cfg, sizes = resolve_model_preset(ModelConfig(preset=preset)), {}
     else:
-        raise ValueError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
+        raise StellaError(f"--preset {preset!r}: choose one of {', '.join(CHOICES['model.preset'])}")
     info = model_summary(cfg, **sizes)
     counts = [*info["params"]["parts"].items(), ("backbone", info["params"]["backbone"]),
               ("AVM", info["params"]["avm"]), ("total", info["params"]["total"])]
@@ -315,7 +348,7 @@ def convert_mae_command(
 
     resolved = load_recipe(recipe, overrides) if recipe is not None else None
     if overrides and recipe is None:
-        raise ValueError("convert mae: --set needs --recipe")
+        raise StellaError("convert mae: --set needs --recipe")
     report = convert_mae_for_recipe(checkpoint, out, recipe=resolved, recipe_name=str(recipe),
                                     faithful_zeros=faithful_zeros, num_frames=num_frames,
                                     target_length=target_length, num_mel_bins=num_mel_bins,
@@ -360,7 +393,7 @@ def buffer(
     path = run_dir / "checkpoints" / checkpoint
     state = read_checkpoint(path)  # one line for a missing, empty, truncated or foreign file
     if "buffer" not in state["method_extra"]:
-        raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
+        raise StellaError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
     from stella_cli.cache import read_meta
 
     tasks = read_meta(Path(load_recipe(run_dir / "config.yaml").data.root))["tasks"]
@@ -377,7 +410,7 @@ def buffer(
         if name in info:
             console.print(f"{name} (pruning probability of the candidate patches): {info[name]:.3f}")
     if show < 0:
-        raise ValueError(f"--show {show}: give a number of clips >= 0")
+        raise StellaError(f"--show {show}: give a number of clips >= 0")
     if show:
         from stella_cli.plots import buffer_figures
 

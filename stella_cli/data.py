@@ -27,60 +27,54 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from stella_cli.cache import DONE, SplitReader, read_manifest, read_meta, spec_from_meta
+from stella_cli.cache import (DONE, SplitReader, open_array, prep_command_of, read_manifest, read_meta,
+                              spec_from_meta)
 from stella_cli.config import DataConfig
+from stella_cli.errors import StellaError
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)  # method.md §7.2
 IMAGENET_STD = (0.229, 0.224, 0.225)
 CROP_SCALES = (1.0, 0.875, 0.75)  # method.md §7.2: GroupMultiScaleCrop(input_size, [1, .875, .75]), max_distort 1
-PREP_COMMANDS = {
-    "synthetic": "stella prep synthetic --out {root}",
-    "vggsound": "stella prep vggsound --list LIST --root CLIPS --categories stat.csv --out {root}",
-    "audioset": "stella prep audioset --list LIST --root CLIPS --categories CLASS_TABLE --out {root}",
-}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # checks
 
 
-def prep_command(data_cfg: DataConfig) -> str:
-    """The `stella prep ...` command that makes the recipe's data folder."""
-    template = PREP_COMMANDS.get(data_cfg.dataset, "stella prep {dataset} --out {root}")
-    return template.format(root=data_cfg.root, dataset=data_cfg.dataset)
-
-
 def check_prepared(data_cfg: DataConfig, splits: tuple[str, ...] = ("train", "retrieval")) -> dict[str, Any]:
     """Fail at once when the recipe's data is missing or does not fit the recipe; returns meta.json.
 
-    Missing folder / meta.json / manifest -> FileNotFoundError naming the `stella prep` command that makes it;
-    a cache whose fbank size, dataset or clip length differs from the recipe -> ValueError naming both.
+    Missing folder / meta.json / manifest -> StellaError naming the `stella prep` command that makes it;
+    a cache whose fbank size, dataset or clip length differs from the recipe -> StellaError naming both;
+    a cache file cut short -> StellaError naming it, its size and the command that rebuilds it.
     """
     root = Path(data_cfg.root)
     if not (root / "meta.json").is_file():
-        raise FileNotFoundError(f"{root}: no prepared data; run `{prep_command(data_cfg)}`")
+        raise StellaError(f"{root}: no prepared data; run `{prep_command_of(root, data_cfg.dataset)}`")
     for split in splits:
         if not (root / f"{split}.csv").is_file():
-            raise FileNotFoundError(f"{root / f'{split}.csv'}: split {split!r} is not prepared (interrupted?); "
-                                    f"run `{prep_command(data_cfg)}` again to finish it")
+            raise StellaError(f"{root / f'{split}.csv'}: split {split!r} is not prepared (interrupted?); "
+                              f"run `{prep_command_of(root, data_cfg.dataset)}` again to finish it")
     meta = read_meta(root)
     spec = spec_from_meta(meta)
     where = root / "meta.json"
     if meta.get("dataset") != data_cfg.dataset:
-        raise ValueError(f"{where}: the folder holds dataset {meta.get('dataset')!r} but data.dataset is "
-                         f"{data_cfg.dataset!r}")
+        raise StellaError(f"{where}: the folder holds dataset {meta.get('dataset')!r} but data.dataset is "
+                          f"{data_cfg.dataset!r}")
     for key in ("target_length", "num_mel_bins"):
         if getattr(spec, key) != getattr(data_cfg, key):
-            raise ValueError(f"{where}: the cache has {key}={getattr(spec, key)} but the recipe has "
-                             f"data.{key}={getattr(data_cfg, key)}; set data.{key}={getattr(spec, key)} or "
-                             f"prepare the data again with that setting")
+            raise StellaError(f"{where}: the cache has {key}={getattr(spec, key)} but the recipe has "
+                              f"data.{key}={getattr(data_cfg, key)}; set data.{key}={getattr(spec, key)} or "
+                              f"prepare the data again with that setting")
     window = data_cfg.num_frames * data_cfg.frame_stride
     if data_cfg.num_frames < 1 or data_cfg.frame_stride < 1 or window > spec.num_frames:
-        raise ValueError(f"data.num_frames={data_cfg.num_frames} x data.frame_stride={data_cfg.frame_stride} = "
-                         f"{window} cached frames do not fit the {spec.num_frames} frames per clip of {where}")
+        raise StellaError(f"data.num_frames={data_cfg.num_frames} x data.frame_stride={data_cfg.frame_stride} = "
+                          f"{window} cached frames do not fit the {spec.num_frames} frames per clip of {where}")
     unknown = [t for t in data_cfg.tasks if t not in meta["tasks"]]
     if unknown:
-        raise ValueError(f"data.tasks: {unknown} not in {where} tasks {meta['tasks']}")
+        raise StellaError(f"data.tasks: {unknown} not in {where} tasks {meta['tasks']}")
+    for split in splits:  # every cached array and JPEG file whole: damage is one line here, not in a worker
+        SplitReader(root, split, spec).check_rows(r["row"] for r in read_manifest(root, split))
     return meta
 
 
@@ -207,13 +201,13 @@ class AVDataset(Dataset):
         wanted = self.task_names if tasks is None else list(tasks)
         unknown = [t for t in wanted if t not in self.task_names]
         if unknown:
-            raise ValueError(f"tasks {unknown} are not in {self.root / 'meta.json'} (tasks: {self.task_names})")
+            raise StellaError(f"tasks {unknown} are not in {self.root / 'meta.json'} (tasks: {self.task_names})")
         self.records = [r for r in read_manifest(self.root, split) if r["task"] in wanted]
-        status = np.load(self.root / "cache" / split / "status.npy", mmap_mode="r")
+        status = open_array(self.root / "cache" / split / "status.npy", self.root)
         not_done = [r["clip_id"] for r in self.records if status[r["row"]] != DONE]
         if not_done:
-            raise ValueError(f"{self.root / f'{split}.csv'}: {len(not_done)} clips are not in the cache "
-                             f"(e.g. {not_done[0]}); run `{prep_command(cfg)}` again")
+            raise StellaError(f"{self.root / f'{split}.csv'}: {len(not_done)} clips are not in the cache "
+                              f"(e.g. {not_done[0]}); run `{prep_command_of(self.root, cfg.dataset)}` again")
         self.labels = torch.tensor([r["label"] for r in self.records], dtype=torch.long)  # (N,)
         self.tasks = torch.tensor([self.task_names.index(r["task"]) for r in self.records], dtype=torch.long)
         self.epoch = 0

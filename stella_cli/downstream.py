@@ -27,6 +27,7 @@ from stella_cli.audio import frame_geometry
 from stella_cli.checkpoint import Loaded, load_backbone
 from stella_cli.config import HeadConfig, Recipe
 from stella_cli.console import console
+from stella_cli.errors import StellaError
 from stella_cli.model import CAVMAE, weight_decay_groups
 
 
@@ -62,7 +63,7 @@ class Context:
         return load_backbone(path or self.target.final, self.target.recipe, self.device)
 
 
-class TaskSkipped(ValueError):
+class TaskSkipped(StellaError):
     """The task does not apply to this target (no AVM, no ground truth, no prepared data); `--task all` goes on."""
 
 

@@ -16,13 +16,14 @@ from typing import Any, Callable
 from stella_cli import evaluate
 from stella_cli.ave import run_ave
 from stella_cli.avs import run_avs
-from stella_cli.cache import atomic_write_text
 from stella_cli.checkpoint import latest_run, pick_checkpoint, read_any, task_of
 from stella_cli.config import RecipeError, load_recipe, recipe_from_dict, recipe_to_dict
 from stella_cli.console import console, print_rows
 from stella_cli.data import check_prepared
 from stella_cli.distributed import amp_dtype, setup_distributed
 from stella_cli.downstream import Context, Target, TaskSkipped
+from stella_cli.errors import StellaError
+from stella_cli.files import atomic_write_text
 from stella_cli.localisation import run_localisation
 from stella_cli.msrvtt import run_msrvtt
 from stella_cli.probe import run_classification
@@ -42,14 +43,14 @@ def resolve_target(arg: Path | None, *, recipe: Path | None, overrides: list[str
         config = path / "config.yaml"
         recipe_file = recipe or config
         if not Path(recipe_file).is_file():
-            raise FileNotFoundError(f"{config}: not a run directory (no config.yaml); give --recipe")
+            raise StellaError(f"{config}: not a run directory (no config.yaml); give --recipe")
         checkpoints, final = pick_checkpoint(path, checkpoint)
         return Target(path.name, load_recipe(recipe_file, overrides), str(recipe_file), checkpoints, final,
                       path / "results", path)
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such run directory or checkpoint")
+        raise StellaError(f"{path}: no such run directory or checkpoint")
     if checkpoint is not None:
-        raise ValueError(f"--checkpoint {checkpoint} picks a checkpoint of a run directory; {path} is a file")
+        raise StellaError(f"--checkpoint {checkpoint} picks a checkpoint of a run directory; {path} is a file")
     run_dir = path.parent.parent if path.parent.name == "checkpoints" else None
     if recipe is not None:
         resolved, recipe_path = load_recipe(recipe, overrides), str(recipe)
@@ -58,7 +59,7 @@ def resolve_target(arg: Path | None, *, recipe: Path | None, overrides: list[str
     else:
         state = read_any(path)
         if not (isinstance(state, dict) and isinstance(state.get("recipe"), dict)):
-            raise ValueError(f"{path}: no recipe beside or inside the checkpoint; give --recipe RECIPE")
+            raise StellaError(f"{path}: no recipe beside or inside the checkpoint; give --recipe RECIPE")
         resolved = recipe_from_dict(state["recipe"], source=str(path), overrides=overrides)
         recipe_path = f"{path} (embedded)"
     results = run_dir / "results" if run_dir is not None else path.parent / f"eval_{path.stem}" / "results"
@@ -105,7 +106,7 @@ def run(targets: list[Path], *, task: str = "all", recipe: Path | None = None, o
     """Evaluate every target on `task` (or all tasks); returns {task: [result of each target]} (+ 'mean')."""
     choices = ["all", *TASKS]
     if task not in choices:
-        raise ValueError(f"--task {task!r}: choose one of {', '.join(choices)}")
+        raise StellaError(f"--task {task!r}: choose one of {', '.join(choices)}")
     tasks = list(TASKS) if task == "all" else [task]
     resolved = [resolve_target(t, recipe=recipe, overrides=list(overrides), checkpoint=checkpoint,
                                runs_root=runs_root) for t in (targets or [None])]

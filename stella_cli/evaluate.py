@@ -19,9 +19,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from stella_cli.cache import atomic_write_text
 from stella_cli.config import Recipe
 from stella_cli.data import AVDataset, build_loader
+from stella_cli.files import atomic_write_text, make_dir
 
 DIRECTIONS = ("a2v", "v2a")  # audio queries -> video candidates, and the reverse
 
@@ -233,7 +233,7 @@ def write_task_result(results_dir: Path, result: dict[str, Any], table: list[lis
     missing = [k for k in ("task", "checkpoint", "recipe", "command", "metrics") if k not in result]
     if missing:
         raise KeyError(f"result of {result.get('task')!r} lacks {missing}")
-    results_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(results_dir)
     path = results_dir / f"{result['task']}.json"
     atomic_write_text(path, json.dumps(result, indent=1))
     write_table(results_dir, result["task"], table)
@@ -246,7 +246,7 @@ def write_results(results_dir: Path, history: list[dict[str, Any]], tasks: list[
 
     provenance: {'checkpoint', 'recipe', 'command'} of the result (None where unknown).  Files written atomically.
     """
-    results_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(results_dir)
     summary = summarize(history, tasks, ks)
     table = summary_table(summary)
     result = {"task": "retrieval", **{k: None for k in ("checkpoint", "recipe", "command")}, **(provenance or {}),

@@ -100,7 +100,7 @@ def build_method(recipe: Recipe, rank: int, world: int, device: torch.device, *,
     elif recipe.model.checkpoint not in ("", RANDOM):
         try:
             load_authors_checkpoint(backbone, recipe.model.checkpoint)
-        except (ValueError, FileNotFoundError) as err:
+        except StellaError as err:
             raise StellaError(f"model.checkpoint: {err}") from err
     method = entry.cls(
         backbone, recipe.method, avm_cfg=avm_cfg, batch_size=per_rank_batch(recipe.train, world),

@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from stella_cli.config import ModelConfig, token_counts
 from stella_cli.distributed import gather_with_grad, rank_world
+from stella_cli.errors import StellaError
 
 
 def video_patches(video: Tensor, p: int) -> Tensor:
@@ -202,8 +203,8 @@ def modality_guided_masking(ids: Tensor, n_vis: int, generator: torch.Generator 
     """
     B, N = ids.shape
     if not 0 < n_vis < N:
-        raise ValueError(f"masking keeps {n_vis} visible tokens of {N} inputs: need 0 < visible < inputs "
-                         f"(lower the core ratio or the mask ratio)")
+        raise StellaError(f"masking keeps {n_vis} visible tokens of {N} inputs: need 0 < visible < inputs "
+                          f"(lower the core ratio or the mask ratio)")
     pos_vis = shuffle(B, N, ids.device, generator)[:, :n_vis]  # (B, n_vis)
     is_target = torch.ones(B, N, dtype=torch.bool, device=ids.device).scatter(1, pos_vis, False)  # (B, N)
     return pos_vis, is_target
@@ -249,9 +250,9 @@ class CAVMAE(nn.Module):
         for name, size in (("data.image_size", image_size), ("data.target_length", target_length),
                            ("data.num_mel_bins", num_mel_bins)):
             if size % p:
-                raise ValueError(f"{name}={size} is not a multiple of model.patch_size={p}")
+                raise StellaError(f"{name}={size} is not a multiple of model.patch_size={p}")
         if D % cfg.num_heads or Dd % cfg.decoder_num_heads:
-            raise ValueError(f"model.embed_dim={D} / decoder_embed_dim={Dd} not divisible by their head counts")
+            raise StellaError(f"model.embed_dim={D} / decoder_embed_dim={Dd} not divisible by their head counts")
         self.patch_size, self.embed_dim, self.num_heads, self.num_frames = p, D, cfg.num_heads, num_frames
         self.grid = image_size // p  # S/p
         self.num_time_tokens, self.num_freq_tokens = target_length // p, num_mel_bins // p

@@ -16,12 +16,13 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from stella_cli import evaluate
 from stella_cli.cache import read_meta
+from stella_cli.checkpoint import write_checkpoint
 from stella_cli.config import OutputConfig
 from stella_cli.downstream import Context, TaskSkipped
+from stella_cli.errors import StellaError
+from stella_cli.files import make_dir
 from stella_cli.synth import HELDOUT_TASKS, heldout_dir
 from stella_cli.train import run as train_run
 
@@ -43,14 +44,14 @@ def run_msrvtt(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     transfer_dir = ctx.target.results_dir / "msrvtt_transfer"
     if transfer_dir.exists():  # a previous transfer of this command: start again
         if not (transfer_dir / "config.yaml").is_file():
-            raise FileExistsError(f"{transfer_dir}: exists and is not a transfer run; move it away")
+            raise StellaError(f"{transfer_dir}: exists and is not a transfer run; move it away")
         shutil.rmtree(transfer_dir)
-    transfer_dir.mkdir(parents=True)
+    make_dir(transfer_dir)
     loaded = ctx.load()
     before = evaluate.gallery_scores(loaded.backbone, dataclasses.replace(r, data=data), list(tasks), ctx.device,
                                      ctx.amp)
     start = transfer_dir / "start_backbone.pt"
-    torch.save(loaded.backbone.state_dict(), start)
+    write_checkpoint(start, loaded.backbone.state_dict())
     recipe = dataclasses.replace(
         r, data=data, model=dataclasses.replace(r.model, checkpoint=str(start)),
         method=dataclasses.replace(r.method, name="finetune"), train=dataclasses.replace(r.train, epochs=cfg.epochs),

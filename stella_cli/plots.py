@@ -30,7 +30,9 @@ import torch  # noqa: E402
 from stella_cli.cache import read_meta  # noqa: E402
 from stella_cli.checkpoint import read_checkpoint, task_checkpoints, task_of  # noqa: E402
 from stella_cli.config import load_recipe, num_core_tokens, token_counts  # noqa: E402
+from stella_cli.errors import StellaError  # noqa: E402
 from stella_cli.evaluate import DIRECTIONS, accuracy_matrix  # noqa: E402
+from stella_cli.files import replacing  # noqa: E402
 from stella_cli.select import prune_mask, select_audio_chunks, select_video_patches  # noqa: E402
 from stella_cli.tracking import METRICS, read_metrics  # noqa: E402
 
@@ -56,9 +58,12 @@ def task_color(k: int) -> Any:
 
 
 def _save(fig: plt.Figure, out: Path) -> Path:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
+    """Write the figure atomically (files.replacing: a full disk leaves no half PNG), then close it."""
+    try:
+        with replacing(out) as fh:
+            fig.savefig(fh, format=out.suffix.lstrip(".") or "png")
+    finally:
+        plt.close(fig)
     return out
 
 
@@ -473,18 +478,18 @@ def buffer_figures(run_dir: Path, n: int, out_dir: Path | None = None, checkpoin
     d, s, p = recipe.data, recipe.method.stella, recipe.model.patch_size
     try:
         tasks = read_meta(Path(d.root))["tasks"]
-    except FileNotFoundError:
+    except StellaError:
         tasks = []
 
     def load_buffer(path: Path) -> dict:
         state = read_checkpoint(path, mmap=True)
         if "buffer" not in state["method_extra"]:
-            raise ValueError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
+            raise StellaError(f"{path}: method {state['recipe']['method']['name']!r} keeps no replay buffer")
         return state["method_extra"]["buffer"]
 
     path = run_dir / "checkpoints" / checkpoint
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: no such checkpoint")
+        raise StellaError(f"{path}: no such checkpoint")
     if buffer is None:
         buffer = load_buffer(path)
     fields = {k: v.numpy() if v.dtype != torch.bfloat16 else v.float().numpy() for k, v in buffer["fields"].items()}

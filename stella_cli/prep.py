@@ -43,6 +43,7 @@ from stella_cli.cache import (DONE, FAILED, SPLITS, CacheSpec, SplitWriter, disk
 from stella_cli.errors import StellaError
 from stella_cli.inputs import (MEDIA_EXTENSIONS, MediaIndex, check_leaks, duplicate_note, leak_note, parse_split_files,
                                read_rows, read_text, walk_files)
+from stella_cli.files import atomic_write_text, make_dir
 from stella_cli.pool import run_jobs
 
 VGGSOUND_TASKS = ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1", "others_part2"]
@@ -557,7 +558,7 @@ def write_plan(plan: Plan, out: Path, spec: CacheSpec, *, workers: int, progress
     t0 = time.perf_counter() if t0 is None else t0
     dataset = plan.dataset
     check_resumable(out, plan.clips, spec)  # refuse a cache made from other lists or settings before touching it
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_meta(out, {"dataset": dataset, "tasks": plan.tasks, "splits": list(SPLITS), "spec": spec_to_dict(spec),
                      "classes": [{"index": c.index, "name": c.name, "mid": c.mid, "category": c.category,
                                   "task": c.task, "trained": c.trained} for c in plan.classes],
@@ -575,7 +576,7 @@ def write_plan(plan: Plan, out: Path, spec: CacheSpec, *, workers: int, progress
         report["splits"][split] = {"selected": len(plan.clips[split]) + len(plan.missing[split]),
                                    "prepared": sum(counts.values()), "clips": counts, "skipped": skipped,
                                    "excluded": dict(plan.excluded[split])}
-    (out / "prep_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "prep_report.json", json.dumps(report, indent=2))
     summary["seconds"] = time.perf_counter() - t0
     summary["bytes"] = disk_bytes(out)
     return summary
@@ -590,7 +591,7 @@ def prepare_split(out: Path, split: str, clips: list[ClipSource], spec: CacheSpe
     out = Path(out)
     _check_rows(out, split, clips, spec)
     writer = SplitWriter(out, split, len(clips), spec)
-    durations = open_or_create(out / "cache" / split / "duration.npy", np.float32, (len(clips),))
+    durations = open_or_create(out / "cache" / split / "duration.npy", np.float32, (len(clips),), writer.status)
     pending = writer.pending_rows()
     skipped = []
     bar = tqdm(total=len(pending), desc=f"prep {split}", unit="clip", disable=not progress, leave=False)
@@ -645,8 +646,8 @@ def _check_rows(out: Path, split: str, clips: list[ClipSource], spec: CacheSpec)
     check_resumable(out, {split: clips}, spec)
     path = out / "cache" / split / "rows.json"
     if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(_rows_record(clips, spec)))
+        make_dir(path.parent)
+        atomic_write_text(path, json.dumps(_rows_record(clips, spec)))
 
 
 _WORKER: dict[str, Any] = {}

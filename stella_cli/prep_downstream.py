@@ -43,6 +43,7 @@ from stella_cli.cache import DONE, CacheSpec, disk_bytes, spec_to_dict, write_me
 from stella_cli.errors import StellaError
 from stella_cli.inputs import (MediaIndex, check_leaks, duplicate_note, examples, leak_note, parse_split_files,
                                read_rows, read_text, walk_files)
+from stella_cli.files import atomic_write_text, make_dir, replacing
 from stella_cli.media import resize_geometry
 from stella_cli.prep import ClipSource, check_resumable, prepare_split
 
@@ -178,7 +179,7 @@ def write_prepared(out: Path, dataset: str, tasks: list[str], classes: list[dict
     out = Path(out)
     spec = replace(spec, frames_format=frames_format)
     check_resumable(out, clips, spec)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_meta(out, {"dataset": dataset, "tasks": tasks, "splits": list(clips), "spec": spec_to_dict(spec),
                      "classes": classes, "sources": sources, **(extra_meta or {})})
     summary: dict[str, Any] = {"out": str(out), "splits": {}, "skipped": {}, "skipped_clips": {},
@@ -193,7 +194,7 @@ def write_prepared(out: Path, dataset: str, tasks: list[str], classes: list[dict
         summary["skipped_clips"][split] = skipped
         report["splits"][split] = {"selected": len(items) + len(missing.get(split, [])),
                                    "prepared": sum(counts.values()), "clips": counts, "skipped": skipped}
-    (out / "prep_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "prep_report.json", json.dumps(report, indent=2))
     summary["seconds"] = time.perf_counter() - t0
     summary["bytes"] = disk_bytes(out)
     return summary
@@ -357,7 +358,8 @@ def prepare_avs(out: Path, *, root: Path, meta_csv: Path, masks: Path | None = N
             size = video_frame_size(source / f"{source.name}_1.png" if source.is_dir() else source)
             for k, png in enumerate(files):
                 arr[row, k] = decode_mask(png, spec.frame_size, size)
-        np.save(Path(out) / "cache" / split / "masks.npy", arr)
+        with replacing(Path(out) / "cache" / split / "masks.npy") as fh:
+            np.save(fh, arr)
     return summary
 
 

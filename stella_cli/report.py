@@ -25,12 +25,12 @@ from typing import Any
 import yaml
 from rich.markup import escape
 
-from stella_cli.cache import atomic_write_text
 from stella_cli.config import SELECTIONS
 from stella_cli.console import console, print_rows
 from stella_cli.errors import StellaError
 from stella_cli.evaluate import DIRECTIONS, mean_std
 from stella_cli.factory import METHODS, PAPER_METHODS
+from stella_cli.files import atomic_write_text, make_dir
 from stella_cli.plots import bench_bars, plot_run, report_bars
 
 DOWNSTREAM_TASKS = ("classification", "ave", "avs", "msrvtt", "localisation")
@@ -94,7 +94,7 @@ def expand_runs(patterns: list[str], dirs: bool = True) -> list[Path]:
         else:
             matches = [pattern] if Path(pattern).exists() else []
         if not matches:
-            raise FileNotFoundError(f"{pattern}: no such run directory or file")
+            raise StellaError(f"{pattern}: no such run directory or file")
         paths += [Path(m) for m in matches if Path(m) not in paths]
     return paths
 
@@ -102,7 +102,7 @@ def expand_runs(patterns: list[str], dirs: bool = True) -> list[Path]:
 def load_run(path: Path) -> Run:
     config = path / "config.yaml"
     if not config.is_file():
-        raise FileNotFoundError(f"{path}: not a run directory (no config.yaml; give `stella train` output dirs)")
+        raise StellaError(f"{path}: not a run directory (no config.yaml; give `stella train` output dirs)")
     return Run(path, yaml.safe_load(config.read_text()) or {})
 
 
@@ -249,8 +249,8 @@ def retrieval_table(runs: list[Run], forgetting: str = "conventional", ablation:
             continue
         finished.append((run, summary))
     if not finished:
-        raise ValueError("stella report: no finished run among the given paths" +
-                         (f" ({'; '.join(notes)})" if notes else ""))
+        raise StellaError("stella report: no finished run among the given paths" +
+                          (f" ({'; '.join(notes)})" if notes else ""))
     ks = [k for k in finished[0][1][DIRECTIONS[0]]]  # R@1, R@5, R@10, avg (whatever eval.recall_at gave)
     groups = group_runs([r for r, _ in finished], ablation=ablation)
     summaries = {r.path: s for r, s in finished}
@@ -285,16 +285,16 @@ def efficiency_table(files: list[Path]) -> Table:
     by_key: dict[tuple, Group] = {}
     for path in files:
         if path.is_dir():
-            raise ValueError(f"{path}: --table efficiency reads `stella bench --json` files, not run directories")
+            raise StellaError(f"{path}: --table efficiency reads `stella bench --json` files, not run directories")
         try:
             rows = json.loads(path.read_text())
         except UnicodeDecodeError:  # e.g. a checkpoint given by mistake: never unpickled here
             raise StellaError(f"{path}: a binary file, not JSON; --table efficiency reads `stella bench --json` "
                               "files") from None
         except json.JSONDecodeError as err:
-            raise ValueError(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
+            raise StellaError(f"{path}: not JSON ({err.msg}, line {err.lineno})") from None
         if not isinstance(rows, list) or not all(isinstance(r, dict) and "method" in r for r in rows):
-            raise ValueError(f"{path}: expected a `stella bench --json` list of rows with a 'method' key")
+            raise StellaError(f"{path}: expected a `stella bench --json` list of rows with a 'method' key")
         for row in rows:
             setting = tuple(row.get(k) for k in BENCH_SETTING)
             key = (row["method"], *setting)
@@ -335,8 +335,8 @@ def downstream_table(runs: list[Run]) -> Table:
         if results:
             found.append((run, results))
     if not found:
-        raise ValueError("stella report --table downstream: no results/<task>.json "
-                         f"({', '.join(DOWNSTREAM_TASKS)}) in the given runs (run `stella eval` first)")
+        raise StellaError("stella report --table downstream: no results/<task>.json "
+                          f"({', '.join(DOWNSTREAM_TASKS)}) in the given runs (run `stella eval` first)")
     for task in DOWNSTREAM_TASKS:
         for _, results in found:
             for metric, value in results.get(task, {}).get("metrics", {}).items():
@@ -363,9 +363,9 @@ def downstream_table(runs: list[Run]) -> Table:
 
 def build_table(kind: str, paths: list[Path], forgetting: str = "conventional") -> Table:
     if kind not in TABLES:
-        raise ValueError(f"--table {kind!r}: choose one of {', '.join(TABLES)}")
+        raise StellaError(f"--table {kind!r}: choose one of {', '.join(TABLES)}")
     if forgetting not in FORGETTING:
-        raise ValueError(f"--forgetting {forgetting!r}: choose conventional or as-coded")
+        raise StellaError(f"--forgetting {forgetting!r}: choose conventional or as-coded")
     if kind == "efficiency":
         return efficiency_table(paths)
     runs = [load_run(p) for p in paths]
@@ -453,7 +453,7 @@ def to_json(table: Table) -> dict[str, Any]:
 def write_table(table: Table, out: Path) -> list[Path]:
     """OUT/<table>.md, .csv, .json (each written atomically). OUT may be a link to a folder not made yet (the Docker
     image's reports -> /runs/reports): the folder is made where it points."""
-    out.resolve().mkdir(parents=True, exist_ok=True)
+    make_dir(out.resolve())
     paths = [out / f"{table.name}.{ext}" for ext in ("md", "csv", "json")]
     atomic_write_text(paths[0], to_markdown(table))
     atomic_write_text(paths[1], to_csv(table))

@@ -9,7 +9,8 @@ commands README shows, and an interrupted reproduction is continued by running t
 - any other run starts.
 
 Run directories: `{runs}/{table}/{recipe stem}_s{seed}`. After the runs, `stella report` writes the table into
-`{runs}/{table}/report/` and prints it; this module then prints each run's wall time.
+`{runs}/{table}/report/` and prints it; this module then prints each run's wall time. The table folder is held by
+one reproduction at a time (files.holding); its `stella train` children hold their own run directories inside it.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from pathlib import Path
 from typing import Any
 
 
-from stella_cli.cache import atomic_write_text
 from stella_cli.config import SELECTIONS, find_recipe, load_recipe
 from stella_cli.console import console, print_rows
 from stella_cli.errors import Interrupted, StellaError
 from stella_cli.factory import PAPER_METHODS, check_initial_checkpoint, recipe_suffix
+from stella_cli.files import atomic_write_text, holding, make_dir
 
 PAPER_RECIPES = tuple(recipe_suffix(m) for m in PAPER_METHODS)  # recipe suffixes in the paper's row order
 MARKER = "reproduce.json"
@@ -90,7 +91,7 @@ def select_names(spec: TableSpec, methods: str | None) -> tuple[str, ...]:
     wanted = [recipe_suffix(m.strip()) for m in methods.split(",") if m.strip()]
     unknown = [m for m in wanted if m not in spec.names]
     if unknown:
-        raise ValueError(f"--methods: {', '.join(unknown)} not in this table; choose from {', '.join(spec.names)}")
+        raise StellaError(f"--methods: {', '.join(unknown)} not in this table; choose from {', '.join(spec.names)}")
     return tuple(n for n in spec.names if n in wanted)
 
 
@@ -100,9 +101,9 @@ def parse_seeds(text: str | None, spec: TableSpec, full: bool) -> tuple[int, ...
     try:
         seeds = tuple(int(s) for s in text.split(",") if s.strip())
     except ValueError:
-        raise ValueError(f"--seeds {text!r}: expected comma-separated integers, e.g. 2021,2022,2023") from None
+        raise StellaError(f"--seeds {text!r}: expected comma-separated integers, e.g. 2021,2022,2023") from None
     if not seeds:
-        raise ValueError("--seeds: give at least one seed")
+        raise StellaError("--seeds: give at least one seed")
     return seeds
 
 
@@ -111,12 +112,21 @@ def reproduce(table: str = "synthetic", *, seeds: str | None = None, methods: st
               recipes: Path = Path("recipes")) -> list[RunOutcome]:
     """Run (or continue) every run of `table`, then report it. Returns one outcome per run."""
     if table not in TABLES:
-        raise ValueError(f"stella reproduce: unknown table {table!r}; choose one of {', '.join(TABLES)}")
+        raise StellaError(f"stella reproduce: unknown table {table!r}; choose one of {', '.join(TABLES)}")
     spec = TABLES[table]
     names = select_names(spec, methods)
     out_dir = runs / table
-    if spec.bench:
-        return [run_bench(names, out_dir)]
+    with holding(out_dir, advice="wait for it to end or stop it (the same command continues it), or choose "
+                                 "another --runs folder"):  # one reproduction of a table at a time
+        if spec.bench:
+            return [run_bench(names, out_dir)]
+        return run_table(table, names, out_dir, seeds=seeds, overrides=overrides, full=full, recipes=recipes)
+
+
+def run_table(table: str, names: tuple[str, ...], out_dir: Path, *, seeds: str | None, overrides: list[str] | None,
+              full: bool, recipes: Path) -> list[RunOutcome]:
+    """reproduce() in the held table folder: every run through `stella train`, then the report and the times."""
+    spec = TABLES[table]
     seed_list = parse_seeds(seeds, spec, full)
     sets = list(overrides or [])
     recipe_paths = [find_recipe(recipes / f"{spec.prefix}_{name}.yaml") for name in names]  # ./recipes or shipped
@@ -230,7 +240,7 @@ def evaluate_downstream(run_dir: Path) -> None:
 
 def run_bench(names: tuple[str, ...], out_dir: Path) -> RunOutcome:
     """The efficiency table: `stella bench` at the paper's size, both attention kernels, then the report."""
-    out_dir.mkdir(parents=True, exist_ok=True)
+    make_dir(out_dir)
     method_of = {recipe_suffix(m): m for m in PAPER_METHODS}
     methods = ",".join(method_of[n] for n in names)
     tic = time.perf_counter()

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from stella_cli.errors import StellaError
 from stella_cli.scoring import correlation_probs, correlation_probs_from_logits, importance_ranking
 
 
@@ -90,8 +91,8 @@ def _chunk_sizes(L_A: int, num_freq_tokens: int, chunk_times: int) -> tuple[int,
     T = L_A // num_freq_tokens
     if T % chunk_times:
         # the authors' avg_pool1d would silently leave the last T % chunk_times time steps out of every chunk
-        raise ValueError(f"audio selection: num_core_audio_times={chunk_times} must divide the {T} audio time "
-                         f"tokens (target_length / patch_size)")
+        raise StellaError(f"audio selection: num_core_audio_times={chunk_times} must divide the {T} audio time "
+                          f"tokens (target_length / patch_size)")
     return T // chunk_times, chunk_times * num_freq_tokens
 
 

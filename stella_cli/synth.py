@@ -37,6 +37,8 @@ from stella_cli import prep
 from stella_cli.audio import clip_fbank, one_torch_thread
 from stella_cli.cache import (DONE, SPLITS, CacheSpec, SplitWriter, disk_bytes, read_meta, spec_to_dict, write_manifest,
                               write_meta)
+from stella_cli.errors import StellaError
+from stella_cli.files import atomic_write_text, make_dir, replacing, write_failures
 from stella_cli.media import write_mp4
 from stella_cli.pool import run_jobs
 
@@ -485,12 +487,12 @@ def prepare_synthetic(out: str | Path, *, seed: int = 0, fmt: str = "cache", wor
     cfg = config or SynthConfig()
     cfg.validate()
     if fmt not in ("cache", "mp4"):
-        raise ValueError(f"stella prep synthetic: --format must be 'cache' or 'mp4', got {fmt!r}")
+        raise StellaError(f"stella prep synthetic: --format must be 'cache' or 'mp4', got {fmt!r}")
     out = Path(out)
     spec = cache_spec(cfg, frames_format)
     meta = build_meta(cfg, seed, fmt, spec)
     _check_resume(out, meta)
-    out.mkdir(parents=True, exist_ok=True)
+    make_dir(out)
     write_meta(out, meta)
     if fmt == "cache":
         generated, skipped = _generate_cache(out, cfg, seed, spec, workers, progress), {}
@@ -503,13 +505,14 @@ def prepare_synthetic(out: str | Path, *, seed: int = 0, fmt: str = "cache", wor
         status = np.load(out / "cache" / split / "status.npy")
         rows = [r for r in manifest_rows(cfg, seed, split, fmt) if status[r["row"]] == DONE]
         write_manifest(out, split, rows)
-        np.save(out / "cache" / split / "objects.npy", objects_table(cfg, seed, split))
+        with replacing(out / "cache" / split / "objects.npy") as fh:
+            np.save(fh, objects_table(cfg, seed, split))
         counts = {t: sum(r["task"] == t for r in rows) for t in tasks}
         summary["splits"][split] = counts
         summary["skipped"][split] = len(skipped.get(split, []))
         report["splits"][split] = {"listed": len(status), "prepared": len(rows), "clips": counts,
                                    "skipped": skipped.get(split, []), "excluded": {}}
-    (out / "prep_report.json").write_text(json.dumps(report, indent=2))
+    atomic_write_text(out / "prep_report.json", json.dumps(report, indent=2))
     summary.update(seconds=time.perf_counter() - t0, bytes=disk_bytes(out), generated=generated)
     return summary
 
@@ -520,8 +523,8 @@ def _check_resume(out: Path, meta: dict[str, Any]) -> None:
     old, new = read_meta(out), json.loads(json.dumps(meta))  # compare as stored (tuples become lists)
     for key in ("dataset", "spec", "generator"):
         if old.get(key) != new[key]:
-            raise ValueError(f"{out / 'meta.json'}: the folder was prepared with different {key!r} settings "
-                             f"(seed, format or generator); use a new --out folder or delete this one")
+            raise StellaError(f"{out / 'meta.json'}: the folder was prepared with different {key!r} settings "
+                              f"(seed, format or generator); use a new --out folder or delete this one")
 
 
 def _generate_cache(out: Path, cfg: SynthConfig, seed: int, spec: CacheSpec, workers: int, progress: bool) -> int:
@@ -559,7 +562,7 @@ def _generate_via_mp4(out: Path, cfg: SynthConfig, seed: int, spec: CacheSpec, w
     """Write real mp4 files (H.264 + AAC), then prepare them through the decoding path of real clips (prep.py)."""
     jobs = []
     for split in SPLITS:
-        (out / "mp4" / split).mkdir(parents=True, exist_ok=True)
+        make_dir(out / "mp4" / split)
         todo = [r for r in split_clips(cfg, split) if not _mp4_path(out, split, r).is_file()]
         jobs += [(str(out), split, cfg, seed, todo[i:i + 8]) for i in range(0, len(todo), 8)]
     done = 0
@@ -589,8 +592,9 @@ def _write_mp4s(out: str, split: str, cfg: SynthConfig, seed: int, refs: list[Cl
         clip = synth_clip(cfg, seed, split, ref.label, ref.k, identities)
         path = _mp4_path(Path(out), split, ref)
         tmp = path.with_name(path.stem + ".tmp.mp4")
-        write_mp4(tmp, clip.frames, cfg.fps, clip.wave, cfg.sample_rate)
-        os.replace(tmp, path)
+        with write_failures(path, partial=tmp):
+            write_mp4(tmp, clip.frames, cfg.fps, clip.wave, cfg.sample_rate)
+            os.replace(tmp, path)
     return len(refs)
 
 

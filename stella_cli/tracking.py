@@ -21,8 +21,8 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from stella_cli.cache import atomic_write_text
 from stella_cli.errors import StellaError
+from stella_cli.files import append_text, atomic_write_text
 
 METRICS = "metrics.jsonl"
 TRACKERS = ("tensorboard", "wandb")  # train.log_to values with a tracker, each writing RUN/<name>/
@@ -153,7 +153,7 @@ class WandbTracker(Tracker):
         id_file = folder / "run_id"
         folder.mkdir(parents=True, exist_ok=True)
         if not id_file.is_file():
-            id_file.write_text(uuid.uuid4().hex[:16])
+            atomic_write_text(id_file, uuid.uuid4().hex[:16])
         self.sent_through = sent_through
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "stella"), name=name,
                               id=id_file.read_text().strip(), resume="allow", dir=str(folder.parent), config=config,
@@ -197,8 +197,7 @@ class MetricsLog:
 
     def log(self, record: dict[str, Any]) -> None:
         """One line of metrics.jsonl (record has 'step' and 'time') and its scalars in the tracker."""
-        with open(self.path, "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        append_text(self.path, json.dumps(record) + "\n")
         self.tracker.log(record["step"], scalars(record), record["time"])
 
     def flush(self) -> None:

@@ -3,22 +3,25 @@
 run() -> train_task() -> train_step(), top to bottom. One optimiser (Adam, constant LR) for the whole stream;
 the method's state (AVM, replay buffer, generators) carries across tasks. A checkpoint is one flat dict written
 atomically, at task ends, every train.checkpoint_every steps and every train.checkpoint_minutes; a run directory
-is claimed by its first checkpoint and never overwritten without --resume (an earlier start that stopped before
-that is reused); SIGINT/SIGTERM save a checkpoint at the next step boundary, so a resumed run continues the same
-stream and ends with the same weights. Expected failures are errors.py types: bad input exits 2, a non-finite
-value 3 (the divergence guard, which every method goes through), a saved stop 130.
+is held by one process at a time (its .stella.lock), claimed by its first checkpoint and never overwritten without
+--resume (an earlier start that stopped before that is reused); SIGINT/SIGTERM save a checkpoint at the next step
+boundary, so a resumed run continues the same stream and ends with the same weights. Expected failures are
+errors.py types: bad input or a full disk exits 2, a non-finite value 3 (the divergence guard, which every method
+goes through), a saved stop 130.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import shlex
 import shutil
 import signal
 import sys
 import time
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -33,8 +36,9 @@ from stella_cli.console import console, is_main, log
 from stella_cli.data import AVDataset, build_loader, check_prepared, num_batches
 from stella_cli.distributed import (all_gather_object, all_reduced, amp_dtype, barrier, broadcast_object, grad_scaler,
                                     no_sync, setup_distributed, unwrap, wrap)
-from stella_cli.errors import DivergenceError, Interrupted, StellaError
+from stella_cli.errors import DivergenceError, Interrupted, StellaError, WriteFailed
 from stella_cli.factory import METHODS, build_method, check_initial_checkpoint, check_method
+from stella_cli.files import LOCK_NAME, atomic_write_text, holding, make_dir
 from stella_cli.methods import Method
 from stella_cli.model import weight_decay_groups
 from stella_cli.replay import merge_state_dicts, split_state_dict
@@ -63,14 +67,44 @@ def build_optimizer(method: Method, cfg: OptimConfig) -> torch.optim.Optimizer:
 RUN_FILES = {"config.yaml", "checkpoints", "results", METRICS, *TRACKERS}  # what a start writes before any checkpoint
 
 
+def run_files(run_dir: Path) -> set[str]:
+    """The names in a run directory, its lock file aside."""
+    return {p.name for p in run_dir.iterdir()} - {LOCK_NAME} if run_dir.is_dir() else set()
+
+
 def is_claimed(run_dir: Path) -> bool:
     """A run directory belongs to a run once it holds a checkpoint (temp files of a killed save do not count)."""
     return bool(run_checkpoints(run_dir))
 
 
 def is_empty_claim(run_dir: Path) -> bool:
-    """A start that stopped before its first checkpoint: only the files a start writes, and no checkpoint."""
-    return run_dir.is_dir() and not is_claimed(run_dir) and {p.name for p in run_dir.iterdir()} <= RUN_FILES
+    """A start that stopped before its first checkpoint: some of the files a start writes, and no checkpoint."""
+    files = run_files(run_dir)
+    return bool(files) and files <= RUN_FILES and not is_claimed(run_dir)
+
+
+@contextmanager
+def holding_run_dir(run_dir: Path) -> Iterator[None]:
+    """The run directory is this run's while it trains (files.holding): rank 0 holds its lock, every rank gets the
+    refusal when another process has it. A folder with other files than a stella run's is refused first, before
+    anything (the lock file included) is written into it."""
+    if run_files(run_dir) and not is_claimed(run_dir) and not is_empty_claim(run_dir):
+        raise StellaError(f"{run_dir} holds other files than a stella run "
+                          f"({', '.join(sorted(run_files(run_dir)))[:200]}); choose another "
+                          f"output.dir (e.g. --set output.dir={run_dir}_2)")
+    with ExitStack() as held:
+        refusal = None
+        if is_main():
+            try:
+                held.enter_context(holding(run_dir, advice="wait for it to end or stop it (then continue with "
+                                                           "--resume), or choose another output.dir (e.g. --set "
+                                                           f"output.dir={run_dir}_2)"))
+            except StellaError as err:
+                refusal = err
+        refusal = broadcast_object(refusal)
+        if refusal is not None:
+            raise refusal
+        yield
 
 
 def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
@@ -86,16 +120,12 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
             others = run_checkpoints(run_dir)
             raise StellaError(f"{latest}: missing, but {run_dir / 'checkpoints'} holds {others[-1].name}; copy it to "
                               f"latest.pt to resume from it, or start a new output.dir")
-        raise FileNotFoundError(f"{latest}: nothing to resume (start without --resume)")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        raise StellaError(f"{latest}: nothing to resume (start without --resume)")
+    if not resume and run_files(run_dir):
         if is_claimed(run_dir):
-            raise FileExistsError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
-                                  f"output.dir (e.g. --set output.dir={run_dir}_2)")
-        if not is_empty_claim(run_dir):
-            raise FileExistsError(f"{run_dir} holds other files than a stella run "
-                                  f"({', '.join(sorted(p.name for p in run_dir.iterdir()))[:200]}); choose another "
-                                  f"output.dir (e.g. --set output.dir={run_dir}_2)")
-        reuse = True
+            raise StellaError(f"{run_dir} already exists: pass --resume to continue it, or choose another "
+                              f"output.dir (e.g. --set output.dir={run_dir}_2)")
+        reuse = True  # an empty claim (holding_run_dir refused any other folder)
     barrier()
     if is_main() and not resume:
         if reuse:
@@ -103,9 +133,9 @@ def prepare_run_dir(recipe: Recipe, resume: bool) -> Path:
             for name in ("checkpoints", "results", *TRACKERS):
                 shutil.rmtree(run_dir / name, ignore_errors=True)
             (run_dir / METRICS).unlink(missing_ok=True)
-        (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-        (run_dir / "results").mkdir(exist_ok=True)
-        (run_dir / "config.yaml").write_text(recipe_to_yaml(recipe))
+        make_dir(run_dir / "checkpoints")
+        make_dir(run_dir / "results")
+        atomic_write_text(run_dir / "config.yaml", recipe_to_yaml(recipe))
     barrier()
     return run_dir
 
@@ -219,8 +249,8 @@ class Trainer:
         batch = per_rank_batch(r.train, self.world)
         steps_per_epoch = num_batches(len(dataset), batch, drop_last=True, world_size=self.world)
         if steps_per_epoch == 0:
-            raise ValueError(f"task {name!r}: {len(dataset)} training clips, fewer than train.batch_size="
-                             f"{r.train.batch_size}")
+            raise StellaError(f"task {name!r}: {len(dataset)} training clips, fewer than train.batch_size="
+                              f"{r.train.batch_size}")
         with self.progress(name, r.train.epochs * steps_per_epoch) as (bar, job):
             bar.update(job, completed=self.pos.epoch * steps_per_epoch + self.pos.batch)
             while self.pos.epoch < r.train.epochs:
@@ -366,6 +396,13 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
     """Train the recipe's task stream; returns the run directory. Raises TrainingInterrupted after a saved stop."""
     check_method(recipe, "the recipe")
     rank, world, device = setup_distributed(recipe.train.device)
+    with holding_run_dir(Path(recipe.output.dir)):  # no second process in it, from here to the end
+        return train_stream(recipe, rank, world, device, resume=resume, quiet=quiet, stop_after=stop_after)
+
+
+def train_stream(recipe: Recipe, rank: int, world: int, device: torch.device, *, resume: bool, quiet: bool,
+                 stop_after: int | None) -> Path:
+    """run() in the held run directory: the checks, the run directory, the model, then the task loop."""
     if resume and is_empty_claim(Path(recipe.output.dir)):  # nothing to resume: prepare_run_dir reuses it, saying so
         resume = False
     if resume:  # the saved recipe is the run's recipe
@@ -409,12 +446,23 @@ def run(recipe: Recipe, *, resume: bool = False, quiet: bool = False, stop_after
                 for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         trainer.run()
+    except WriteFailed as err:  # a full disk: the last good checkpoint and how to continue from it
+        raise err.with_advice(
+            f"the last good checkpoint {trainer.last_good} is untouched: make room and continue with "
+            f"`{resume_command()}`" if trainer.last_good else
+            "no checkpoint was written yet: make room and start again (the run directory is reused)") from err
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         if trainer.metrics is not None:
             trainer.metrics.close()
     return run_dir
+
+
+def resume_command() -> str:
+    """This `stella train` command with --resume: what continues the run."""
+    args = sys.argv[1:] if sys.argv[1:2] == ["train"] else ["train", "RECIPE"]
+    return " ".join(["stella", *map(shlex.quote, args), *([] if "--resume" in args else ["--resume"])])
 
 
 def check_task_sizes(recipe: Recipe, schedule: list[tuple[str, list[str]]], world: int) -> None:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from stella_cli.bench import ROW_KEYS, SavedBytes, add_ratios, all_methods, attention_kernel, parse_methods
+from stella_cli.errors import StellaError
 from stella_cli.factory import METHODS
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -43,7 +44,7 @@ def test_math_kernel_keeps_the_attention_map_and_gives_the_same_output():
     assert torch.allclose(out, reference, atol=1e-5)
     assert math_saved.total >= attention_map  # softmax(q·kᵀ) is saved for backward
     assert sdpa_saved.total < attention_map  # the fused kernel keeps O(N·d), not the N×N map
-    with pytest.raises(ValueError, match="--attention 'flash'"):
+    with pytest.raises(StellaError, match="--attention 'flash'"):
         with attention_kernel("flash"):
             pass
 
@@ -69,7 +70,7 @@ def test_method_names():
     assert len(all_methods()) == 10
     assert parse_methods("all") == all_methods()
     assert parse_methods(" stella, finetune,stella ") == ["stella", "finetune"]
-    with pytest.raises(ValueError, match="unknown method 'derp'"):
+    with pytest.raises(StellaError, match="unknown method 'derp'"):
         parse_methods("stella,derp")
 
 

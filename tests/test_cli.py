@@ -70,6 +70,19 @@ def test_bad_input_is_one_clear_line_and_exit_2(monkeypatch, capsys, argv, messa
     assert message in out and "Traceback" not in out
 
 
+def test_a_bug_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only a StellaError is an expected failure (one line, exit 2): any other exception, a ValueError included, is
+    a bug and reaches the user with its traceback instead of posing as bad input."""
+    def buggy(*args, **kwargs):
+        raise ValueError("a bug inside stella")
+
+    monkeypatch.setattr("stella_cli.cli.prepare_dataset", buggy)
+    monkeypatch.setattr("sys.argv", ["stella", "prep", "synthetic", "--out", str(tmp_path / "data")])
+    with pytest.raises(ValueError, match="a bug inside stella"):
+        main()
+    assert not (tmp_path / "data").exists()  # the folder its lock created is gone with it
+
+
 def test_buffer_command_on_a_trained_run(tmp_path):
     data = tmp_path / "data"
     prepare_synthetic(data, seed=0, fmt="cache", workers=1, frames_format="raw", progress=False,

@@ -15,6 +15,7 @@ from stella_cli.config import DataConfig
 from stella_cli.data import (IMAGENET_MEAN, IMAGENET_STD, AVDataset, build_loader, check_prepared, eval_start,
                              fixed_crop_offsets, frame_indices, multiscale_crop_box, num_batches, resized_crop,
                              shard_indices, window_starts)
+from stella_cli.errors import StellaError
 from stella_cli.synth import SynthConfig, prepare_synthetic
 
 TINY = SynthConfig(num_classes=4, num_tasks=2, train_per_class=4, test_per_class=1, retrieval_per_class=2)
@@ -80,27 +81,27 @@ def test_eval_resizes_to_image_size(root):
 def test_task_filter_and_errors(root):
     ds = AVDataset(cfg_for(root), "retrieval", ["task2"], train=False)
     assert len(ds) == 4 and (ds.tasks == 1).all() and set(ds.labels.tolist()) == {2, 3}
-    with pytest.raises(ValueError, match="task9"):
+    with pytest.raises(StellaError, match="task9"):
         AVDataset(cfg_for(root), "train", ["task9"], train=False)
-    with pytest.raises(ValueError, match=r"target_length=384.*data.target_length=1024"):
+    with pytest.raises(StellaError, match=r"target_length=384.*data.target_length=1024"):
         check_prepared(dataclasses.replace(cfg_for(root), target_length=1024))
-    with pytest.raises(ValueError, match="num_mel_bins"):
+    with pytest.raises(StellaError, match="num_mel_bins"):
         AVDataset(dataclasses.replace(cfg_for(root), num_mel_bins=64), "train", train=False)
-    with pytest.raises(ValueError, match="frame_stride"):
+    with pytest.raises(StellaError, match="frame_stride"):
         check_prepared(cfg_for(root, num_frames=5))  # 5 x 8 > 32 cached frames
-    with pytest.raises(ValueError, match="data.dataset"):
+    with pytest.raises(StellaError, match="data.dataset"):
         check_prepared(dataclasses.replace(cfg_for(root), dataset="vggsound"))
 
 
 def test_missing_data_names_the_prep_command(tmp_path):
     missing = tmp_path / "data" / "synthetic"
     cfg = cfg_for(missing)
-    with pytest.raises(FileNotFoundError, match=f"run `stella prep synthetic --out {missing}`"):
+    with pytest.raises(StellaError, match=f"run `stella prep synthetic --out {missing}`"):
         check_prepared(cfg)
-    with pytest.raises(FileNotFoundError, match="stella prep synthetic --out"):
+    with pytest.raises(StellaError, match="stella prep synthetic --out"):
         AVDataset(cfg, "train", train=True)
     vgg = dataclasses.replace(cfg, dataset="vggsound")
-    with pytest.raises(FileNotFoundError, match="stella prep vggsound --list .* --out"):
+    with pytest.raises(StellaError, match="stella prep vggsound --list .* --out"):
         check_prepared(vgg)
 
 

@@ -16,6 +16,7 @@ from helpers import tiny_synthetic
 
 from stella_cli import eval_run
 from stella_cli.checkpoint import latest_run
+from stella_cli.errors import StellaError
 from stella_cli.train import run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -101,7 +102,7 @@ def test_checkpoint_files_and_the_authors_format(stella_run, tmp_path):
     state = torch.load(first, weights_only=False)["model"]
     authors = tmp_path / "authors.pth"
     torch.save({"model": {f"module.backbone.transformer.{k}": v for k, v in state.items()}}, authors)
-    with pytest.raises(ValueError, match="give --recipe"):
+    with pytest.raises(StellaError, match="give --recipe"):
         eval_run.resolve_target(authors, recipe=None, overrides=[], checkpoint=None)
     theirs = eval_run.run([authors], task="retrieval", recipe=stella_run / "config.yaml",
                           quiet=True)["retrieval"][0]["rows"][0]["scores"]
@@ -111,12 +112,12 @@ def test_checkpoint_files_and_the_authors_format(stella_run, tmp_path):
 def test_latest_run_and_errors(stella_run, tmp_path):
     runs = tmp_path / "runs"
     runs.mkdir()
-    with pytest.raises(FileNotFoundError, match="no run with checkpoints"):
+    with pytest.raises(StellaError, match="no run with checkpoints"):
         latest_run(runs)
     (runs / "old").mkdir()
     (runs / "demo").symlink_to(stella_run)
     assert latest_run(runs) == runs / "demo"
-    with pytest.raises(FileNotFoundError, match="--checkpoint task07: not in"):
+    with pytest.raises(StellaError, match="--checkpoint task07: not in"):
         eval_run.resolve_target(stella_run, recipe=None, overrides=[], checkpoint="task07")
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     for args, message in ((["--task", "nope"], "--task 'nope': choose one of all, retrieval"),

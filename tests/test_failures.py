@@ -8,18 +8,27 @@ from __future__ import annotations
 
 import os
 import pickle
+import resource
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
 
+from helpers import tiny_synthetic
+
+from stella_cli.cache import check_folder
 from stella_cli.config import load_recipe
-from stella_cli.train import run
+from stella_cli.files import lock, unlock
+from stella_cli.synth import SynthConfig, prepare_synthetic
+from stella_cli.train import TrainingInterrupted, run
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -143,6 +152,53 @@ def test_kill_before_the_first_checkpoint_then_the_same_command(tmp_path, data_r
     assert "reusing" in resumed.stdout and "before its first checkpoint" in resumed.stdout
 
 
+def test_a_second_start_in_a_held_run_directory_is_refused_and_a_killed_holder_blocks_nothing(tmp_path, data_root):
+    """Two real processes: while a run trains, the same command (and its --resume) is refused in one line naming
+    the holder; after kill -9 of the holder the OS has released the lock, and --resume continues at once."""
+    out = tmp_path / "run"
+    cmd = train_cmd(data_root, out, "train.epochs=1000", "train.checkpoint_every=1")
+    holder = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+    latest, deadline = out / "checkpoints" / "latest.pt", time.time() + 120
+    while not latest.is_file() and holder.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    assert latest.is_file(), holder.communicate()[0][-3000:] if holder.poll() is not None else "no checkpoint"
+    for result in run_all([cmd, cmd + ["--resume"]]):
+        assert_one_line(result, 2, f"{out} is in use by another stella process (pid {holder.pid} on host "
+                                   f"{socket.gethostname()} since ", " s ago: stella train ",
+                        f"); wait for it to end or stop it (then continue with --resume), or choose another "
+                        f"output.dir (e.g. --set output.dir={out}_2)")
+    holder.kill()
+    holder.communicate(timeout=60)
+    step = torch.load(latest, map_location="cpu", weights_only=False)["position"]["step"]
+    resumed = subprocess.run(train_cmd(data_root, out, resume=True) + ["--stop-after", str(step + 1)],
+                             capture_output=True, text=True, env=ENV, timeout=600)
+    assert resumed.returncode == 130, resumed.stdout + resumed.stderr
+    assert f"resumed {out} at step {step}" in resumed.stdout and f"stopped at step {step + 1}" in resumed.stdout
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="data-loader and prep workers are forked on Linux only")
+def test_a_forked_worker_does_not_keep_its_parents_lock(tmp_path):
+    """A data-loader or prep worker is a fork of the process that holds the lock: once that process lets go (or is
+    killed), the lock is free even while the worker still runs, so --resume never waits for a worker to notice."""
+    held = lock(tmp_path, "advice")
+    read, write = os.pipe()
+    started, ready = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the worker: says it runs, then lives on until the parent writes
+        os.write(ready, b"r")
+        os.read(read, 1)
+        os._exit(0)
+    try:
+        assert os.read(started, 1) == b"r"
+        unlock(held)
+        unlock(lock(tmp_path, "advice"))  # a FolderInUse here if the worker had kept its copy of the lock
+    finally:
+        os.write(write, b"x")
+        os.waitpid(pid, 0)
+        for fd in (read, write, started, ready):
+            os.close(fd)
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, data_root) -> Path:
     tmp = tmp_path_factory.mktemp("finished")
@@ -183,8 +239,11 @@ def test_damaged_checkpoints_are_one_line_and_say_what_to_do(tmp_path, data_root
                 "shape": "another model shape than the recipe's (backbone.pos_embed_a: saved (1, 3, 5)"}
     cmds = [train_cmd(data_root, copies[h], resume=True) for h in hows]
     cmds += [cli("buffer", str(copies[h])) for h in ("truncated", "empty")]
+    # `stella eval` reads a checkpoint file the same way, so it says the same
+    cmds += [cli("eval", str(copies[h] / "checkpoints" / "latest.pt"), "--task", "retrieval")
+             for h in ("truncated", "empty")]
     results = run_all(cmds)
-    for how, result in zip(hows + ["truncated", "empty"], results):
+    for how, result in zip(hows + ["truncated", "empty"] * 2, results):
         latest = copies[how] / "checkpoints" / "latest.pt"
         line = assert_one_line(result, 2, f"{latest}: ", messages[how])
         if how in ("truncated", "empty"):
@@ -195,6 +254,139 @@ def test_damaged_checkpoints_are_one_line_and_say_what_to_do(tmp_path, data_root
     fixed = subprocess.run(cli("buffer", str(copies["truncated"])), capture_output=True, text=True, env=ENV,
                            timeout=300)
     assert fixed.returncode == 0 and "12 / 12 slots filled" in fixed.stdout, fixed.stdout + fixed.stderr
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a full disk
+
+
+@dataclass
+class SmallDisk:
+    """A folder on which only so many more bytes fit: a tmpfs of its own where this process may mount one (root on
+    Linux: a real full disk, ENOSPC), else `ulimit -f` on the command that writes (RLIMIT_FSIZE: no file may grow
+    past that many bytes, EFBIG). Both reach the same code: an OSError while a file is written."""
+
+    folder: Path
+    tmpfs: bool
+
+    @property
+    def reason(self) -> str:
+        return "no space left on device" if self.tmpfs else "file too large"
+
+    def leave(self, free: int) -> dict[str, Any]:
+        """Let only `free` more bytes fit; returns the keyword arguments of the subprocess that meets it."""
+        if not self.tmpfs:
+            return {"preexec_fn": lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (free, free))}
+        self.make_room()
+        stat = os.statvfs(self.folder)
+        with open(self.folder / "filler", "wb") as fh:
+            os.posix_fallocate(fh.fileno(), 0, stat.f_bavail * stat.f_frsize - free)
+        return {}
+
+    def make_room(self) -> None:
+        (self.folder / "filler").unlink(missing_ok=True)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> SmallDisk:
+    folder = tmp_path / "disk"
+    folder.mkdir()
+    mounted = sys.platform.startswith("linux") and os.geteuid() == 0 and subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(folder)], capture_output=True).returncode == 0
+    yield SmallDisk(folder, mounted)
+    if mounted:
+        subprocess.run(["umount", "-l", str(folder)], capture_output=True)
+
+
+def test_a_full_disk_names_the_file_keeps_the_last_good_version_and_the_same_command_continues(small_disk, data_root):
+    """A checkpoint, a figure and a feature cache written to a full disk: one line naming the file, the free space
+    and how to continue, the partial file removed, the last good checkpoint untouched; with room, --resume ends."""
+    run_dir = small_disk.folder / "run"
+    recipe = load_recipe(ROOT / "recipes" / "synthetic.yaml", [o for o in tiny(data_root, run_dir) if o != "--set"])
+    with pytest.raises(TrainingInterrupted):
+        run(recipe, quiet=True, stop_after=2)  # latest.pt at step 2, the last good checkpoint
+    latest = run_dir / "checkpoints" / "latest.pt"
+    good = latest.read_bytes()
+    full = subprocess.run(train_cmd(data_root, run_dir, resume=True), capture_output=True, text=True, env=ENV,
+                          timeout=600, **small_disk.leave(len(good) // 2))  # the task-1 checkpoint does not fit
+    assert_one_line(full, 2, f"{run_dir / 'checkpoints' / 'task01_task1.pt'}: cannot write it ({small_disk.reason}",
+                    " free on ", "; the partial file was removed; the last good checkpoint "
+                    f"{latest} is untouched: make room and continue with `stella train ", " --resume`")
+    assert latest.read_bytes() == good
+    assert [p.name for p in latest.parent.iterdir()] == ["latest.pt"]  # no task01_task1.pt.tmp left behind
+    small_disk.make_room()
+    again = subprocess.run(full.args, capture_output=True, text=True, env=ENV, timeout=600)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert f"resumed {run_dir} at step 2" in again.stdout and "after task2: A->V" in again.stdout
+
+    reports = small_disk.folder / "reports"  # the tables fit, the first figure does not
+    report = subprocess.run(cli("report", str(run_dir), "--out", str(reports)), capture_output=True, text=True,
+                            env=ENV, timeout=300, **small_disk.leave(16 * 1024))
+    assert_one_line(report, 2, f"{reports / 'retrieval_bars.png'}: cannot write it ({small_disk.reason}",
+                    "the partial file was removed; make room (or fix the cause) and run the same command again")
+    assert sorted(p.name for p in reports.iterdir()) == ["retrieval.csv", "retrieval.json", "retrieval.md"]
+
+    data = small_disk.folder / "data"  # the synthetic benchmark's training fbank cache is 60 MiB
+    prep = subprocess.run(cli("prep", "synthetic", "--out", str(data), "--no-heldout", "--workers", "1", "--quiet"),
+                          capture_output=True, text=True, env=ENV, timeout=300, **small_disk.leave(10 * 2**20))
+    fbank = data / "cache" / "train" / "fbank.npy"
+    assert_one_line(prep, 2, f"{fbank}: cannot write it ({small_disk.reason}", ": it needs 60.0 MiB; ",
+                    "the partial file was removed; make room")
+    assert not fbank.exists() and (data / "cache" / "train" / "status.npy").is_file()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# a damaged feature cache
+
+
+def test_a_damaged_feature_cache_names_the_file_and_the_prep_that_rebuilds_it(tmp_path, data_root):
+    """cache/train/fbank.npy cut short (a copy interrupted by a full disk) inside its 21st row: `stella train` names
+    the file, its expected and actual size and the prep command, before it writes anything; `stella prep --check`
+    finds it; the prep that made the folder keeps the 20 whole rows and prepares the other 12 again, bit for bit."""
+    data = tmp_path / "data"
+    shutil.copytree(data_root, data)
+    fbank = data / "cache" / "train" / "fbank.npy"
+    whole = fbank.read_bytes()
+    row_bytes = 384 * 128 * 2  # float16 (32, 384, 128): 32 clips of 384 x 128
+    header = len(whole) - 32 * row_bytes
+    fbank.write_bytes(whole[: header + 20 * row_bytes + 1000])
+    cut = fbank.stat().st_size
+    out = tmp_path / "run"
+    train, check = run_all([train_cmd(data, out), cli("prep", "--check", str(data))])
+    assert_one_line(train, 2, f"{fbank}: damaged feature cache ({cut:,} bytes, expected {len(whole):,} (float16 "
+                              "(32, 384, 128)): cut short, by a full disk or an interrupted copy?); rebuild it with "
+                              f"`stella prep synthetic --no-heldout --out {data}`")
+    assert not out.exists()
+    assert_one_line(check, 2, f"{data}: 1 problem (above); `stella prep synthetic --no-heldout --out {data}` "
+                              "rebuilds what is missing or damaged and keeps the rest")
+    assert f"problem: {fbank}: {cut:,} bytes, expected {len(whole):,}" in check.stdout
+    assert tiny_synthetic(data) and fbank.read_bytes() == whole  # the same prep (a config the CLI does not take)
+    again = subprocess.run(cli("prep", "--check", str(data)), capture_output=True, text=True, env=ENV, timeout=300)
+    assert again.returncode == 0 and "every cache file whole, every manifest row cached and done" in again.stdout
+
+
+def test_a_prep_prepares_again_only_the_rows_a_damaged_file_lost(tmp_path):
+    """The repair behind `stella prep`'s resume: a cut fbank.npy loses the rows past its last whole one, a cut JPEG
+    file its own row, a cut status.npy every row; check_folder (`--check`) names each, and the prep redoes exactly
+    those rows, ending bit-identical to an undamaged cache."""
+    config = SynthConfig(num_classes=4, num_tasks=1, train_per_class=2, test_per_class=1, retrieval_per_class=1)
+    good, data = tmp_path / "good", tmp_path / "data"
+    for folder in (good, data):
+        prepare_synthetic(folder, workers=1, frames_format="jpeg", config=config)
+    train = data / "cache" / "train"
+    fbank = train / "fbank.npy"
+    fbank.write_bytes(fbank.read_bytes()[:-(3 * 384 * 128 * 2 + 10)])  # the last 4 of 8 rows lost (one in part)
+    (train / "jpeg" / "1.bin").write_bytes(b"")
+    (data / "cache" / "test" / "status.npy").write_bytes(b"\x93NUMPY")
+    _, problems = check_folder(data)
+    assert [p.split(": ")[0] for p in problems] == [str(fbank), str(data / "train.csv"),
+                                                     str(data / "cache" / "test" / "status.npy")]
+    assert "clips whose JPEG file in " in problems[1] and ": 1 (e.g. train_c00_001, row 1)" in problems[1]
+    assert prepare_synthetic(data, workers=1, frames_format="jpeg", config=config)["generated"] == 4 + 1 + 4
+    for path in sorted(good.rglob("*")):
+        if path.is_file() and path.name != "prep_report.json":
+            assert path.read_bytes() == (data / path.relative_to(good)).read_bytes(), path
+    assert check_folder(data)[1] == []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -255,6 +447,11 @@ def start_prep(out: Path) -> tuple[subprocess.Popen, list[int]]:
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="/proc and PR_SET_PDEATHSIG are Linux's")
 def test_prep_killed_with_9_leaves_no_worker_behind(tmp_path):
     proc, workers = start_prep(tmp_path / "out")
+    second = subprocess.run(cli("prep", "synthetic", "--out", str(tmp_path / "out"), "--quiet"), capture_output=True,
+                            text=True, env=ENV, timeout=300)  # one prep at a time into one --out
+    assert_one_line(second, 2, f"{tmp_path / 'out'} is in use by another stella process (pid {proc.pid} on host ",
+                    "stella prep synthetic --out", "; wait for it to end or stop it (a prep continues where it "
+                    "stopped), or choose another --out")
     proc.kill()
     proc.communicate(timeout=60)
     deadline = time.time() + 5

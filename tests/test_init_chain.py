@@ -19,6 +19,7 @@ from helpers import fake_mae_state_dict, retrieval_rows
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
 from stella_cli.checkpoint import convert_mae_for_recipe, load_authors_checkpoint, load_avm_checkpoint
+from stella_cli.errors import CheckpointError, StellaError
 from stella_cli.factory import METHODS, build_method, check_initial_checkpoint
 from stella_cli.model import AVM, CAVMAE
 from stella_cli.stella import AVMPretrain
@@ -76,12 +77,12 @@ def test_convert_mae_refuses_a_recipe_it_does_not_fit(tmp_path):
     assert contradicts.returncode == 2 and "Traceback" not in contradicts.stderr + contradicts.stdout
     assert "--num-frames 8 contradicts" in contradicts.stdout and "data.num_frames=4" in contradicts.stdout
     wider = load_recipe(RECIPES / "synthetic.yaml", ["model.embed_dim=96"])
-    with pytest.raises(ValueError, match=r"mae.pth: the MAE has embed_dim 64, R sets model.embed_dim=96"):
+    with pytest.raises(StellaError, match=r"mae.pth: the MAE has embed_dim 64, R sets model.embed_dim=96"):
         convert_mae_for_recipe(tmp_path / "mae.pth", out, recipe=wider, recipe_name="R")
     deeper = load_recipe(RECIPES / "synthetic.yaml", ["model.fusion_depth=2"])
-    with pytest.raises(ValueError, match=r"the MAE has depth 2, R sets model.modality_depth \+ model.fusion_depth=3"):
+    with pytest.raises(StellaError, match=r"the MAE has depth 2, R sets model.modality_depth \+ model.fusion_depth=3"):
         convert_mae_for_recipe(tmp_path / "mae.pth", out, recipe=deeper, recipe_name="R")
-    with pytest.raises(ValueError, match=r"the MAE has embed_dim 64, R sets model.embed_dim=768"):
+    with pytest.raises(StellaError, match=r"the MAE has embed_dim 64, R sets model.embed_dim=768"):
         convert_mae_for_recipe(tmp_path / "mae.pth", out, recipe=load_recipe(RECIPES / "vggsound_stella.yaml"),
                                recipe_name="R")
     assert not out.exists()  # nothing written for a misfit
@@ -259,17 +260,18 @@ def test_avm_checkpoint_errors(tmp_path, data_root):
     finetune = {"model": CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 4, 64, 384, 128).state_dict(),
                 "method": {}, "position": {"step": 3}}
     torch.save(finetune, tmp_path / "finetune.pt")
-    with pytest.raises(ValueError, match=r"finetune.pt: holds a backbone but no avmatching_module"):
+    with pytest.raises(StellaError, match=r"finetune.pt: holds a backbone but no avmatching_module"):
         load_avm_checkpoint(AVM(64, 4), tmp_path / "finetune.pt")
     assert load_authors_checkpoint(CAVMAE(resolve_model_preset(ModelConfig(preset="tiny")), 4, 64, 384, 128),
                                    tmp_path / "finetune.pt")["missing"] == []
     (tmp_path / "notes.txt").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match=r"notes.txt: cannot read as a tensor checkpoint"):
+    with pytest.raises(CheckpointError, match=r"notes.txt: cannot be read \(16 bytes; truncated or damaged: .*\); "
+                                              r"restore the file from a copy"):
         load_avm_checkpoint(AVM(64, 4), tmp_path / "notes.txt")
-    with pytest.raises(FileNotFoundError, match=r"missing.pt: checkpoint not found"):
+    with pytest.raises(StellaError, match=r"missing.pt: checkpoint not found"):
         load_authors_checkpoint(AVM(64, 4), tmp_path / "missing.pt")
     recipe = load_recipe(RECIPES / "synthetic.yaml", [f"data.root={data_root}", "method.name=avm_pretrain"])
-    with pytest.raises(ValueError, match="avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint"):
+    with pytest.raises(StellaError, match="avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint"):
         build_method(recipe, 0, 1, torch.device("cpu"))
     result = cli("train", str(RECIPES / "synthetic.yaml"), "--set", f"data.root={data_root}", "--set",
                  f"output.dir={tmp_path / 'run'}", "--set", f"model.avm.checkpoint={tmp_path / 'finetune.pt'}")

@@ -10,8 +10,9 @@ ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "stella_cli"
 # README "Architecture": a module imports only from lower layers
 LAYERS = [
-    {"errors", "console", "media", "audio", "cache", "scoring", "replay"},
-    {"config", "distributed", "pool", "select", "inputs", "tracking"},
+    {"errors"},
+    {"files", "console", "media", "audio", "scoring", "replay", "inputs"},
+    {"cache", "config", "distributed", "pool", "select", "tracking"},
     {"model", "data", "prep"},
     {"checkpoint", "evaluate", "methods", "synth", "prep_init", "prep_downstream"},
     {"stella", "baselines", "downstream", "plots"},

@@ -15,6 +15,7 @@ from helpers import authors_keys, fake_mae_state_dict, gen, random_state
 from stella_cli.config import MODEL_PRESETS, ModelConfig, resolve_model_preset
 from stella_cli.bench import model_summary, parameter_count
 from stella_cli.checkpoint import convert_mae, load_authors_checkpoint
+from stella_cli.errors import StellaError
 from stella_cli.model import AVM, CAVMAE, Classifier, audio_patches, matching_loss, matching_pairs, video_patches
 
 # tiny inputs: 2 frames of 64² -> L_V = 2·4·4 = 32; fbank 128 x 64 -> L_A = 8 time x 4 freq = 32
@@ -151,12 +152,12 @@ def test_bad_inputs_raise_value_errors():
         model(audio, video[:, :1])
     with pytest.raises(ValueError, match="ids_a"):
         model(audio_patches(audio, 16)[:, :16], video, ids_a=torch.zeros(2, 32, dtype=torch.int32))
-    with pytest.raises(ValueError, match="visible"):  # core ratio 0.9: 3 core tokens < 6 visible
+    with pytest.raises(StellaError, match="visible"):  # core ratio 0.9: 3 core tokens < 6 visible
         pa, pv, ids_a, ids_v = core_inputs(audio, video, 3, 16)
         model(pa, pv, ids_a, ids_v)
     with pytest.raises(ValueError, match="reduction"):
         model(audio, video, reduction="sum")
-    with pytest.raises(ValueError, match="not a multiple"):
+    with pytest.raises(StellaError, match="not a multiple"):
         CAVMAE(preset("tiny"), 2, 60, 128, 64)
 
 
@@ -519,12 +520,12 @@ def test_authors_state_dict_loads_strictly():
 
     broken = dict(sd)
     del broken["module.backbone.transformer.blocks_u.0.norm1_v.weight"]
-    with pytest.raises(ValueError, match="blocks_u.0.norm1_v.weight"):
+    with pytest.raises(StellaError, match="blocks_u.0.norm1_v.weight"):
         load_authors_checkpoint(tiny_model(), broken)
     report = load_authors_checkpoint(tiny_model(), broken, strict=False)
     assert report["missing"] == ["blocks_u.0.norm1_v.weight"]
     broken["module.backbone.transformer.blocks_u.0.norm1_v.weight"] = torch.zeros(65)
-    with pytest.raises(ValueError, match=r"blocks_u.0.norm1_v.weight has shape \(65,\)"):
+    with pytest.raises(StellaError, match=r"blocks_u.0.norm1_v.weight has shape \(65,\)"):
         load_authors_checkpoint(tiny_model(), broken)
 
 
@@ -540,7 +541,7 @@ def test_checkpoint_round_trip(tmp_path):
     before, after = model(audio, video, generator=gen()), other(audio, video, generator=gen())
     for k in before:
         assert torch.equal(before[k], after[k]), k
-    with pytest.raises(FileNotFoundError, match="nope.pth"):
+    with pytest.raises(StellaError, match="nope.pth"):
         load_authors_checkpoint(other, tmp_path / "nope.pth")
 
 
@@ -580,7 +581,7 @@ def test_convert_mae(tmp_path):
     assert model.pos_embed_a.abs().sum() > 0
     del mae["decoder_pred.weight"]
     torch.save(mae, src)
-    with pytest.raises(ValueError, match="decoder_pred.weight"):
+    with pytest.raises(StellaError, match="decoder_pred.weight"):
         convert_mae(src, dst, num_frames=2, target_length=128, num_mel_bins=64, modality_depth=1)
-    with pytest.raises(FileNotFoundError, match="missing.pth"):
+    with pytest.raises(StellaError, match="missing.pth"):
         convert_mae(tmp_path / "missing.pth", dst)

@@ -15,7 +15,7 @@ from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_MIDS, VGG_STAT, f
 
 from stella_cli import media, prep
 from stella_cli.audio import clip_fbank
-from stella_cli.cache import DONE, PENDING, SplitReader, read_manifest, read_meta
+from stella_cli.cache import DONE, PENDING, SplitReader, check_folder, prep_command_of, read_manifest, read_meta
 from stella_cli.errors import StellaError
 from stella_cli.prep import plan_real, prepare_real
 
@@ -242,6 +242,9 @@ def test_unusable_clips_are_reported_and_left_out(clip_folder, tmp_path):
     fbank = np.load(out / "cache" / "train" / "fbank.npy", mmap_mode="r")[row["row"]]
     assert np.array_equal(frames, clip.frames)
     np.testing.assert_allclose(fbank, clip_fbank(clip.waveform, 16000, 192, 64), atol=0.02)
+    table, problems = check_folder(out)  # `stella prep --check`: 10 listed train clips, 6 done, 4 failed
+    assert problems == [] and table[0][:6] == ["train", "6", "10", "6", "4", "0"]
+    assert prep_command_of(out) == f"stella prep vggsound --root {clip_folder} --categories {VGG_STAT} --out {out}"
 
 
 def cache_files(out: Path) -> dict[str, bytes]:

@@ -15,7 +15,7 @@ import pytest
 
 from helpers import AS_LABELS, AS_LISTS, TINY, VGG_LABELS, VGG_STAT, fake_vggsound, make_clip, write_json
 
-from stella_cli.cache import read_manifest, read_meta
+from stella_cli.cache import check_folder, prep_command_of, read_manifest, read_meta
 from stella_cli.config import load_recipe
 from stella_cli.data import check_prepared
 from stella_cli.errors import StellaError
@@ -148,6 +148,11 @@ def test_audioset20k_folder_holds_both_sources_as_two_tasks(sources, tmp_path):
     assert {name[r["label"]] for r in vgg_rows} == {"basketball bounce", "skiing", "playing bass guitar",
                                                     "playing piano"}
     assert name[next(r for r in rows if r["clip_id"] == "aaa")["label"]] == "Whistling"
+    assert check_folder(out)[1] == []  # `stella prep --check`; the rebuild command names the --vggsound to give
+    lists = sources["as_lists"]
+    assert prep_command_of(out) == (f"stella prep audioset20k --list train={lists['train']},test={lists['test']} "
+                                    f"--root {sources['as_media']} --labels {AS_LABELS} --vggsound VGGSOUND_DIR "
+                                    f"--out {out}")
 
 
 def test_prep_audioset20k_through_the_cli(sources, tmp_path):

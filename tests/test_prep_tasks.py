@@ -14,7 +14,7 @@ import torch
 from helpers import make_clip, write_png
 
 from stella_cli.ave import SegmentDataset, segment_accuracy, segment_labels
-from stella_cli.cache import CacheSpec, read_manifest, read_meta
+from stella_cli.cache import CacheSpec, check_folder, prep_command_of, read_manifest, read_meta
 from stella_cli.config import DataConfig
 from stella_cli.downstream import pad_segment
 from stella_cli.errors import StellaError
@@ -73,6 +73,8 @@ def test_prep_ave_reads_the_annotation_files_and_real_mp4s(tmp_path):
     expected = (pad_segment(fbank[90:188], 192) + 5.081) / 4.4849
     np.testing.assert_allclose(item["audio"][1, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
     assert np.allclose(item["audio"][1, 0, :47].numpy(), 5.081 / 4.4849)  # 98 rows padded by 47 zeros before
+    assert check_folder(out)[1] == []  # `stella prep --check`
+    assert prep_command_of(out) == f"stella prep ave --list {tmp_path / 'ann'} --root {videos} --out {out}"
 
 
 def test_ave_list_errors_name_file_and_line(tmp_path):
@@ -131,6 +133,9 @@ def test_prep_avs_reads_the_s4_csv_mask_pngs_and_real_mp4s(tmp_path):
                                                                                   rel=0.1)
     assert item["video"].shape == (2, 3, 16, 16) and item["audio"].shape == (1, 192, 64)
     assert len(MaskDataset(data, "test", seed=0, all_frames=True)) == 2  # both annotated frames of clipC
+    assert check_folder(out)[1] == []  # `stella prep --check`
+    assert prep_command_of(out) == (f"stella prep avs --list {tmp_path / 's4_meta_data.csv'} --masks {masks} "
+                                    f"--root {videos} --out {out}")
 
 
 def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
@@ -150,6 +155,10 @@ def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
     reasons = {s["clip_id"]: s["reason"] for s in summary["skipped_clips"]["train"]}
     assert reasons == {"video9": "no audio stream", "video7": "no media file under --root"}
     assert [r["clip_id"] for r in read_manifest(tmp_path / "msrvtt", "retrieval")] == ["video2", "video3"]
+    assert check_folder(tmp_path / "msrvtt")[1] == []  # `stella prep --check`
+    assert prep_command_of(tmp_path / "msrvtt") == (f"stella prep msrvtt --list train={lists / 'MSRVTT_train.9k.csv'},"
+                                                    f"retrieval={lists / 'MSRVTT_JSFUSION_test.csv'} --root {videos} "
+                                                    f"--out {tmp_path / 'msrvtt'}")
     (lists / "plain.txt").write_text("video0\nvideo1 extra\n")
     with pytest.raises(StellaError, match=r"plain.txt:2: expected one video id a line"):
         read_video_list(lists / "plain.txt")

@@ -19,6 +19,7 @@ import yaml
 from helpers import tiny_synthetic
 
 from stella_cli import report
+from stella_cli.errors import StellaError
 from stella_cli.evaluate import write_results
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -149,9 +150,9 @@ def test_incomplete_runs_are_skipped_and_globs_expand(tmp_path, runs):
     table = report.build_table("retrieval", report.expand_runs([str(runs / "stella_*"), str(runs / "half")]))
     assert [g.label for g in table.groups] == ["STELLA (method.memory_size=100)", "STELLA (method.memory_size=200)"]
     assert any("half: 1 of 2 tasks trained" in n for n in table.notes)
-    with pytest.raises(FileNotFoundError, match="no such run directory"):
+    with pytest.raises(StellaError, match="no such run directory"):
         report.expand_runs([str(tmp_path / "nothing_*")])
-    with pytest.raises(FileNotFoundError, match="not a run directory"):
+    with pytest.raises(StellaError, match="not a run directory"):
         report.build_table("retrieval", report.expand_runs([str(runs / "stella_plots")]))  # named: refused
 
 

@@ -98,7 +98,18 @@ def test_bad_arguments_are_one_line(workspace, args, message):
 
 def test_skips_finished_runs_and_resumes_interrupted_ones(workspace):
     common = ["--recipes", str(workspace / "recipes"), "--runs", str(workspace / "runs"), "--set", "train.epochs=1"]
-    first = stella("reproduce", "synthetic", "--methods", "finetune", "--seeds", "1", *common, cwd=workspace)
+    args = ["reproduce", "synthetic", "--methods", "finetune", "--seeds", "1", *common]
+    running = subprocess.Popen([sys.executable, "-m", "stella_cli", *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, cwd=workspace, env=ENV)
+    lock, deadline = workspace / "runs" / "synthetic" / ".stella.lock", time.time() + 120
+    while not (lock.is_file() and lock.stat().st_size) and running.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    second = stella(*args, cwd=workspace)  # the same reproduction again, while the first runs: refused
+    assert second.returncode == 2 and "Traceback" not in second.stdout + second.stderr
+    table = workspace / "runs" / "synthetic"
+    assert f"error: {table} is in use by another stella process (pid {running.pid} " in second.stdout
+    out, err = running.communicate(timeout=600)  # its own `stella train` child was not blocked by its lock
+    first = subprocess.CompletedProcess(running.args, running.returncode, out, err)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     finetune = workspace / "runs" / "synthetic" / "synthetic_finetune_s1"
     assert json.loads((finetune / "reproduce.json").read_text())["seed"] == 1

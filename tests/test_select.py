@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from stella_cli.config import num_core_tokens
+from stella_cli.errors import StellaError
 from stella_cli.model import audio_patches, video_patches
 from stella_cli.scoring import (candidates, correlation_probs, correlation_probs_from_logits, patch_importance,
                                 query_prototypes)
@@ -251,7 +252,7 @@ def test_audio_chunk_order_follows_chunk_importance():
 
 def test_audio_sizes_are_checked():
     I_a = torch.ones(1, 20) / 20
-    with pytest.raises(ValueError, match="num_core_audio_times=4 must divide the 10"):
+    with pytest.raises(StellaError, match="num_core_audio_times=4 must divide the 10"):
         select_audio_chunks(I_a, torch.zeros(1, 20, dtype=torch.bool), 5, 2, 4, gen(0))
     with pytest.raises(ValueError, match="not a multiple of num_freq_tokens=3"):
         select_audio_chunks(I_a, torch.zeros(1, 20, dtype=torch.bool), 5, 3, 1, gen(0))

@@ -11,6 +11,7 @@ import pytest
 
 from stella_cli.cache import (DONE, PENDING, SPLITS, CacheSpec, SplitReader, disk_bytes, read_manifest, read_meta,
                               spec_from_meta)
+from stella_cli.errors import StellaError
 from stella_cli.synth import (SynthConfig, class_identities, clip_boxes, plan_clip, prepare_synthetic, render_video,
                               synth_clip, synth_fbank)
 
@@ -227,7 +228,7 @@ def test_resume_skips_done_rows_and_refuses_other_settings(tiny, tmp_path):
     for split in SPLITS:
         a, b = arrays(out, split), arrays(root / "w1", split)
         assert all(np.array_equal(a[k], b[k]) for k in a)
-    with pytest.raises(ValueError, match="meta.json.*different"):
+    with pytest.raises(StellaError, match="meta.json.*different"):
         prepare_synthetic(out, seed=1, workers=1, config=TINY)
 
 
@@ -236,7 +237,7 @@ def test_quiet_and_bad_arguments(tmp_path, capsys):
                       config=dataclasses.replace(TINY, train_per_class=1, test_per_class=1, retrieval_per_class=1))
     captured = capsys.readouterr()
     assert captured.out == "" and captured.err == ""
-    with pytest.raises(ValueError, match="--format"):
+    with pytest.raises(StellaError, match="--format"):
         prepare_synthetic(tmp_path / "x", fmt="avi", config=TINY)
     with pytest.raises(ValueError, match="num_tasks"):
         prepare_synthetic(tmp_path / "x", config=dataclasses.replace(TINY, num_tasks=3))

@@ -17,7 +17,7 @@ import torch
 from helpers import ROOT, TASKS, assert_same_weights, final_weights, retrieval_rows, tiny_overrides, tiny_recipe
 
 from stella_cli.config import load_recipe
-from stella_cli.errors import DivergenceError
+from stella_cli.errors import DivergenceError, StellaError
 from stella_cli.factory import PAPER_METHODS, recipe_suffix
 from stella_cli.train import TrainingInterrupted, run
 
@@ -61,10 +61,10 @@ def test_buffer_is_task_free_and_in_the_checkpoint(stella_run):
 def test_existing_run_directory_is_never_overwritten(stella_run, data_root):
     recipe = tiny_recipe(stella_run.parent, data_root, stella_run.name)
     before = (stella_run / "checkpoints" / "latest.pt").stat().st_mtime_ns
-    with pytest.raises(FileExistsError, match="already exists: pass --resume"):
+    with pytest.raises(StellaError, match="already exists: pass --resume"):
         run(recipe, quiet=True)
     assert (stella_run / "checkpoints" / "latest.pt").stat().st_mtime_ns == before
-    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+    with pytest.raises(StellaError, match="nothing to resume"):
         run(tiny_recipe(stella_run.parent, data_root, "never_started"), resume=True, quiet=True)
 
 
