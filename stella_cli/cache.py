@@ -113,17 +113,22 @@ def prep_command_of(root: Path, dataset: str | None = None) -> str:
     elif "audioset20k" in src:  # prep_init's two sources
         dataset, src = "audioset20k", src["audioset20k"]
         lists = src.get("lists")
-    if isinstance(lists, dict):
-        args += ["--list", ",".join(f"{split}={file}" for split, file in lists.items())]
-    if dataset == "ave":
+    if isinstance(lists, dict):  # SPLIT=FILE as the dataset's --list takes it (MSR-VTT's test list is its retrieval)
+        parts = {"test" if dataset == "msrvtt" and split == "retrieval" else split: file for split, file in lists.items()}
+        if dataset == "ave" and src.get("annotations"):
+            parts["annotations"] = src["annotations"]
+        args += ["--list", ",".join(f"{split}={file}" for split, file in parts.items())]
+    elif dataset == "ave":  # a folder of AVE's files
         args += ["--list", src.get("annotations", "")]
-    elif dataset == "avs":
+    if dataset == "avs":
         args += ["--list", src.get("csv", ""), "--masks", src.get("masks", "")]
     for key in ("root", "categories", "labels"):
         if src.get(key):
             args += [f"--{key}", str(src[key])]
     if src.get("subset") not in (None, "tasks") and dataset != "audioset20k":
         args += ["--subset", src["subset"]]
+    if src.get("allow_leaks"):
+        args.append("--allow-leaks")
     if spec.get("frames_format") == "jpeg":
         args += ["--frames-format", "jpeg"]
     if dataset == "audioset20k":  # the prepared VGGSound task split is not recorded

@@ -74,7 +74,9 @@ def test_prep_ave_reads_the_annotation_files_and_real_mp4s(tmp_path):
     np.testing.assert_allclose(item["audio"][1, 0].numpy(), expected, rtol=1e-5, atol=1e-5)
     assert np.allclose(item["audio"][1, 0, :47].numpy(), 5.081 / 4.4849)  # 98 rows padded by 47 zeros before
     assert check_folder(out)[1] == []  # `stella prep --check`
-    assert prep_command_of(out) == f"stella prep ave --list {tmp_path / 'ann'} --root {videos} --out {out}"
+    ann = tmp_path / "ann"
+    assert prep_command_of(out) == (f"stella prep ave --list train={ann / 'trainSet.txt'},test={ann / 'testSet.txt'},"
+                                    f"annotations={ann / 'Annotations.txt'} --root {videos} --out {out}")
 
 
 def test_ave_list_errors_name_file_and_line(tmp_path):
@@ -157,7 +159,7 @@ def test_prep_msrvtt_reads_the_lists_and_skips_videos_without_audio(tmp_path):
     assert [r["clip_id"] for r in read_manifest(tmp_path / "msrvtt", "retrieval")] == ["video2", "video3"]
     assert check_folder(tmp_path / "msrvtt")[1] == []  # `stella prep --check`
     assert prep_command_of(tmp_path / "msrvtt") == (f"stella prep msrvtt --list train={lists / 'MSRVTT_train.9k.csv'},"
-                                                    f"retrieval={lists / 'MSRVTT_JSFUSION_test.csv'} --root {videos} "
+                                                    f"test={lists / 'MSRVTT_JSFUSION_test.csv'} --root {videos} "
                                                     f"--out {tmp_path / 'msrvtt'}")
     (lists / "plain.txt").write_text("video0\nvideo1 extra\n")
     with pytest.raises(StellaError, match=r"plain.txt:2: expected one video id a line"):
