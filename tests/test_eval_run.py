@@ -61,6 +61,7 @@ def test_eval_all_writes_every_result_file(stella_run, data_root):
         for d in ("a2v", "v2a"):
             assert {k: v["R@1"] for k, v in mine["scores"][d].items()} == pytest.approx(
                 {k: v["R@1"] for k, v in loop["scores"][d].items()})
+        assert mine["modality_gap"] == pytest.approx(loop["modality_gap"], abs=1e-6)  # the gap of that checkpoint
     assert "a2v R@1 F" in retrieval["metrics"] and "v2a avg F_as_coded" in retrieval["metrics"]
     # the heads trained: their loss fell
     for task in ("classification", "ave", "avs"):

@@ -1,4 +1,4 @@
-"""Retrieval metrics, accuracy matrix, average accuracy and both forgetting definitions (evaluate.py)."""
+"""Retrieval metrics, accuracy matrix, average accuracy, both forgetting definitions, the modality gap (evaluate.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from stella_cli.evaluate import (accuracy_matrix, average_accuracy, pair_ranks, forgetting_as_coded,
-                                 forgetting_conventional, recall_at, retrieval_scores, summarize, true_pair_ranks,
-                                 write_results, write_task_result)
+                                 forgetting_conventional, modality_gap, recall_at, retrieval_scores, summarize,
+                                 true_pair_ranks, write_results, write_task_result)
 
 
 def test_ranks_on_a_hand_built_gallery():
@@ -118,3 +118,23 @@ def test_task_result_files(tmp_path):
     assert (tmp_path / "demo.md").read_text().splitlines()[2] == "| acc | 50.00 |"
     with pytest.raises(KeyError):
         write_task_result(tmp_path, {"task": "x", "metrics": {}}, [["a"]])
+
+
+def test_modality_gap_on_hand_made_embeddings():
+    """Two unit vectors per modality, on opposite sides: mu_a = (1/2, 1/2), mu_v = -mu_a, so gap = |(1, 1)| = sqrt 2
+    and each spread = sqrt(1 - |mu|^2) = sqrt(1/2)."""
+    z_a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gap = modality_gap(z_a, -z_a)
+    assert gap == pytest.approx({"gap": 2 ** 0.5, "spread_a": 0.5 ** 0.5, "spread_v": 0.5 ** 0.5}, abs=1e-12)
+    assert modality_gap(z_a, z_a)["gap"] == 0.0  # one cloud: no gap
+
+
+def test_modality_gap_normalises_and_spread_is_the_rms_distance_to_the_centroid():
+    """Unnormalised rows in 3-d. Audio (3, 0, 0), (0, 0, 2), (1, 0, 0) -> unit e1, e3, e1: mu_a = (2/3, 0, 1/3), squared
+    distances to it 2/9, 8/9, 2/9, so spread_a = sqrt(4/9) = 2/3 (a mean distance would give 0.629). Video (0, 4, 0),
+    (0, 2, 0), (0, 7, 0) -> e2 three times: mu_v = e2, spread_v = 0. gap = |(2/3, -1, 1/3)| = sqrt(14/9)."""
+    z_a = torch.tensor([[3.0, 0, 0], [0, 0, 2.0], [1.0, 0, 0]])
+    z_v = torch.tensor([[0, 4.0, 0], [0, 2.0, 0], [0, 7.0, 0]])
+    gap = modality_gap(z_a, z_v)
+    assert gap == pytest.approx({"gap": (14 / 9) ** 0.5, "spread_a": 2 / 3, "spread_v": 0.0}, abs=1e-12)
+    assert modality_gap(z_v, z_a) == pytest.approx({"gap": (14 / 9) ** 0.5, "spread_a": 0.0, "spread_v": 2 / 3})

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, TASKS, assert_same_weights, final_weights, retrieval_rows, tiny_overrides, tiny_recipe
+from helpers import (ROOT, TASKS, assert_same_weights, bytes_per_clip, final_weights, retrieval_rows, stella_fields,
+                     tiny_overrides, tiny_recipe)
 
 from stella_cli.config import load_recipe
 from stella_cli.errors import DivergenceError
@@ -49,6 +50,20 @@ def test_stella_run_writes_results_checkpoints_and_metrics(stella_run):
     assert all(m["clips_per_s"] > 0 for m in train_steps)
     saved = load_recipe(stella_run / "config.yaml")  # the resolved recipe is kept beside the results
     assert saved.method.name == "stella" and saved.model.embed_dim == 64
+
+
+def test_each_row_records_the_modality_gap_and_the_bytes_of_a_memory_slot(stella_run):
+    """Every accuracy-matrix row holds the modality gap of its gallery (its value: test_eval_run, recomputed from
+    the checkpoint) and the memory: 12 slots of STELLA's full clip, targets, p and I + 3 int64 clip ids."""
+    r = load_recipe(stella_run / "config.yaml")
+    slot = bytes_per_clip(stella_fields(num_frames=r.data.num_frames, image_size=r.data.image_size,
+                                        target_length=r.data.target_length, num_mel_bins=r.data.num_mel_bins,
+                                        patch_size=r.model.patch_size, embed_dim=r.model.embed_dim,
+                                        num_heads=r.model.num_heads)) + 3 * 8
+    for row in retrieval_rows(stella_run):
+        assert row["memory"] == {"slots": 12, "bytes_per_clip": slot, "filled_rank0": 12, "world_size": 1}
+        gap = row["modality_gap"]
+        assert 0 < gap["gap"] < 2 and 0 < gap["spread_a"] <= 1 and 0 < gap["spread_v"] <= 1
 
 
 def test_buffer_is_task_free_and_in_the_checkpoint(stella_run):
