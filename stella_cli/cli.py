@@ -371,19 +371,26 @@ def buffer(
 def report(
     runs: list[str] = typer.Argument(..., help="Run directories or globs (quoted: 'runs/synthetic_*'); for "
                                                "--table efficiency, `stella bench --json` files."),
-    table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation"),
+    table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation, or an analysis: "
+                                                "memory | task-order | modality-gap | temperature"),
     out: Path = typer.Option(Path("reports"), help="Folder for TABLE.md/.csv/.json and the figures."),
     forgetting: str = typer.Option("conventional", help="conventional | as-coded (the authors' script, B15)."),
     plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap and stream per run)."),
 ) -> None:
     """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
-    from stella_cli.report import build_table, expand_runs, print_table, write_figures, write_table
+    from stella_cli.analysis import ANALYSES, analysis_figure, build_analysis
+    from stella_cli.errors import StellaError
+    from stella_cli.report import TABLES, build_table, expand_runs, print_table, write_figures, write_table
 
-    result = build_table(table, expand_runs(runs, dirs=table != "efficiency"), forgetting)
+    if table not in (*TABLES, *ANALYSES):
+        raise StellaError(f"--table {table!r}: choose one of {', '.join((*TABLES, *ANALYSES))}")
+    paths = expand_runs(runs, dirs=table != "efficiency")
+    analysis = table in ANALYSES
+    result = build_analysis(table, paths, forgetting) if analysis else build_table(table, paths, forgetting)
     written = write_table(result, out)
     print_table(result)
     if plots:
-        written += write_figures(result, out)
+        written += [analysis_figure(result, out)] if analysis else write_figures(result, out)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 

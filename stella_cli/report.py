@@ -407,8 +407,10 @@ def to_markdown(table: Table) -> str:
     lines = [f"## {table.name}", "", "| " + " | ".join(rows[0]) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    lines += ["", "**bold** = best per column" + (" (Multitask excluded)" if table.name in ("retrieval", "ablation")
-                                                    else ""), ""]
+    if table.best:
+        lines += ["", "**bold** = best per column" + (" (Multitask excluded)" if table.name in ("retrieval", "ablation")
+                                                        else "")]
+    lines.append("")
     lines += [f"- {n}" for n in table.notes]
     lines += ["", "| row | seeds | runs | recipe | command |", "|---|---|---|---|---|"]
     for g in table.groups:

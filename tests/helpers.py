@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -239,3 +240,12 @@ def stella_plus_fields(*, num_frames: int, image_size: int, target_length: int, 
 def bytes_per_clip(fields: dict[str, tuple[tuple[int, ...], torch.dtype]]) -> int:
     """Stored bytes of one slot for a field spec (no allocation)."""
     return sum(math.prod(shape) * torch.empty((), dtype=dtype).element_size() for shape, dtype in fields.values())
+
+
+def assert_png(path: Path, min_side: int = 250, max_side: int = 3000) -> tuple[int, int]:
+    """A PNG file (signature) whose IHDR width and height are of a readable figure."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    width, height = struct.unpack(">II", data[16:24])
+    assert min_side <= width <= max_side and min_side <= height <= max_side, (path, width, height)
+    return width, height

@@ -6,7 +6,6 @@ import csv
 import io
 import json
 import os
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import tiny_synthetic
+from helpers import assert_png, tiny_synthetic
 
 from stella_cli import report
 from stella_cli.evaluate import write_results
@@ -205,15 +204,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 
 # ----------------------------------------------------------------------------------------------------------
 # figures from tiny real runs
-
-
-def assert_png(path: Path, min_side: int = 250, max_side: int = 3000) -> tuple[int, int]:
-    """A PNG file (signature) whose IHDR width and height are of a readable figure."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
-    width, height = struct.unpack(">II", data[16:24])
-    assert min_side <= width <= max_side and min_side <= height <= max_side, (path, width, height)
-    return width, height
 
 
 @pytest.fixture(scope="module")
