@@ -22,6 +22,7 @@ from typing import Any, Callable
 
 import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.ticker import LogLocator
 
 from stella_cli.errors import StellaError
 from stella_cli.evaluate import DIRECTIONS
@@ -231,7 +232,8 @@ def sweep_figure(table: Table, out: Path) -> Path:
             if x_key == "value":  # the swept values themselves as ticks
                 ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
                 ax.xaxis.set_minor_locator(plt.NullLocator())
-            else:
+            else:  # 1, 2, 5 x 10^k: labelled ticks whatever the range
+                ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
                 ax.xaxis.set_major_formatter(plt.FuncFormatter(lambda v, _: f"{v:g}"))
                 ax.xaxis.set_minor_formatter(plt.NullFormatter())
             ax.grid(True)

@@ -312,18 +312,26 @@ def convert_mae_command(
 @app.command()
 def reproduce(
     table: str = typer.Argument("synthetic", help="synthetic | synthetic-ablation | vggsound-retrieval | "
-                                                  "audioset-retrieval | efficiency | downstream | ablation"),
+                                                  "audioset-retrieval | efficiency | downstream | ablation; the "
+                                                  "analyses: {synthetic,vggsound,audioset}-{memory,task-order,"
+                                                  "modality-gap,temperature}"),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the table's)."),
     methods: Optional[str] = typer.Option(None, help="Only these methods, e.g. finetune,er,stella."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key in every run (repeatable)."),
-    full: bool = typer.Option(False, help="Synthetic tables: 3 seeds at the recipes' own budget."),
+    full: bool = typer.Option(False, help="Synthetic tables: 3 seeds at the recipes' own budget (analyses: and "
+                                          "every method)."),
     runs: Path = typer.Option(Path("runs"), help="Runs go to RUNS/TABLE/<recipe>_s<seed>."),
     recipes: Path = typer.Option(Path("recipes"), help="Folder holding the tables' recipes."),
+    values: Optional[str] = typer.Option(None, help="Memory and temperature tables: the values swept, e.g. "
+                                                    "5,10,20,40 (default: the table's)."),
+    orders: Optional[int] = typer.Option(None, help="Task-order tables: how many orders of the tasks (the "
+                                                    "recipe's own, then seeded permutations; default 3)."),
 ) -> None:
     """Run every recipe a paper table needs (methods x seeds), resumably, then print the table."""
     from stella_cli.reproduce import reproduce as reproduce_table
 
-    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs, recipes=recipes)
+    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs, recipes=recipes,
+                    values=values, orders=orders)
 
 
 @app.command()

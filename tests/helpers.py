@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import struct
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -249,3 +252,31 @@ def assert_png(path: Path, min_side: int = 250, max_side: int = 3000) -> tuple[i
     width, height = struct.unpack(">II", data[16:24])
     assert min_side <= width <= max_side and min_side <= height <= max_side, (path, width, height)
     return width, height
+
+
+# several commands through the CLI's entry point (cli.main, as `python -m stella_cli` runs it) in one child process
+MANY = """
+import json, sys
+from stella_cli.cli import main
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["stella", *args]
+    print("<<<", flush=True)
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    print(f">>> {code}", flush=True)
+"""
+
+
+def cli_many(*commands: list[str], cwd: Path = ROOT) -> list[tuple[int, str]]:
+    """(exit code, output) of each `stella ARGS...` command, one after the other in one child process (one start-up,
+    for commands that fail before doing any work)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "400"}  # rich: no wrapping
+    proc = subprocess.run([sys.executable, "-c", MANY, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    parts = proc.stdout.split("<<<\n")[1:]
+    assert len(parts) == len(commands), proc.stdout + proc.stderr
+    return [(int(p.rsplit(">>> ", 1)[1]), p.rsplit(">>> ", 1)[0]) for p in parts]

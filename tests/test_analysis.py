@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from helpers import assert_png
+from helpers import assert_png, cli_many
 
 from stella_cli import analysis, report
 from stella_cli.evaluate import write_results
@@ -233,32 +233,6 @@ def test_cli_writes_the_analysis_table_and_figure(tmp_path, memory_runs):
     assert (out / "memory.csv").is_file()
     assert_png(out / "memory.png")
     assert not (out / "runs").exists()  # no per-run figures for an analysis
-
-
-# several commands through the CLI's entry point (cli.main, as `python -m stella_cli` runs it) in one child process
-MANY = """
-import json, sys
-from stella_cli.cli import main
-for args in json.loads(sys.argv[1]):
-    sys.argv = ["stella", *args]
-    print("<<<", flush=True)
-    try:
-        main()
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    print(f">>> {code}", flush=True)
-"""
-
-
-def cli_many(*commands: list[str]) -> list[tuple[int, str]]:
-    """(exit code, output) of each command, run one after the other in one child process."""
-    proc = subprocess.run([sys.executable, "-c", MANY, json.dumps(commands)], capture_output=True, text=True,
-                          env=ENV, cwd=ROOT)
-    assert "Traceback" not in proc.stderr, proc.stderr
-    parts = proc.stdout.split("<<<\n")[1:]
-    assert len(parts) == len(commands), proc.stdout + proc.stderr
-    return [(int(p.rsplit(">>> ", 1)[1]), p.rsplit(">>> ", 1)[0]) for p in parts]
 
 
 def test_cli_wrong_input_is_one_line_and_exit_2(tmp_path, gap_runs):

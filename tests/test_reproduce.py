@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import tiny_synthetic
+from helpers import cli_many, tiny_synthetic
 
 from stella_cli.config import load_recipe, recipe_to_yaml
-from stella_cli.reproduce import PAPER_RECIPES, TABLES, chance_line, scaled_epochs, select_names
+from stella_cli.reproduce import (PAPER_RECIPES, SYNTHETIC_MEMORY, TABLES, VGGSOUND_MEMORY, chance_line, scaled_epochs,
+                                  select_names, task_orders, variants)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
@@ -69,6 +70,54 @@ def test_bad_arguments_are_one_line(workspace, args, message):
     assert proc.returncode == 2 and message in proc.stdout and "Traceback" not in proc.stdout + proc.stderr
 
 
+def test_bad_analysis_arguments_are_one_line_and_write_nothing(workspace, tmp_path):
+    cases = [
+        (["synthetic-memory", "--methods", "finetune"], "--methods: finetune not in this table; choose from er, mir"),
+        (["synthetic", "--methods", "stella", "--values", "1"], "--values: this table varies no recipe key"),
+        (["synthetic-memory", "--methods", "stella", "--orders", "2"], "--orders: only the task-order tables"),
+        (["synthetic-task-order", "--methods", "stella", "--orders", "0"], "--orders 0: give at least 1"),
+        (["synthetic-task-order", "--methods", "stella", "--orders", "3"], "--orders 3: 2 tasks have only 2 orders"),
+        (["synthetic-memory", "--methods", "stella", "--values", "1.5"], "method.memory_size: expected int, got "
+                                                                         "float"),
+        (["synthetic-memory", "--methods", "stella", "--values", "4,0"], "method.memory_size: 0 must be at least 1 "
+                                                                         "for stella"),
+        (["synthetic-temperature", "--values", "0"], "method.stella.att_temperature: 0.0 must be a finite number > 0"),
+        (["synthetic-memory", "--methods", "stella", "--set", "method.memory_size=3"], "this table varies "
+                                                                                       "method.memory_size itself"),
+        (["synthetic-task-order", "--methods", "stella", "--set", "data.tasks=[task1]"], "this table varies "
+                                                                                         "data.tasks itself; choose "
+                                                                                         "its values with --orders")]
+    where = ["--recipes", str(workspace / "recipes"), "--runs", str(tmp_path / "runs")]
+    for (code, output), (args, message) in zip(cli_many(*[["reproduce", *args, *where] for args, _ in cases],
+                                                        cwd=workspace), cases):
+        assert code == 2 and message in output and len(output.strip().splitlines()) == 1, (args, output)
+    assert not (tmp_path / "runs").exists()
+
+
+def test_the_analyses_vary_one_key_or_the_task_order():
+    """Memory: the synthetic sizes are VGGSound's as fractions of the stream (2000 of 64,000 clips = 20 of 640);
+    each variant is a run named by its value; task orders: the recipe's own, then seeded permutations."""
+    assert SYNTHETIC_MEMORY == (5, 10, 20, 40) and VGGSOUND_MEMORY[2] / (8 * 20 * 400) == 20 / 640
+    recipe = ROOT / "recipes" / "synthetic_stella.yaml"
+    assert variants(TABLES["synthetic-memory"], recipe, ("5", "10"), 0, []) == [
+        ("memory_size5", ["method.memory_size=5"]), ("memory_size10", ["method.memory_size=10"])]
+    assert variants(TABLES["synthetic-temperature"], recipe, ("0.1",), 0, [])[0] == (
+        "att_temperature0.1", ["method.stella.att_temperature=0.1"])
+    assert variants(TABLES["synthetic"], recipe, (), 0, []) == [("", [])]
+    vgg = variants(TABLES["vggsound-task-order"], ROOT / "recipes" / "vggsound_er.yaml", (), 2, [])
+    assert vgg[0] == ("order1", ["data.tasks=[sports, music, vehicle, people, animals, home_nature, others_part1, "
+                                 "others_part2]"])  # the recipe's order, then random.Random(2022)'s permutation
+    assert vgg[1] == ("order2", ["data.tasks=[animals, people, others_part2, vehicle, sports, home_nature, music, "
+                                 "others_part1]"])
+    five = task_orders([f"task{k}" for k in range(1, 6)], 3)
+    assert five == [["task1", "task2", "task3", "task4", "task5"], ["task5", "task3", "task2", "task4", "task1"],
+                    ["task4", "task5", "task2", "task3", "task1"]]
+    assert task_orders(["a", "b"], 2) == [["a", "b"], ["b", "a"]]  # a repeat is drawn again
+    assert select_names(TABLES["synthetic-memory"], None) == ("er", "derpp", "stella", "stella_plus")
+    assert len(select_names(TABLES["synthetic-memory"], None, full=True)) == 9  # STELLA, STELLA+, 7 baselines
+    assert TABLES["synthetic-modality-gap"].runs_of == "synthetic"  # the gap is read from the table's runs
+
+
 def test_skips_finished_runs_and_resumes_interrupted_ones(workspace):
     common = ["--recipes", str(workspace / "recipes"), "--runs", str(workspace / "runs"), "--set", "train.epochs=1"]
     first = stella("reproduce", "synthetic", "--methods", "finetune", "--seeds", "1", *common, cwd=workspace)
@@ -105,3 +154,18 @@ def test_a_failing_run_stops_with_its_exit_code_and_one_line(workspace, tmp_path
     assert "train.batch_size" in proc.stdout and "failed with exit code 2" in proc.stdout
     assert "Traceback" not in proc.stdout + proc.stderr
     assert not (tmp_path / "synthetic" / "synthetic_finetune_s3" / "reproduce.json").exists()
+
+
+def test_an_analysis_end_to_end_task_order(workspace, tmp_path):
+    """Finetune in both orders of the 2-task stream: one run per order, its order in its saved recipe, the report
+    ranks it in each."""
+    common = ["--recipes", str(workspace / "recipes"), "--runs", str(tmp_path), "--set", "train.epochs=1",
+              "--seeds", "1", "--methods", "finetune"]
+    proc = stella("reproduce", "synthetic-task-order", "--orders", "2", *common, cwd=workspace)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    runs = tmp_path / "synthetic-task-order"
+    for j, order in ((1, ["task1", "task2"]), (2, ["task2", "task1"])):
+        assert load_recipe(runs / f"synthetic_finetune_order{j}_s1" / "config.yaml").data.tasks == order
+    saved = json.loads((runs / "report" / "task-order.json").read_text())
+    assert saved["rows"][0]["row"] == "Finetune" and saved["rows"][0]["values"]["rank order 2"]["mean"] == 1.0
+    assert "order 2: task2 -> task1" in saved["notes"] and (runs / "report" / "task-order.png").is_file()
