@@ -25,7 +25,7 @@ import numpy as np
 from matplotlib.ticker import LogLocator
 
 from stella_cli.errors import StellaError
-from stella_cli.evaluate import DIRECTIONS
+from stella_cli.evaluate import DIRECTIONS, mean_std
 from stella_cli.factory import REPLAY_METHODS
 from stella_cli.plots import STYLE, _save
 from stella_cli.report import (DIRECTION_NAMES, FORGETTING, Group, Run, Table, _disambiguate, display_name, flatten,
@@ -122,11 +122,9 @@ def rerun_command(g: Group) -> str:
 
 
 def mean_sd(values: list[float | None]) -> tuple[float, float] | None:
-    """(mean, sample std; 0 for one value) of the values present; None for none."""
-    xs = [v for v in values if v is not None]
-    if not xs:
-        return None
-    return float(np.mean(xs)), float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    """(mean, sample std; 0 for one value) of the values present, for error bars; None for none."""
+    stat = mean_std([v for v in values if v is not None])
+    return None if stat is None else (stat[0], stat[1] or 0.0)
 
 
 def color(i: int) -> Any:
@@ -307,7 +305,7 @@ def task_order_table(paths: list[Path], forgetting: str) -> Table:
 
 def task_order_figure(table: Table, out: Path) -> Path:
     """Left: each method's A in each order (dots) and its mean ± std over orders; right: its rank per order."""
-    orders = [c for c in table.columns if c.startswith("rank order ")]
+    rank_columns = [c for c in table.columns if c.startswith("rank order ")]
     labels = [g.label for g in table.groups]
     with plt.rc_context(STYLE):
         fig, (left, right) = plt.subplots(1, 2, figsize=(11, 3.8 + 0.1 * len(labels)), constrained_layout=True)
@@ -323,9 +321,9 @@ def task_order_figure(table: Table, out: Path) -> Path:
         left.set_xlabel("mean of A→V and V→A average accuracy A, R@K avg (%)")
         left.grid(True, axis="x")
         left.legend(frameon=False, fontsize=7)
-        x = np.arange(1, len(orders) + 1)
+        x = np.arange(1, len(rank_columns) + 1)
         for i, g in enumerate(table.groups):
-            ranks = [g.values[c][0] if c in g.values else np.nan for c in orders]
+            ranks = [g.values[c][0] if c in g.values else np.nan for c in rank_columns]
             right.plot(x, ranks, marker="o", lw=1.8, color=color(i), label=g.label)
         right.set_xticks(x, [f"order {j}" for j in x])
         right.set_yticks(range(1, len(labels) + 1))
@@ -334,8 +332,9 @@ def task_order_figure(table: Table, out: Path) -> Path:
         right.grid(True, axis="y")
         legend_right(right)
         fig.suptitle("task order: each method over several orders of the tasks")
-        orders_text = "\n".join(f"order {j + 1}: {' → '.join(o)}" for j, o in enumerate(table.groups[0].extra["orders"]))
-        fig.text(0.01, -0.01, orders_text, ha="left", va="top", fontsize=8)
+        orders = table.groups[0].extra["orders"]
+        fig.text(0.01, -0.01, "\n".join(f"order {j + 1}: {' → '.join(o)}" for j, o in enumerate(orders)), ha="left",
+                 va="top", fontsize=8)
         return _save(fig, out)
 
 
