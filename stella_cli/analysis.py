@@ -406,6 +406,6 @@ def gap_figure(table: Table, out: Path) -> Path:
         axes[0].set_ylabel("Euclidean distance (unit sphere)")
         legend_right(axes[-1])
         n = sorted({len(g.runs) for g in table.groups})
-        fig.suptitle(f"modality gap over the stream, retrieval gallery of every task (n = {', '.join(map(str, n))} "
-                     "seeds; band = sample std)")
+        fig.suptitle("modality gap over the stream, retrieval gallery of every task (seeds per row: "
+                     f"{', '.join(map(str, n))}; band = sample std)")
         return _save(fig, out)
