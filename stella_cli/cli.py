@@ -311,17 +311,19 @@ def convert_mae_command(
 
 @app.command()
 def reproduce(
-    table: str = typer.Argument("synthetic", help="synthetic | synthetic-ablation | vggsound-retrieval | "
-                                                  "audioset-retrieval | efficiency | downstream | ablation; the "
-                                                  "analyses: {synthetic,vggsound,audioset}-{memory,task-order,"
-                                                  "modality-gap,temperature}"),
+    table: str = typer.Argument("synthetic", help="synthetic | synthetic-ablation | synthetic-init | "
+                                                  "vggsound-retrieval | audioset-retrieval | efficiency | downstream "
+                                                  "| ablation; the analyses: {synthetic,vggsound,audioset}-{memory,"
+                                                  "task-order,modality-gap,temperature}"),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the table's)."),
     methods: Optional[str] = typer.Option(None, help="Only these methods, e.g. finetune,er,stella."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key in every run (repeatable)."),
-    full: bool = typer.Option(False, help="Synthetic tables: 3 seeds at the recipes' own budget (analyses: and "
-                                          "every method)."),
+    full: bool = typer.Option(False, help="Every seed of the table (synthetic: 2021-2025; the default runs 2021); "
+                                          "the analyses: every method too."),
     runs: Path = typer.Option(Path("runs"), help="Runs go to RUNS/TABLE/<recipe>_s<seed>."),
     recipes: Path = typer.Option(Path("recipes"), help="Folder holding the tables' recipes."),
+    jobs: Optional[int] = typer.Option(None, help="Synthetic tables: runs side by side, one thread each "
+                                                  "(default: one per core)."),
     values: Optional[str] = typer.Option(None, help="Memory and temperature tables: the values swept, e.g. "
                                                     "5,10,20,40 (default: the table's)."),
     orders: Optional[int] = typer.Option(None, help="Task-order tables: how many orders of the tasks (the "
@@ -331,7 +333,7 @@ def reproduce(
     from stella_cli.reproduce import reproduce as reproduce_table
 
     reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs, recipes=recipes,
-                    values=values, orders=orders)
+                    jobs=jobs, values=values, orders=orders)
 
 
 @app.command()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -209,6 +210,52 @@ def mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
     if not values:
         return None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+
+def t_within(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer df >= 1, exactly (Abramowitz & Stegun 26.7.3-26.7.4). With
+    θ = atan(t / √df) and c = cos θ:
+        odd df:  2/π (θ + sin θ (c + 2/3 c³ + ... + (2·4···(df-3)) / (1·3···(df-2)) c^(df-2)))
+        even df: sin θ (1 + 1/2 c² + ... + (1·3···(df-3)) / (2·4···(df-2)) c^(df-2))"""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:
+        term, series = math.cos(theta), 0.0
+        for k in range(1, (df - 1) // 2 + 1):  # powers 1, 3, ..., df - 2
+            series += term
+            term *= c2 * 2 * k / (2 * k + 1)
+        return 2 / math.pi * (theta + s * series)
+    term, series = 1.0, 0.0
+    for k in range(df // 2):  # powers 0, 2, ..., df - 2
+        series += term
+        term *= c2 * (2 * k + 1) / (2 * k + 2)
+    return s * series
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The t with P(|T| <= t) = level (two-sided), by bisection on t_within: 4.303 for level 0.95 and df 2."""
+    lo, hi = 0.0, 1.0
+    while t_within(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < level else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def paired_difference(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float, int] | None:
+    """Mean of the paired differences d_i = a_i - b_i (seed i of both) and its t-interval over seeds:
+    (mean, low, high, n), mean ± t_{level, n-1} · sd(d) / √n; None for fewer than two pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pair them by seed first")
+    if len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    half = t_quantile(level, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean, mean - half, mean + half, len(d)
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:

@@ -74,7 +74,10 @@ def build_method(recipe: Recipe, rank: int, world: int, device: torch.device) ->
     if recipe.model.checkpoint:
         try:
             load_authors_checkpoint(backbone, recipe.model.checkpoint)
-        except (ValueError, FileNotFoundError) as err:
+        except FileNotFoundError as err:  # a start point not made yet: say how (README "Initialisation chain")
+            raise StellaError(f"model.checkpoint: {err}; make the start point first (the synthetic recipes': "
+                              "`stella reproduce synthetic-init`), or set model.checkpoint= for random weights") from err
+        except ValueError as err:
             raise StellaError(f"model.checkpoint: {err}") from err
     method = entry.cls(
         backbone, recipe.method, avm_cfg=recipe.model.avm, batch_size=per_rank_batch(recipe.train, world),

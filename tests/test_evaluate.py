@@ -138,3 +138,34 @@ def test_modality_gap_normalises_and_spread_is_the_rms_distance_to_the_centroid(
     gap = modality_gap(z_a, z_v)
     assert gap == pytest.approx({"gap": (14 / 9) ** 0.5, "spread_a": 2 / 3, "spread_v": 0.0}, abs=1e-12)
     assert modality_gap(z_v, z_a) == pytest.approx({"gap": (14 / 9) ** 0.5, "spread_a": 0.0, "spread_v": 2 / 3})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the paired t-interval over seeds (stella report)
+
+
+def test_t_quantiles_equal_the_tabulated_values():
+    """Two-sided 95% quantiles of Student's t (any statistics table; scipy.stats.t.ppf(0.975, df))."""
+    from stella_cli.evaluate import t_quantile, t_within
+
+    tabulated = {1: 12.706204736174707, 2: 4.302652729749464, 3: 3.182446305284263, 4: 2.776445105197799,
+                 5: 2.570581835636314, 9: 2.262157162798205, 10: 2.228138851986274, 30: 2.042272456301238}
+    for df, t in tabulated.items():
+        assert t_quantile(0.95, df) == pytest.approx(t, rel=1e-10), df
+    assert t_quantile(0.99, 4) == pytest.approx(4.604094871415897, rel=1e-10)
+    assert t_within(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| <= 1) = 2 atan(1) / pi
+    assert t_within(2 ** 0.5, 2) == pytest.approx(0.5 ** 0.5)  # df 2: t / sqrt(2 + t²)
+
+
+def test_paired_difference_on_hand_made_numbers():
+    """Differences 1, 2, 3: mean 2, sd 1, half-width t(0.95, 2) / sqrt(3) = 4.302653 / 1.732051 = 2.484138."""
+    from stella_cli.evaluate import paired_difference
+
+    mean, low, high, n = paired_difference([41.0, 44.0, 47.0], [40.0, 42.0, 44.0])
+    assert (mean, n) == (2.0, 3)
+    assert (low, high) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+    # two seeds: differences 7 and 10 -> mean 8.5, sd 3/sqrt(2), half 12.706205 * 1.5 = 19.059307
+    assert paired_difference([52.0, 50.0], [45.0, 40.0])[1:3] == pytest.approx((8.5 - 19.059307, 8.5 + 19.059307))
+    assert paired_difference([1.0], [0.0]) is None  # one seed: no interval
+    with pytest.raises(ValueError, match="pair them by seed"):
+        paired_difference([1.0, 2.0], [1.0])

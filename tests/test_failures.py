@@ -18,6 +18,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import RANDOM_START
+
 from stella_cli.config import load_recipe
 from stella_cli.train import run
 
@@ -28,7 +30,7 @@ PREP_FIX = Path(__file__).parent / "data" / "prep"
 
 def tiny(data_root: Path, out: Path, *overrides: str) -> list[str]:
     sets = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-            "train.epochs=1", "train.batch_size=4", f"output.dir={out}", *overrides]
+            "train.epochs=1", "train.batch_size=4", f"output.dir={out}", *RANDOM_START, *overrides]
     return [x for o in sets for x in ("--set", o)]
 
 

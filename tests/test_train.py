@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import (ROOT, TASKS, assert_same_weights, bytes_per_clip, final_weights, retrieval_rows, stella_fields,
-                     tiny_overrides, tiny_recipe)
+from helpers import (ROOT, RANDOM_START, TASKS, assert_same_weights, bytes_per_clip, final_weights, retrieval_rows,
+                     stella_fields, tiny_overrides, tiny_recipe)
 
 from stella_cli.config import load_recipe
 from stella_cli.errors import DivergenceError
@@ -105,7 +105,7 @@ def test_a_signal_in_task_1_then_resume_finishes_identically(tmp_path, data_root
     the time-based checkpoint (train.checkpoint_minutes, here ~every step) is what resume continues from."""
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
                  "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / 'run'}",
-                 "train.checkpoint_minutes=0.0001"]
+                 "train.checkpoint_minutes=0.0001", *RANDOM_START]
     cmd = [sys.executable, "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"), "--quiet"]
     cmd += [x for o in overrides for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the in-process reference run
@@ -208,7 +208,7 @@ def free_port() -> int:
 
 def torchrun(tmp_path: Path, data_root: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / name}"]
+                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / name}", *RANDOM_START]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"),
            "--quiet", *extra] + [x for o in overrides for x in ("--set", o)]
