@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: venv
-	$(VENV)/bin/stella prep synthetic
+	$(VENV)/bin/stella reproduce synthetic-init
 	$(VENV)/bin/stella train recipes/synthetic.yaml
 
 reproduce: venv

@@ -361,20 +361,30 @@ def convert_mae_command(
 
 @app.command()
 def reproduce(
-    table: str = typer.Argument("synthetic", help="synthetic | synthetic-ablation | vggsound-retrieval | "
-                                                  "audioset-retrieval | efficiency | downstream | ablation"),
+    table: str = typer.Argument("synthetic", help="synthetic | synthetic-ablation | synthetic-init | "
+                                                  "vggsound-retrieval | audioset-retrieval | efficiency | downstream "
+                                                  "| ablation; the analyses: {synthetic,vggsound,audioset}-{memory,"
+                                                  "task-order,modality-gap,temperature}"),
     seeds: Optional[str] = typer.Option(None, help="Comma-separated seeds (default: the table's)."),
     methods: Optional[str] = typer.Option(None, help="Only these methods, e.g. finetune,er,stella."),
     overrides: list[str] = typer.Option([], "--set", help="Override a recipe key in every run (repeatable)."),
-    full: bool = typer.Option(False, help="Synthetic tables: 3 seeds at the recipes' own budget."),
+    full: bool = typer.Option(False, help="Every seed of the table (2021, 2022, 2023; the synthetic default runs 2021); "
+                                          "the analyses: every method too."),
     runs: Path = typer.Option(Path("runs"), help="Runs go to RUNS/TABLE/<recipe>_s<seed>."),
     recipes: Path = typer.Option(Path("recipes"), help="Folder holding the tables' recipes; a recipe missing from "
                                                        "./recipes is the shipped one."),
+    jobs: Optional[int] = typer.Option(None, help="Synthetic tables: runs side by side, one thread each "
+                                                  "(default: one per core)."),
+    values: Optional[str] = typer.Option(None, help="Memory and temperature tables: the values swept, e.g. "
+                                                    "5,10,20,40 (default: the table's)."),
+    orders: Optional[int] = typer.Option(None, help="Task-order tables: how many orders of the tasks (the "
+                                                    "recipe's own, then seeded permutations; default 3)."),
 ) -> None:
     """Run every recipe a paper table needs (methods x seeds), resumably, then print the table."""
     from stella_cli.reproduce import reproduce as reproduce_table
 
-    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs, recipes=recipes)
+    reproduce_table(table, seeds=seeds, methods=methods, overrides=overrides, full=full, runs=runs, recipes=recipes,
+                    jobs=jobs, values=values, orders=orders)
 
 
 @app.command()
@@ -422,19 +432,26 @@ def buffer(
 def report(
     runs: list[str] = typer.Argument(..., help="Run directories or globs (quoted: 'runs/synthetic_*'); for "
                                                "--table efficiency, `stella bench --json` files."),
-    table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation"),
+    table: str = typer.Option("retrieval", help="retrieval | efficiency | downstream | ablation, or an analysis: "
+                                                "memory | task-order | modality-gap | temperature"),
     out: Path = typer.Option(Path("reports"), help="Folder for TABLE.md/.csv/.json and the figures."),
     forgetting: str = typer.Option("conventional", help="conventional | as-coded (the authors' script, B15)."),
     plots: bool = typer.Option(True, help="Also write the figures (bars; heatmap, stream and loss curves per run)."),
 ) -> None:
     """The paper's tables over runs: seeds of one recipe grouped (mean ± std), best per column marked."""
-    from stella_cli.report import build_table, expand_runs, print_table, write_figures, write_table
+    from stella_cli.analysis import ANALYSES, analysis_figure, build_analysis
+    from stella_cli.errors import StellaError
+    from stella_cli.report import TABLES, build_table, expand_runs, print_table, write_figures, write_table
 
-    result = build_table(table, expand_runs(runs, dirs=table != "efficiency"), forgetting)
+    if table not in (*TABLES, *ANALYSES):
+        raise StellaError(f"--table {table!r}: choose one of {', '.join((*TABLES, *ANALYSES))}")
+    paths = expand_runs(runs, dirs=table != "efficiency")
+    analysis = table in ANALYSES
+    result = build_analysis(table, paths, forgetting) if analysis else build_table(table, paths, forgetting)
     written = write_table(result, out)
     print_table(result)
     if plots:
-        written += write_figures(result, out)
+        written += [analysis_figure(result, out)] if analysis else write_figures(result, out)
     console.print("wrote " + ", ".join(str(p) for p in written))
 
 

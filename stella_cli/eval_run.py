@@ -75,8 +75,9 @@ def run_retrieval(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     r, history = ctx.target.recipe, []
     for path in ctx.target.checkpoints:
         loaded = ctx.load(path)
-        scores = evaluate.gallery_scores(loaded.backbone, r, ctx.all_tasks, ctx.device, ctx.amp)
-        history.append({"after_task": task_of(path), "step": loaded.step, "checkpoint": str(path), "scores": scores})
+        row = evaluate.gallery_row(loaded.backbone, r, ctx.all_tasks, ctx.device, ctx.amp)  # scores, modality gap
+        scores = row["scores"]
+        history.append({"after_task": task_of(path), "step": loaded.step, "checkpoint": str(path), **row})
         ctx.log(f"retrieval after {history[-1]['after_task']}: A->V R@1 {scores['a2v']['all']['R@1']:.1f}, "
                 f"V->A R@1 {scores['v2a']['all']['R@1']:.1f}")
     summary = evaluate.summarize(history, ctx.all_tasks, r.eval.recall_at)

@@ -5,6 +5,7 @@ a(l, k) = R@K of task k's queries against the whole gallery after training task 
     A               = mean_k a(T, k)
     F_conventional  = 1/(T-1) * sum_{k<T} max_{k<=l<T} (a(l,k) - a(T,k))
     F_as_coded      = 1/(T-1) * sum_{k<=T} max_{l<T} (a(l,k) - a(T,k))      (the authors' script, method.md §9.3 B15)
+The same embeddings give the modality gap between the audio and the video embeddings (modality_gap).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import statistics
 from pathlib import Path
 from typing import Any
@@ -49,11 +51,37 @@ def embed_gallery(model: torch.nn.Module, loader, device: torch.device,
 def gallery_scores(backbone: torch.nn.Module, recipe: Recipe, tasks: list[str], device: torch.device,
                    amp_dtype: torch.dtype | None = None) -> dict[str, dict[str, dict[str, float]]]:
     """Embed the retrieval split of `tasks` (one gallery) and score both directions (method.md §6.1)."""
+    return gallery_row(backbone, recipe, tasks, device, amp_dtype)["scores"]
+
+
+def gallery_row(backbone: torch.nn.Module, recipe: Recipe, tasks: list[str], device: torch.device,
+                amp_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """One row of results/retrieval.json from one embedding of the gallery: {'scores': retrieval_scores,
+    'modality_gap': modality_gap} (the gap over the whole gallery, README "The modality gap")."""
     gallery = AVDataset(recipe.data, "retrieval", tasks=tasks, train=False, seed=recipe.train.seed)
     loader = build_loader(gallery, recipe.eval.batch_size, shuffle=False, seed=0, epoch=0, drop_last=False,
                           num_workers=recipe.data.num_workers)
     z_a, z_v, task = embed_gallery(backbone, loader, device, amp_dtype)
-    return retrieval_scores(z_a, z_v, task, gallery.task_names, recipe.eval.recall_at)
+    return {"scores": retrieval_scores(z_a, z_v, task, gallery.task_names, recipe.eval.recall_at),
+            "modality_gap": modality_gap(z_a, z_v)}
+
+
+def modality_gap(z_a: Tensor, z_v: Tensor) -> dict[str, float]:
+    """The modality gap of Liang et al. (2022) and the spread of each modality, on (N, D) embeddings.
+
+    Every embedding is L2-normalised (again: retrieval_embed already does), then with the centroids
+    mu_a = mean_i z_a[i] / |z_a[i]| and mu_v likewise:
+        gap      = |mu_a - mu_v|                              (0: the two clouds share a centre; at most 2)
+        spread_m = sqrt(mean_i |z_m[i] - mu_m|^2) = sqrt(1 - |mu_m|^2)   for m = a, v
+    spread is the root-mean-square distance to the modality's own centroid: 0 when every clip embeds to one
+    point, 1 when the centroid is the origin (the embeddings fill the sphere evenly around it).
+    """
+    u_a = torch.nn.functional.normalize(z_a.double(), dim=1)
+    u_v = torch.nn.functional.normalize(z_v.double(), dim=1)
+    mu_a, mu_v = u_a.mean(dim=0), u_v.mean(dim=0)
+    return {"gap": (mu_a - mu_v).norm().item(),
+            "spread_a": (u_a - mu_a).pow(2).sum(dim=1).mean().sqrt().item(),
+            "spread_v": (u_v - mu_v).pow(2).sum(dim=1).mean().sqrt().item()}
 
 
 TIE_TOLERANCE = 1e-6  # cosine similarities this close to the true pair's count as ties (float32 rounding)
@@ -182,6 +210,52 @@ def mean_std(values: list[float]) -> tuple[float, float | None, int] | None:
     if not values:
         return None
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None, len(values)
+
+
+def t_within(t: float, df: int) -> float:
+    """P(|T| <= t) for Student's t with an integer df >= 1, exactly (Abramowitz & Stegun 26.7.3-26.7.4). With
+    θ = atan(t / √df) and c = cos θ:
+        odd df:  2/π (θ + sin θ (c + 2/3 c³ + ... + (2·4···(df-3)) / (1·3···(df-2)) c^(df-2)))
+        even df: sin θ (1 + 1/2 c² + ... + (1·3···(df-3)) / (2·4···(df-2)) c^(df-2))"""
+    theta = math.atan(abs(t) / math.sqrt(df))
+    s, c2 = math.sin(theta), math.cos(theta) ** 2
+    if df % 2:
+        term, series = math.cos(theta), 0.0
+        for k in range(1, (df - 1) // 2 + 1):  # powers 1, 3, ..., df - 2
+            series += term
+            term *= c2 * 2 * k / (2 * k + 1)
+        return 2 / math.pi * (theta + s * series)
+    term, series = 1.0, 0.0
+    for k in range(df // 2):  # powers 0, 2, ..., df - 2
+        series += term
+        term *= c2 * (2 * k + 1) / (2 * k + 2)
+    return s * series
+
+
+def t_quantile(level: float, df: int) -> float:
+    """The t with P(|T| <= t) = level (two-sided), by bisection on t_within: 4.303 for level 0.95 and df 2."""
+    lo, hi = 0.0, 1.0
+    while t_within(hi, df) < level:
+        hi *= 2
+    for _ in range(200):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if t_within(mid, df) < level else (lo, mid)
+        if hi - lo < 1e-12 * hi:
+            break
+    return (lo + hi) / 2
+
+
+def paired_difference(a: list[float], b: list[float], level: float = 0.95) -> tuple[float, float, float, int] | None:
+    """Mean of the paired differences d_i = a_i - b_i (seed i of both) and its t-interval over seeds:
+    (mean, low, high, n), mean ± t_{level, n-1} · sd(d) / √n; None for fewer than two pairs."""
+    if len(a) != len(b):
+        raise ValueError(f"paired_difference: {len(a)} values against {len(b)}; pair them by seed first")
+    if len(a) < 2:
+        return None
+    d = [x - y for x, y in zip(a, b)]
+    mean = statistics.fmean(d)
+    half = t_quantile(level, len(d) - 1) * statistics.stdev(d) / math.sqrt(len(d))
+    return mean, mean - half, mean + half, len(d)
 
 
 def _mean_or_none(values: list[float | None]) -> float | None:

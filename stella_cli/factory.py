@@ -19,7 +19,7 @@ from stella_cli.baselines import ER, ClsEr, DERpp, Esmer, Gmed, Lump, Mir
 from stella_cli.checkpoint import load_authors_checkpoint
 from stella_cli.config import RANDOM, Recipe, RecipeError, per_rank_batch, per_rank_memory
 from stella_cli.errors import StellaError
-from stella_cli.methods import Finetune, Method, Multitask
+from stella_cli.methods import Finetune, Method, Multitask, Replay
 from stella_cli.model import CAVMAE
 from stella_cli.stella import AVMPretrain, Stella, StellaPlus
 
@@ -46,6 +46,7 @@ METHODS: dict[str, MethodEntry] = {
     "avm_pretrain": MethodEntry(AVMPretrain, None, union=True),  # initialisation chain: the AVM on a frozen backbone
 }
 PAPER_METHODS = tuple(name for name, entry in METHODS.items() if entry.row)  # the rows of the paper's tables
+REPLAY_METHODS = tuple(name for name in PAPER_METHODS if issubclass(METHODS[name].cls, Replay))  # with a memory
 
 
 def recipe_suffix(name: str) -> str:

@@ -9,11 +9,14 @@ and the event window. For each task checkpoint of a STELLA run, on the retrieval
 
 with I_v (B, L_V) and I_a (B, L_A) the importance of method.md §3.2 (each sums to 1). A uniform importance scores
 mean_j o[j] (the box's share of the frame, the event's share of the fbank): `lift` = share / uniform, 1 = no
-localisation. Reported per task (the clips of each task) and over the stream (after every task checkpoint).
+localisation. Reported per task (the clips of each task) and over the stream (after every task checkpoint), and
+before the stream (`start`) where the run starts from a pre-trained AVM (model.avm.checkpoint, method.md §2.5): the
+AVM on its pre-trained backbone (model.checkpoint), as the first step sees them.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,7 +24,7 @@ import torch
 from torch import Tensor
 
 from stella_cli.data import AVDataset, build_loader
-from stella_cli.checkpoint import task_of
+from stella_cli.checkpoint import load_avm_checkpoint, load_backbone, task_of
 from stella_cli.downstream import Context, TaskSkipped
 from stella_cli.model import AVM, CAVMAE
 from stella_cli.scoring import patch_importance
@@ -92,6 +95,31 @@ def summarize_shares(shares: dict[str, Tensor], task_names: list[str]) -> dict[s
     return out
 
 
+def starts_pretrained(ctx: Context) -> bool:
+    """The run starts from a pre-trained backbone and AVM whose files are still there (else: no `start` row)."""
+    m = ctx.target.recipe.model
+    if not (m.checkpoint and m.avm.checkpoint):
+        return False
+    missing = [p for p in (m.checkpoint, m.avm.checkpoint) if not Path(p).is_file()]
+    if missing:
+        ctx.log(f"localisation: no row before the stream, the start point {missing[0]} is gone")
+    return not missing
+
+
+def score_row(ctx: Context, after: str, source: str, backbone: CAVMAE, avm: AVM,
+              dataset: AVDataset) -> dict[str, Any]:
+    """One row of the diagnostic: the importance shares of one (backbone, AVM) pair, logged."""
+    r = ctx.target.recipe
+    shares = importance_shares(backbone, avm.to(ctx.device).eval(), dataset, r.method.stella.att_temperature,
+                               r.eval.batch_size, ctx.device)
+    row = {"after_task": after, "checkpoint": source, "scores": summarize_shares(shares, dataset.task_names)}
+    a = row["scores"]["all"]
+    ctx.log(f"localisation {'before the stream' if after == 'start' else 'after ' + after}: video "
+            f"{a['share_v']:.1f}% on the object (uniform {a['uniform_v']:.1f}%), audio {a['share_a']:.1f}% in the "
+            f"event (uniform {a['uniform_a']:.1f}%)")
+    return row
+
+
 def run_localisation(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     """`stella eval --task localisation`: importance shares after every task checkpoint of a STELLA run."""
     r = ctx.target.recipe
@@ -99,7 +127,7 @@ def run_localisation(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
     if dataset.boxes(0) is None or dataset.event(0) is None:
         raise TaskSkipped(f"{r.data.root}: localisation needs the sounding-object boxes and event windows of the "
                           "synthetic benchmark")
-    rows = []
+    rows, start = [], None
     for path in ctx.target.checkpoints:
         loaded = ctx.load(path)
         avm_state = loaded.avm_state()
@@ -108,19 +136,20 @@ def run_localisation(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
                               "STELLA's patch importance")
         avm = AVM(loaded.backbone.embed_dim, r.model.avm.num_heads, r.model.avm.fix_head_reshape)
         avm.load_state_dict(avm_state)
-        avm.to(ctx.device).eval()
-        shares = importance_shares(loaded.backbone, avm, dataset, r.method.stella.att_temperature,
-                                   r.eval.batch_size, ctx.device)
-        rows.append({"after_task": task_of(path), "checkpoint": str(path),
-                     "scores": summarize_shares(shares, dataset.task_names)})
-        a = rows[-1]["scores"]["all"]
-        ctx.log(f"localisation after {rows[-1]['after_task']}: video {a['share_v']:.1f}% on the object "
-                f"(uniform {a['uniform_v']:.1f}%), audio {a['share_a']:.1f}% in the event "
-                f"(uniform {a['uniform_a']:.1f}%)")
+        if start is None and starts_pretrained(ctx):  # before the stream: the start point
+            start_backbone = load_backbone(Path(r.model.checkpoint), r, ctx.device).backbone
+            start_avm = AVM(start_backbone.embed_dim, start_backbone.num_heads, r.model.avm.fix_head_reshape)
+            load_avm_checkpoint(start_avm, r.model.avm.checkpoint)
+            start = score_row(ctx, "start", r.model.avm.checkpoint, start_backbone, start_avm, dataset)
+            rows.append(start)
+        rows.append(score_row(ctx, task_of(path), str(path), loaded.backbone, avm, dataset))
+    stream_rows = [row for row in rows if row is not start]
     final = rows[-1]["scores"]["all"]
-    stream = {k: sum(row["scores"]["all"][k] for row in rows) / len(rows) for k in ("lift_v", "lift_a")}
+    stream = {k: sum(row["scores"]["all"][k] for row in stream_rows) / len(stream_rows) for k in ("lift_v", "lift_a")}
     metrics = {f"{k}": final[k] for k in ("share_v", "uniform_v", "lift_v", "share_a", "uniform_a", "lift_a")}
     metrics.update({f"stream mean {k}": v for k, v in stream.items()})
+    if start is not None:
+        metrics.update({f"start {k}": start["scores"]["all"][k] for k in ("share_v", "lift_v", "share_a", "lift_a")})
     for name, s in rows[-1]["scores"].items():
         if name != "all":
             metrics[f"lift_v {name}"], metrics[f"lift_a {name}"] = s["lift_v"], s["lift_a"]

@@ -4,6 +4,7 @@
     stream_plot        a(l, k) of each task over the stream: the forgetting picture
     loss_curves        every loss term over the optimiser steps (metrics.jsonl), task boundaries marked
     comparison_bars    A and F per method (a `stella report` table), seed std as error bars
+    paired_plot        STELLA / STELLA+ minus each baseline, paired by seed: mean and 95% t-interval
     bench_bars         time per iteration and memory per method (`stella bench --json`)
     buffer_clip_figure one stored clip: frames and fbank, stored importance, pruning probability, core patches
     buffer_composition clips per task in the buffer after each task of the stream
@@ -274,6 +275,34 @@ def report_bars(table, out: Path) -> Path | None:
     seeds = sorted({len(g.runs) for g in table.groups})
     return comparison_bars(labels, series, out, panels, f"{table.name}: mean over seeds (n = "
                            f"{', '.join(map(str, seeds))}), error bars = sample std")
+
+
+def paired_plot(paired: list, out: Path) -> Path:
+    """The paired differences of `stella report` (report.Paired: STELLA / STELLA+ - each baseline): one panel per
+    avg column, one line per comparison, the mean as a dot and the 95% t-interval as a bar; the column's best
+    baseline in black, the others in grey; 0 (no difference) as a vertical line."""
+    columns = list(dict.fromkeys(p.column for p in paired))
+    labels = list(dict.fromkeys(f"{p.row} - {p.against}" for p in paired))
+    with plt.rc_context(STYLE):
+        fig, axes = plt.subplots(1, len(columns), figsize=(3.0 * len(columns) + 2.5, max(2.8, 0.3 * len(labels) + 1.6)),
+                                 sharey=True, constrained_layout=True, squeeze=False)
+        y = {label: i for i, label in enumerate(reversed(labels))}
+        for ax, col in zip(axes[0], columns):
+            for p in (p for p in paired if p.column == col):
+                colour = "black" if p.best else "0.6"
+                yy = y[f"{p.row} - {p.against}"]
+                ax.plot([p.low, p.high], [yy, yy], color=colour, lw=1.5 if p.best else 1)
+                ax.plot(p.mean, yy, "o", color=colour, ms=4)
+            ax.axvline(0, color="tab:red", lw=0.8)
+            better = "< 0: forgets less" if col.endswith(" F") else "> 0: higher"
+            ax.set_title(f"{col}\n({better})")
+            ax.set_xlabel("difference (points)")
+            ax.grid(True, axis="x")
+        axes[0][0].set_yticks(list(y.values()), list(y))
+        n = sorted({p.n for p in paired})
+        fig.suptitle(f"paired differences over seeds (n = {', '.join(map(str, n))}): mean and 95% t-interval; "
+                     "black = the column's best baseline")
+        return _save(fig, out)
 
 
 def bench_bars(table, out: Path) -> Path:

@@ -131,10 +131,11 @@ class ReservoirBuffer:
         """Bytes of the allocated storage (all M slots)."""
         return sum(x.numel() * x.element_size() for x in self.fields.values())
 
-    def state_dict(self) -> dict:
-        """Plain dict (ints, strings, tensors) for torch.save; only the filled rows are saved."""
+    def state_dict(self, copy: bool = True) -> dict:
+        """Plain dict (ints, strings, tensors) for torch.save; only the filled rows are saved (copy=False: views of
+        them, for summarize_buffer without copying the memory)."""
         return {"capacity": self.capacity, "n_seen": self.n_seen, "dtype": str(self.dtype).removeprefix("torch."),
-                "fields": {name: x[:len(self)].clone() for name, x in self.fields.items()}}
+                "fields": {name: x[:len(self)].clone() if copy else x[:len(self)] for name, x in self.fields.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         for key in ("capacity", "n_seen", "dtype", "fields"):

@@ -15,6 +15,7 @@ mean alone). Rows follow the paper's method order. Each table is written as mark
 from __future__ import annotations
 
 import csv
+import dataclasses
 import glob
 import io
 import json
@@ -28,16 +29,18 @@ from rich.markup import escape
 from stella_cli.config import SELECTIONS
 from stella_cli.console import console, print_rows
 from stella_cli.errors import StellaError
-from stella_cli.evaluate import DIRECTIONS, mean_std
+from stella_cli.evaluate import DIRECTIONS, mean_std, paired_difference
 from stella_cli.factory import METHODS, PAPER_METHODS
 from stella_cli.files import atomic_write_text, make_dir
-from stella_cli.plots import bench_bars, plot_run, report_bars
+from stella_cli.plots import bench_bars, paired_plot, plot_run, report_bars
 
 DOWNSTREAM_TASKS = ("classification", "ave", "avs", "msrvtt", "localisation")
 TABLES = ("retrieval", "efficiency", "downstream", "ablation")
 FORGETTING = {"conventional": "F", "as-coded": "F_as_coded"}  # --forgetting -> key in results/summary.json
 DIRECTION_NAMES = {"a2v": "A->V", "v2a": "V->A"}
 RUN_KEYS_IGNORED = ("train.seed", "output.dir")  # what may differ between the seeds of one row
+OURS = ("stella", "stella+")  # the rows compared with every baseline, paired by seed
+START_POINTS = {"model.avm.checkpoint": "AVM", "model.checkpoint": "backbone"}  # row labels: "STELLA (random AVM)"
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -75,6 +78,7 @@ class Group:
     runs: list[Run]
     label: str = ""
     values: dict[str, list[float]] = field(default_factory=dict)  # column -> one value per run that has it
+    by_seed: dict[str, dict[str, float]] = field(default_factory=dict)  # column -> {seed: value} (pairing)
     extra: dict[str, Any] = field(default_factory=dict)  # recipe / command override (bench, downstream)
 
     @property
@@ -172,7 +176,14 @@ def _disambiguate(groups: list[Group]) -> None:
         keys = sorted({k for f in flats for k in f if k not in RUN_KEYS_IGNORED
                        and len({json.dumps(x.get(k), default=str) for x in flats}) > 1})
         for g, flat in zip(same, flats):
-            g.label += " (" + ", ".join(f"{k}={flat.get(k)}" for k in keys) + ")"
+            g.label += " (" + ", ".join(describe(k, flat.get(k)) for k in keys) + ")"
+
+
+def describe(key: str, value: Any) -> str:
+    """A recipe key in a row label: start points by what they are (a path says little), the rest as key=value."""
+    if key in START_POINTS:
+        return f"{'pre-trained' if value else 'random'} {START_POINTS[key]}"
+    return f"{key}={value}"
 
 
 def seeds_of(g: Group) -> list[str]:
@@ -200,6 +211,30 @@ def command_of(g: Group) -> str:
 
 
 @dataclass
+class Paired:
+    """`row` - `against` in `column`, paired by seed: mean difference and its t-interval [low, high] over n seeds.
+    A: > 0 = `row` higher; F: < 0 = `row` forgets less. `best`: `against` is the column's best baseline."""
+
+    row: str
+    against: str
+    column: str
+    mean: float
+    low: float
+    high: float
+    n: int
+    seeds: list[str] = field(default_factory=list)
+    best: bool = False
+
+    @property
+    def resolved(self) -> bool:
+        """The interval excludes 0: the sign of the difference is resolved at the interval's level."""
+        return self.low > 0 or self.high < 0
+
+    def cell(self) -> str:
+        return f"{self.mean:+.2f} [{self.low:+.2f}, {self.high:+.2f}]"
+
+
+@dataclass
 class Table:
     """Rows of groups x columns of mean ± std; `best[col]` = row indices marked best; `lower_better[col]`."""
 
@@ -210,6 +245,7 @@ class Table:
     notes: list[str] = field(default_factory=list)
     best: dict[str, set[int]] = field(default_factory=dict)
     run_dirs: list[Path] = field(default_factory=list)  # every run directory read, in the table or not (figures)
+    paired: list[Paired] = field(default_factory=list)  # retrieval: STELLA / STELLA+ against each baseline
 
     def stat(self, row: int, col: str) -> tuple[float, float | None, int] | None:
         return mean_std(self.groups[row].values.get(col, []))
@@ -263,13 +299,36 @@ def retrieval_table(runs: list[Run], forgetting: str = "conventional", ablation:
                     for name, key in (("A", "A"), ("F", f_key)):
                         value = s.get(d, {}).get(k, {}).get(key)
                         if value is not None:
-                            g.values.setdefault(f"{DIRECTION_NAMES[d]} {k} {name}", []).append(float(value))
+                            col = f"{DIRECTION_NAMES[d]} {k} {name}"
+                            g.values.setdefault(col, []).append(float(value))
+                            g.by_seed.setdefault(col, {})[str(run.seed)] = float(value)
     table = Table("ablation" if ablation else "retrieval", columns, groups,
                   {c: c.endswith(" F") for c in columns}, notes=notes)
     f_name = "conventional forgetting" if forgetting == "conventional" else "forgetting as the authors coded it (B15)"
     table.notes.append(f"F = {f_name}; A higher is better, F lower is better; mean ± sample std over seeds")
     mark_best(table)
+    if not ablation:
+        table.paired = paired_differences(table)
     return table
+
+
+def paired_differences(table: Table, level: float = 0.95) -> list[Paired]:
+    """STELLA and STELLA+ rows against every baseline row (not Multitask) in the avg columns: the difference of
+    the seeds both rows ran, its mean and t-interval over those seeds (evaluate.paired_difference)."""
+    ours = [g for g in table.groups if g.method in OURS]
+    baselines = [g for g in table.groups if g.method not in OURS and not is_upper_bound(g.method)]
+    out = []
+    for col in [c for c in table.columns if " avg " in c]:
+        means = {g.label: s[0] for g in baselines if (s := mean_std(g.values.get(col, []))) is not None}
+        best = (min if table.lower_better[col] else max)(means, key=means.get) if means else None
+        for g in ours:
+            for b in baselines:
+                mine, theirs = g.by_seed.get(col, {}), b.by_seed.get(col, {})
+                seeds = sorted(set(mine) & set(theirs), key=lambda s: (len(s), s))
+                diff = paired_difference([mine[s] for s in seeds], [theirs[s] for s in seeds], level)
+                if diff is not None:
+                    out.append(Paired(g.label, b.label, col, *diff, seeds=seeds, best=b.label == best))
+    return out
 
 
 BENCH_COLUMNS = {  # column -> (bench key, scale, lower is better)
@@ -409,14 +468,46 @@ def to_markdown(table: Table) -> str:
     lines = [f"## {table.name}", "", "| " + " | ".join(rows[0]) + " |",
              "|" + "|".join(["---"] + ["---:"] * (len(rows[0]) - 1)) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows[1:]]
-    lines += ["", "**bold** = best per column" + (" (Multitask excluded)" if table.name in ("retrieval", "ablation")
-                                                    else ""), ""]
+    if table.best:
+        lines += ["", "**bold** = best per column" + (" (Multitask excluded)" if table.name in ("retrieval", "ablation")
+                                                        else "")]
+    lines.append("")
     lines += [f"- {n}" for n in table.notes]
+    if table.paired:
+        lines += ["", "### paired differences over seeds", "", PAIRED_NOTE, ""]
+        lines += markdown_rows(paired_best_rows(table)) + [""] + markdown_rows(paired_matrix_rows(table))
     lines += ["", "| row | seeds | runs | recipe | command |", "|---|---|---|---|---|"]
     for g in table.groups:
         lines.append(f"| {g.label} | {', '.join(seeds_of(g)) or '-'} | {', '.join(str(r.path) for r in g.runs) or '-'}"
                      f" | `{recipe_of(g)}` | `{command_of(g)}` |")
     return "\n".join(lines) + "\n"
+
+
+PAIRED_NOTE = ("row - baseline, paired by seed: mean difference [95% t-interval over the seeds both ran]; A: > 0 = "
+               "the row is higher, F: < 0 = the row forgets less; 'resolved' = the interval excludes 0")
+
+
+def paired_best_rows(table: Table) -> list[list[str]]:
+    """Header + one row per (STELLA row, column): the difference to the column's best baseline."""
+    rows = [["row", "column", "best baseline", "difference [95% interval]", "n", "resolved"]]
+    for p in (p for p in table.paired if p.best):
+        rows.append([p.row, p.column, p.against, p.cell(), str(p.n), "yes" if p.resolved else "no"])
+    return rows
+
+
+def paired_matrix_rows(table: Table) -> list[list[str]]:
+    """Header + one row per (STELLA row, baseline): the difference in every avg column."""
+    columns = list(dict.fromkeys(p.column for p in table.paired))
+    cells: dict[tuple[str, str], dict[str, str]] = {}
+    for p in table.paired:
+        cells.setdefault((p.row, p.against), {})[p.column] = p.cell()
+    return [["row - baseline", *columns]] + [[f"{row} - {against}", *(c.get(col, "-") for col in columns)]
+                                              for (row, against), c in cells.items()]
+
+
+def markdown_rows(rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(rows[0]) + " |", "|" + "|".join(["---"] * len(rows[0])) + "|"] + \
+        ["| " + " | ".join(r) + " |" for r in rows[1:]]
 
 
 def to_csv(table: Table) -> str:
@@ -447,7 +538,8 @@ def to_json(table: Table) -> dict[str, Any]:
                      "recipe": recipe_of(g), "command": command_of(g), "values": values,
                      "best": [c for c in table.columns if i in table.best.get(c, ())]})
     return {"table": table.name, "columns": table.columns,
-            "lower_is_better": [c for c in table.columns if table.lower_better[c]], "notes": table.notes, "rows": rows}
+            "lower_is_better": [c for c in table.columns if table.lower_better[c]], "notes": table.notes, "rows": rows,
+            "paired": [{**dataclasses.asdict(p), "resolved": p.resolved} for p in table.paired]}
 
 
 def write_table(table: Table, out: Path) -> list[Path]:
@@ -458,7 +550,21 @@ def write_table(table: Table, out: Path) -> list[Path]:
     atomic_write_text(paths[0], to_markdown(table))
     atomic_write_text(paths[1], to_csv(table))
     atomic_write_text(paths[2], json.dumps(to_json(table), indent=1))
+    if table.paired:
+        paths.append(out / f"{table.name}_paired.csv")
+        atomic_write_text(paths[-1], paired_csv(table))
     return paths
+
+
+def paired_csv(table: Table) -> str:
+    """One line per comparison: numbers, not strings."""
+    out = io.StringIO(newline="")
+    writer = csv.writer(out)
+    writer.writerow(["row", "against", "column", "mean", "low", "high", "n", "seeds", "best_baseline", "resolved"])
+    for p in table.paired:
+        writer.writerow([p.row, p.against, p.column, f"{p.mean:.6g}", f"{p.low:.6g}", f"{p.high:.6g}", p.n,
+                         " ".join(p.seeds), int(p.best), int(p.resolved)])
+    return out.getvalue()
 
 
 def column_parts(columns: list[str]) -> list[tuple[str, list[str]]]:
@@ -480,6 +586,10 @@ def print_table(table: Table) -> None:
         print_rows(f"{table.name}{': ' + part if part else ''} (green = best per column)", shown)
     for note in table.notes:
         console.print(f"[dim]{escape(note)}")
+    if table.paired:
+        print_rows("paired differences to the best baseline (95% t-interval over seeds)",
+                   [[escape(c) for c in r] for r in paired_best_rows(table)], left=3)
+        console.print(f"[dim]{escape(PAIRED_NOTE)}; against every baseline: {table.name}.md")
 
 
 def write_figures(table: Table, out: Path) -> list[Path]:
@@ -489,6 +599,8 @@ def write_figures(table: Table, out: Path) -> list[Path]:
         return [bench_bars(table, out / "efficiency_bars.png")]
     bars = report_bars(table, out / f"{table.name}_bars.png") if table.name in ("retrieval", "ablation") else None
     written = [bars] if bars else []
+    if table.paired:
+        written.append(paired_plot(table.paired, out / f"{table.name}_paired.png"))
     seen: dict[str, int] = {}
     for path in table.run_dirs:
         seen[path.name] = seen.get(path.name, 0) + 1

@@ -41,7 +41,7 @@ from stella_cli.factory import METHODS, build_method, check_initial_checkpoint, 
 from stella_cli.files import LOCK_NAME, atomic_write_text, holding, make_dir
 from stella_cli.methods import Method
 from stella_cli.model import weight_decay_groups
-from stella_cli.replay import merge_state_dicts, split_state_dict
+from stella_cli.replay import merge_state_dicts, split_state_dict, summarize_buffer
 from stella_cli.tracking import METRICS, TRACKERS, MetricsLog, check_tracker
 
 
@@ -349,8 +349,9 @@ class Trainer:
     def evaluate(self, name: str) -> None:
         r = self.recipe
         if r.eval.retrieval and is_main():
-            scores = evaluate.gallery_scores(unwrap(self.method).backbone, r, self.all_tasks, self.device, self.amp)
-            self.pos.history.append({"after_task": name, "step": self.pos.step, "scores": scores})
+            row = evaluate.gallery_row(unwrap(self.method).backbone, r, self.all_tasks, self.device, self.amp)
+            self.pos.history.append({"after_task": name, "step": self.pos.step, **row, **self.memory_use()})
+            scores = row["scores"]
             checkpoint = self.run_dir / "checkpoints" / task_checkpoint_name(self.pos.task + 1, name)  # written next
             summary = evaluate.write_results(self.run_dir / "results", self.pos.history, self.all_tasks,
                                              r.eval.recall_at, {"checkpoint": str(checkpoint), "command":
@@ -363,6 +364,16 @@ class Trainer:
                 f"  (avg A so far: {summary['a2v']['avg']['A']:.2f} / {summary['v2a']['avg']['A']:.2f})")
         if self.world > 1:  # every rank keeps the same history, so any rank's checkpoint state agrees
             self.pos.history = broadcast_object(self.pos.history)
+
+    def memory_use(self) -> dict[str, Any]:
+        """{'memory': ...} for a replay method: the size of one stored slot, read from the buffer itself
+        (replay.summarize_buffer: every stored field of a clip), and rank 0's fill; {} without a buffer."""
+        buffer = getattr(unwrap(self.method), "buffer", None)
+        if buffer is None or buffer.is_empty():
+            return {}
+        info = summarize_buffer(buffer.state_dict(copy=False))
+        return {"memory": {"slots": self.recipe.method.memory_size, "bytes_per_clip": info["bytes_per_clip"],
+                           "filled_rank0": info["filled"], "world_size": self.world}}
 
     def log_metrics(self, record: dict[str, Any]) -> None:
         if self.metrics is not None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -199,10 +200,16 @@ ROOT = Path(__file__).resolve().parents[1]
 TASKS = ["task1", "task2"]
 
 
+# the synthetic recipes start from the initialisation chain's checkpoints (data/synthetic/init); the tests' tiny runs
+# start from random weights instead
+RANDOM_START = ["model.checkpoint=random", "model.avm.checkpoint="]
+
+
 def tiny_overrides(tmp_path: Path, data_root: Path, name: str) -> list[str]:
-    """Any synthetic recipe at the tiny preset: 2 tasks x 1 epoch x 4 steps."""
+    """Any synthetic recipe at the tiny preset, from random weights: 2 tasks x 1 epoch x 4 steps."""
     return [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-            "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / name}"]
+            "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / name}",
+            *RANDOM_START]
 
 
 def tiny_recipe(tmp_path: Path, data_root: Path, name: str = "run", *overrides: str, recipe: str = "synthetic.yaml"):
@@ -359,3 +366,40 @@ def frame_ids(video: torch.Tensor) -> list:
 def fbank_rows(audio: torch.Tensor, mean: float = -5.081, std: float = 4.4849) -> list[int]:
     """The cached fbank row (+ 1) each row of a normalised (1, T, M) input came from; 0 = padding."""
     return torch.round(audio.reshape(-1, audio.shape[-1])[:, 0].double() * std + mean).long().tolist()
+
+
+def assert_png(path: Path, min_side: int = 250, max_side: int = 3000) -> tuple[int, int]:
+    """A PNG file (signature) whose IHDR width and height are of a readable figure."""
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
+    width, height = struct.unpack(">II", data[16:24])
+    assert min_side <= width <= max_side and min_side <= height <= max_side, (path, width, height)
+    return width, height
+
+
+# several commands through the CLI's entry point (cli.main, as `python -m stella_cli` runs it) in one child process
+MANY = """
+import json, sys
+from stella_cli.cli import main
+for args in json.loads(sys.argv[1]):
+    sys.argv = ["stella", *args]
+    print("<<<", flush=True)
+    try:
+        main()
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    print(f">>> {code}", flush=True)
+"""
+
+
+def cli_many(*commands: list[str], cwd: Path = ROOT) -> list[tuple[int, str]]:
+    """(exit code, output) of each `stella ARGS...` command, one after the other in one child process (one start-up,
+    for commands that fail before doing any work)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "COLUMNS": "400"}  # rich: no wrapping
+    proc = subprocess.run([sys.executable, "-c", MANY, json.dumps(commands)], capture_output=True, text=True,
+                          env=env, cwd=cwd)
+    assert "Traceback" not in proc.stderr, proc.stderr
+    parts = proc.stdout.split("<<<\n")[1:]
+    assert len(parts) == len(commands), proc.stdout + proc.stderr
+    return [(int(p.rsplit(">>> ", 1)[1]), p.rsplit(">>> ", 1)[0]) for p in parts]

@@ -9,6 +9,8 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from helpers import RANDOM_START
+
 from stella_cli.cli import app, main
 from stella_cli.config import load_recipe
 from stella_cli.synth import SynthConfig, prepare_synthetic
@@ -42,7 +44,10 @@ def test_model_prints_the_paper_model(capsys):
     assert "video 784, audio 512" in out and "156 / 102" in out and "core 392 / 256" in out
     synthetic = plain(runner.invoke(app, ["model", "--recipe", str(ROOT / "recipes" / "synthetic.yaml")]).output)
     assert "video 64, audio 192" in synthetic and "core 32 / 96" in synthetic
-    assert "mask ratios 0.75 / 0.75: 16 / 48" in synthetic  # the recipe's ratios, not the paper's 0.8
+    assert "mask ratios 0.8 / 0.8: 12 / 38" in synthetic  # the recipe's ratios (the paper's since issue 21)
+    init = plain(runner.invoke(app, ["model", "--recipe", str(ROOT / "recipes" / "init_synthetic_heldout.yaml")])
+                 .output)
+    assert "mask ratios 0.75 / 0.75: 16 / 48" in init  # from random weights the chain keeps more visible tokens
 
 
 def test_print_config_shows_the_resolved_recipe():
@@ -54,7 +59,8 @@ def test_print_config_shows_the_resolved_recipe():
 
 @pytest.mark.parametrize("argv, message", [
     (["train", "recipes/synthetic.yaml", "--set", "optim.lrr=1"], "unknown key optim.'lrr'; did you mean optim.'lr'"),
-    (["train", "recipes/synthetic.yaml", "--set", "data.root=/nonexistent/synthetic"],
+    (["train", "recipes/synthetic.yaml", "--set", "data.root=/nonexistent/synthetic", "--set",
+      "model.checkpoint=random"],
      "no prepared data; run `stella prep synthetic --out /nonexistent/synthetic`"),
     (["model", "--preset", "huge"], "--preset 'huge': choose one of base, small, tiny"),
     (["prep", "kinetics"], "unknown dataset 'kinetics'"),
@@ -90,7 +96,7 @@ def test_buffer_command_on_a_trained_run(tmp_path):
                                          retrieval_per_class=2))
     recipe = load_recipe(ROOT / "recipes" / "synthetic.yaml", [
         f"data.root={data}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=6", "train.epochs=1",
-        "train.batch_size=4", f"output.dir={tmp_path / 'run'}"])
+        "train.batch_size=4", f"output.dir={tmp_path / 'run'}", *RANDOM_START])
     run_dir = run(recipe, quiet=True)
     result = runner.invoke(app, ["buffer", str(run_dir)])
     out = plain(result.output)

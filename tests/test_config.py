@@ -51,7 +51,7 @@ def test_shipped_recipes_load():
     synthetic = load_recipe(RECIPES / "synthetic.yaml")
     assert synthetic.data.dataset == "synthetic" and synthetic.model.preset == "tiny"
     assert synthetic.model.embed_dim == MODEL_PRESETS["tiny"]["embed_dim"]  # the preset fills the sizes
-    assert (synthetic.optim.lr, synthetic.model.contrast_weight, synthetic.train.epochs) == (1e-3, 3.0, 20)
+    assert (synthetic.optim.lr, synthetic.model.contrast_weight, synthetic.train.epochs) == (1e-3, 0.1, 10)
     vgg = load_recipe(RECIPES / "vggsound_seq.yaml")
     assert vgg.data.tasks == ["sports", "music", "vehicle", "people", "animals", "home_nature", "others_part1",
                               "others_part2"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import tiny_synthetic
+from helpers import RANDOM_START, tiny_synthetic
 
 from stella_cli import eval_run
 from stella_cli.checkpoint import latest_run
@@ -40,7 +40,7 @@ def stella_run(tmp_path_factory, data_root) -> Path:
 
     tmp = tmp_path_factory.mktemp("stella")
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp / 'run'}"]
+                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp / 'run'}", *RANDOM_START]
     return run(load_recipe(ROOT / "recipes" / "synthetic.yaml", overrides), quiet=True)
 
 
@@ -63,6 +63,7 @@ def test_eval_all_writes_every_result_file(stella_run, data_root):
         for d in ("a2v", "v2a"):
             assert {k: v["R@1"] for k, v in mine["scores"][d].items()} == pytest.approx(
                 {k: v["R@1"] for k, v in loop["scores"][d].items()})
+        assert mine["modality_gap"] == pytest.approx(loop["modality_gap"], abs=1e-6)  # the gap of that checkpoint
     assert "a2v R@1 F" in retrieval["metrics"] and "v2a avg F_as_coded" in retrieval["metrics"]
     # the heads trained: their loss fell
     for task in ("classification", "ave", "avs"):
@@ -164,3 +165,18 @@ def test_the_eval_command_through_the_cli(stella_run):
     assert result.exit_code == 0, result.output
     saved = json.loads((stella_run / "results" / "retrieval.json").read_text())
     assert saved["checkpoint"].endswith("task01_task1.pt") and [r["after_task"] for r in saved["rows"]] == ["task1"]
+
+
+def test_localisation_before_the_stream_scores_the_start_point(stella_run):
+    """A run that starts from a pre-trained backbone and AVM gets a `start` row: the importance of that pair before
+    any step. Here the 'start point' is the run's own task-1 checkpoint, so the start row equals the task-1 row."""
+    first = stella_run / "checkpoints" / "task01_task1.pt"
+    out = eval_run.run([stella_run], task="localisation", quiet=True,
+                       overrides=[f"model.checkpoint={first}", f"model.avm.checkpoint={first}"])
+    loc = out["localisation"][0]
+    assert [r["after_task"] for r in loc["rows"]] == ["start", "task1", "task2"]
+    assert loc["rows"][0]["scores"] == loc["rows"][1]["scores"]
+    assert loc["metrics"]["start lift_v"] == loc["rows"][1]["scores"]["all"]["lift_v"]
+    assert loc["stream_mean"]["lift_v"] == pytest.approx(sum(r["scores"]["all"]["lift_v"] for r in loc["rows"][1:]) / 2)
+    random_start = eval_run.run([stella_run], task="localisation", quiet=True)["localisation"][0]  # no start row
+    assert [r["after_task"] for r in random_start["rows"]] == ["task1", "task2"]

@@ -1,4 +1,4 @@
-"""Retrieval metrics, accuracy matrix, average accuracy and both forgetting definitions (evaluate.py)."""
+"""Retrieval metrics, accuracy matrix, average accuracy, both forgetting definitions, the modality gap (evaluate.py)."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 
 from stella_cli.evaluate import (accuracy_matrix, average_accuracy, pair_ranks, forgetting_as_coded,
-                                 forgetting_conventional, recall_at, retrieval_scores, summarize, true_pair_ranks,
-                                 write_results, write_task_result)
+                                 forgetting_conventional, modality_gap, recall_at, retrieval_scores, summarize,
+                                 true_pair_ranks, write_results, write_task_result)
 
 
 def test_ranks_on_a_hand_built_gallery():
@@ -120,3 +120,54 @@ def test_task_result_files(tmp_path):
     assert (tmp_path / "demo.md").read_text().splitlines()[2] == "| acc | 50.00 |"
     with pytest.raises(KeyError):
         write_task_result(tmp_path, {"task": "x", "metrics": {}}, [["a"]])
+
+
+def test_modality_gap_on_hand_made_embeddings():
+    """Two unit vectors per modality, on opposite sides: mu_a = (1/2, 1/2), mu_v = -mu_a, so gap = |(1, 1)| = sqrt 2
+    and each spread = sqrt(1 - |mu|^2) = sqrt(1/2)."""
+    z_a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    gap = modality_gap(z_a, -z_a)
+    assert gap == pytest.approx({"gap": 2 ** 0.5, "spread_a": 0.5 ** 0.5, "spread_v": 0.5 ** 0.5}, abs=1e-12)
+    assert modality_gap(z_a, z_a)["gap"] == 0.0  # one cloud: no gap
+
+
+def test_modality_gap_normalises_and_spread_is_the_rms_distance_to_the_centroid():
+    """Unnormalised rows in 3-d. Audio (3, 0, 0), (0, 0, 2), (1, 0, 0) -> unit e1, e3, e1: mu_a = (2/3, 0, 1/3), squared
+    distances to it 2/9, 8/9, 2/9, so spread_a = sqrt(4/9) = 2/3 (a mean distance would give 0.629). Video (0, 4, 0),
+    (0, 2, 0), (0, 7, 0) -> e2 three times: mu_v = e2, spread_v = 0. gap = |(2/3, -1, 1/3)| = sqrt(14/9)."""
+    z_a = torch.tensor([[3.0, 0, 0], [0, 0, 2.0], [1.0, 0, 0]])
+    z_v = torch.tensor([[0, 4.0, 0], [0, 2.0, 0], [0, 7.0, 0]])
+    gap = modality_gap(z_a, z_v)
+    assert gap == pytest.approx({"gap": (14 / 9) ** 0.5, "spread_a": 2 / 3, "spread_v": 0.0}, abs=1e-12)
+    assert modality_gap(z_v, z_a) == pytest.approx({"gap": (14 / 9) ** 0.5, "spread_a": 0.0, "spread_v": 2 / 3})
+
+
+# ----------------------------------------------------------------------------------------------------------
+# the paired t-interval over seeds (stella report)
+
+
+def test_t_quantiles_equal_the_tabulated_values():
+    """Two-sided 95% quantiles of Student's t (any statistics table; scipy.stats.t.ppf(0.975, df))."""
+    from stella_cli.evaluate import t_quantile, t_within
+
+    tabulated = {1: 12.706204736174707, 2: 4.302652729749464, 3: 3.182446305284263, 4: 2.776445105197799,
+                 5: 2.570581835636314, 9: 2.262157162798205, 10: 2.228138851986274, 30: 2.042272456301238}
+    for df, t in tabulated.items():
+        assert t_quantile(0.95, df) == pytest.approx(t, rel=1e-10), df
+    assert t_quantile(0.99, 4) == pytest.approx(4.604094871415897, rel=1e-10)
+    assert t_within(1.0, 1) == pytest.approx(0.5)  # Cauchy: P(|T| <= 1) = 2 atan(1) / pi
+    assert t_within(2 ** 0.5, 2) == pytest.approx(0.5 ** 0.5)  # df 2: t / sqrt(2 + t²)
+
+
+def test_paired_difference_on_hand_made_numbers():
+    """Differences 1, 2, 3: mean 2, sd 1, half-width t(0.95, 2) / sqrt(3) = 4.302653 / 1.732051 = 2.484138."""
+    from stella_cli.evaluate import paired_difference
+
+    mean, low, high, n = paired_difference([41.0, 44.0, 47.0], [40.0, 42.0, 44.0])
+    assert (mean, n) == (2.0, 3)
+    assert (low, high) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6)
+    # two seeds: differences 7 and 10 -> mean 8.5, sd 3/sqrt(2), half 12.706205 * 1.5 = 19.059307
+    assert paired_difference([52.0, 50.0], [45.0, 40.0])[1:3] == pytest.approx((8.5 - 19.059307, 8.5 + 19.059307))
+    assert paired_difference([1.0], [0.0]) is None  # one seed: no interval
+    with pytest.raises(ValueError, match="pair them by seed"):
+        paired_difference([1.0, 2.0], [1.0])

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from helpers import tiny_synthetic
+from helpers import RANDOM_START, tiny_synthetic
 
 from stella_cli.cache import check_folder
 from stella_cli.config import load_recipe
@@ -37,7 +37,7 @@ PREP_FIX = Path(__file__).parent / "data" / "prep"
 
 def tiny(data_root: Path, out: Path, *overrides: str) -> list[str]:
     sets = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-            "train.epochs=1", "train.batch_size=4", f"output.dir={out}", *overrides]
+            "train.epochs=1", "train.batch_size=4", f"output.dir={out}", *RANDOM_START, *overrides]
     return [x for o in sets for x in ("--set", o)]
 
 

@@ -3,6 +3,7 @@ loading `stella train` checkpoints as model.checkpoint / model.avm.checkpoint, a
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,7 +15,7 @@ import torch
 
 from typer.testing import CliRunner
 
-from helpers import fake_mae_state_dict, retrieval_rows
+from helpers import RANDOM_START, fake_mae_state_dict, retrieval_rows
 
 from stella_cli.cli import app
 from stella_cli.config import AVMConfig, MethodConfig, ModelConfig, OptimConfig, load_recipe, resolve_model_preset
@@ -22,6 +23,7 @@ from stella_cli.checkpoint import convert_mae_for_recipe, load_authors_checkpoin
 from stella_cli.errors import CheckpointError, StellaError
 from stella_cli.factory import METHODS, build_method, check_initial_checkpoint
 from stella_cli.model import AVM, CAVMAE
+from stella_cli.reproduce import SYNTHETIC_INIT, chain_jobs, chain_key, run_parallel
 from stella_cli.stella import AVMPretrain
 from stella_cli.train import TrainingInterrupted, build_optimizer, run
 
@@ -50,7 +52,8 @@ def test_convert_mae_takes_the_input_sizes_from_the_recipe_and_loads_strictly(tm
     sd = torch.load(tmp_path / "cav.pth", map_location="cpu", weights_only=True)
     assert sd["pos_embed_v"].shape == (1, 4 * 16, 64)  # 4 frames x (64/16)^2 patches
     assert sd["pos_embed_a"].shape == (1, 24 * 8, 64)  # (384/16) x (128/16) audio tokens
-    recipe = load_recipe(RECIPES / "synthetic.yaml", [f"model.checkpoint={tmp_path / 'cav.pth'}"])
+    recipe = load_recipe(RECIPES / "synthetic.yaml", [f"model.checkpoint={tmp_path / 'cav.pth'}",
+                                                      "model.avm.checkpoint="])
     method = build_method(recipe, 0, 1, torch.device("cpu"))  # strict load: raises on any missing/extra key
     for key, value in sd.items():
         assert torch.equal(method.backbone.state_dict()[key], value), key
@@ -270,11 +273,13 @@ def test_avm_checkpoint_errors(tmp_path, data_root):
         load_avm_checkpoint(AVM(64, 4), tmp_path / "notes.txt")
     with pytest.raises(StellaError, match=r"missing.pt: checkpoint not found"):
         load_authors_checkpoint(AVM(64, 4), tmp_path / "missing.pt")
-    recipe = load_recipe(RECIPES / "synthetic.yaml", [f"data.root={data_root}", "method.name=avm_pretrain"])
+    recipe = load_recipe(RECIPES / "synthetic.yaml", [f"data.root={data_root}", "method.name=avm_pretrain",
+                                                      *RANDOM_START])
     with pytest.raises(StellaError, match="avm_pretrain trains the AVM on a frozen backbone: set model.checkpoint"):
         build_method(recipe, 0, 1, torch.device("cpu"))
     result = cli("train", str(RECIPES / "synthetic.yaml"), "--set", f"data.root={data_root}", "--set",
-                 f"output.dir={tmp_path / 'run'}", "--set", f"model.avm.checkpoint={tmp_path / 'finetune.pt'}")
+                 f"output.dir={tmp_path / 'run'}", "--set", f"model.avm.checkpoint={tmp_path / 'finetune.pt'}",
+                 "--set", "model.checkpoint=")
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in out, out
     assert "finetune.pt: holds a backbone but no avmatching_module.* keys, so no AVM weights" in out
@@ -311,7 +316,10 @@ def test_a_paper_recipe_refuses_to_start_without_its_initial_checkpoint(tmp_path
             ("init_avm_audioset.yaml", [], "no init_* step makes it")):
         with pytest.raises(ValueError, match=re.escape(expected)):
             check_initial_checkpoint(load_recipe(RECIPES / recipe, sets), "R")
-    check_initial_checkpoint(load_recipe(RECIPES / "synthetic_er.yaml"), "R")  # starts from random weights
+    with pytest.raises(StellaError, match=re.escape("data/synthetic/init/backbone/checkpoints/latest.pt not found (made "
+                                                    "by `stella reproduce synthetic-init`")):
+        check_initial_checkpoint(load_recipe(RECIPES / "synthetic_er.yaml"), "R")  # the synthetic chain's start
+    check_initial_checkpoint(load_recipe(RECIPES / "synthetic_er.yaml", ["model.checkpoint=random"]), "R")
 
 
 def test_random_weights_on_purpose_and_a_resume_without_the_initial_checkpoint(tmp_path, data_root):
@@ -337,3 +345,84 @@ def test_random_weights_on_purpose_and_a_resume_without_the_initial_checkpoint(t
     with pytest.raises(ValueError, match="start.pt not found"):
         run(load_recipe(recipe, [*sets, f"output.dir={tmp_path / 'other'}"]), quiet=True)
     assert retrieval_rows(run(started, quiet=True, resume=True))[-1]["after_task"] == "task2"
+
+
+# the synthetic tables' chain (`stella reproduce synthetic`): made once, reused, made again when its recipe changes
+
+
+def synthetic_chain(tmp_path: Path, data_root: Path, backbone_epochs: int = 1, avm_epochs: int = 1) -> list[Path]:
+    """The two recipes of reproduce.SYNTHETIC_INIT extending the real ones, on the tiny stream's task2 (4 steps)."""
+    (tmp_path / "recipes").mkdir(exist_ok=True)
+    out = tmp_path / "init"
+    paths = [tmp_path / "recipes" / f"{stem}.yaml" for stem in SYNTHETIC_INIT]
+    for path, epochs, name, start in ((paths[0], backbone_epochs, "backbone", ""),
+                                      (paths[1], avm_epochs, "avm", out / "backbone" / "checkpoints" / "latest.pt")):
+        path.write_text(f"extends: {RECIPES / path.name}\ndata: {{root: {data_root}, tasks: [task2], num_workers: 0}}\n"
+                        f"model: {{preset: tiny, checkpoint: '{start}'}}\ntrain: {{epochs: {epochs}, batch_size: 4}}\n"
+                        f"output: {{dir: {out / name}}}\n")
+    return paths
+
+
+def test_synthetic_chain_recipes_feed_every_synthetic_recipe():
+    backbone, avm = (load_recipe(RECIPES / f"{stem}.yaml") for stem in SYNTHETIC_INIT)
+    assert (backbone.method.name, backbone.data.root, backbone.data.tasks) == ("multitask", "data/synthetic/heldout",
+                                                                              ["task2"])  # classes the stream lacks
+    assert backbone.model.checkpoint == "" and backbone.model.avm.checkpoint == ""  # from random weights
+    assert avm.method.name == "avm_pretrain" and avm.data == backbone.data and not avm.eval.retrieval
+    assert avm.model.checkpoint == f"{backbone.output.dir}/checkpoints/latest.pt"
+    for name in ("synthetic.yaml", "synthetic_er.yaml", "synthetic_stella_plus.yaml", "synthetic_ablation_full.yaml"):
+        r = load_recipe(RECIPES / name)
+        assert r.model.checkpoint == f"{backbone.output.dir}/checkpoints/latest.pt", name
+        assert r.model.avm.checkpoint == f"{avm.output.dir}/checkpoints/latest.pt", name
+    assert load_recipe(RECIPES / "synthetic_stella_random_avm.yaml").model.avm.checkpoint == ""  # the authors' B2
+
+
+def test_synthetic_chain_is_made_once_and_made_again_when_its_recipe_changes(tmp_path, data_root):
+    backbone, avm = synthetic_chain(tmp_path, data_root)
+    latest = {name: tmp_path / "init" / name / "checkpoints" / "latest.pt" for name in ("backbone", "avm")}
+
+    def make_init_chain(steps: list[Path]) -> list:
+        return run_parallel(chain_jobs(steps), 1, tmp_path / "logs")
+
+    first = make_init_chain([backbone, avm])
+    assert [o.status for o in first] == ["finished", "finished"]
+    assert checkpoint(tmp_path / "init" / "backbone")["position"]["step"] == 4  # 16 task2 clips / batch 4
+    made = {name: path.stat().st_mtime_ns for name, path in latest.items()}
+
+    again = make_init_chain([backbone, avm])  # unchanged: reused, nothing trained
+    assert [o.status for o in again] == ["skipped", "skipped"]
+    assert {name: path.stat().st_mtime_ns for name, path in latest.items()} == made
+
+    synthetic_chain(tmp_path, data_root, avm_epochs=2)  # the AVM's recipe changed: only the AVM is made again
+    assert [o.status for o in make_init_chain([backbone, avm])] == ["skipped", "finished"]
+    assert latest["backbone"].stat().st_mtime_ns == made["backbone"]
+    assert checkpoint(tmp_path / "init" / "avm")["position"]["step"] == 8
+
+    synthetic_chain(tmp_path, data_root, backbone_epochs=2, avm_epochs=2)  # the backbone's: both, in order
+    assert [o.status for o in make_init_chain([backbone, avm])] == ["finished", "finished"]
+    assert checkpoint(tmp_path / "init" / "backbone")["position"]["step"] == 8
+    trained = checkpoint(tmp_path / "init" / "avm")["model"]
+    for key, value in checkpoint(tmp_path / "init" / "backbone")["model"].items():
+        assert torch.equal(trained[key], value), key  # the AVM sits on the new backbone
+    keys = json.loads((tmp_path / "init" / "chain.json").read_text())
+    assert set(keys) == {"backbone", "avm"} and keys["avm"]["recipe"] == str(avm)
+
+
+def test_chain_key_follows_the_recipe_the_data_and_the_previous_step(tmp_path, data_root):
+    backbone, avm = synthetic_chain(tmp_path, data_root)
+    key = chain_key(backbone, "")
+    assert key == chain_key(backbone, "") and len(key) == 64
+    assert chain_key(avm, key) != chain_key(avm, "another backbone")
+    meta = data_root / "meta.json"
+    original = meta.read_text()
+    try:
+        meta.write_text(original.replace('"seed": 0', '"seed": 1'))  # the same folder, other data
+        assert chain_key(backbone, "") != key
+    finally:
+        meta.write_text(original)
+    synthetic_chain(tmp_path, data_root, backbone_epochs=3)
+    assert chain_key(backbone, "") != key
+    bad = tmp_path / "recipes" / "elsewhere.yaml"
+    bad.write_text(f"extends: {backbone}\ndata: {{root: {tmp_path / 'missing'}}}\n")
+    with pytest.raises(StellaError, match=r"missing/meta.json: .*elsewhere.yaml trains on .* not prepared"):
+        chain_key(bad, "")

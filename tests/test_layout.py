@@ -18,7 +18,7 @@ LAYERS = [
     {"stella", "baselines", "downstream", "plots"},
     {"factory", "probe", "ave", "avs", "localisation"},
     {"train", "report", "reproduce"},
-    {"bench", "msrvtt"},
+    {"bench", "msrvtt", "analysis"},
     {"eval_run"},
     {"cli"},
 ]

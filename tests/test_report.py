@@ -7,7 +7,6 @@ import io
 import json
 import os
 import shutil
-import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ import numpy as np
 import pytest
 import yaml
 
-from helpers import tiny_synthetic
+from helpers import RANDOM_START, assert_png, tiny_synthetic
 
 from stella_cli import report
 from stella_cli.errors import StellaError
@@ -218,15 +217,6 @@ def test_cli_bad_input_is_one_line_and_exit_2(tmp_path):
 # figures from tiny real runs
 
 
-def assert_png(path: Path, min_side: int = 250, max_side: int = 3000) -> tuple[int, int]:
-    """A PNG file (signature) whose IHDR width and height are of a readable figure."""
-    data = path.read_bytes()
-    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR", path
-    width, height = struct.unpack(">II", data[16:24])
-    assert min_side <= width <= max_side and min_side <= height <= max_side, (path, width, height)
-    return width, height
-
-
 @pytest.fixture(scope="module")
 def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     """STELLA trained through the CLI (so its end-of-run plots are `stella train`'s) and STELLA+ in-process:
@@ -238,7 +228,7 @@ def tiny_runs(tmp_path_factory) -> dict[str, Path]:
     data = tmp / "data"
     tiny_synthetic(data)
     tiny = [f"data.root={data}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-            "train.epochs=1", "train.batch_size=4", "train.log_every=1"]
+            "train.epochs=1", "train.batch_size=4", "train.log_every=1", *RANDOM_START]
     runs = {"stella": tmp / "stella", "stella+": tmp / "stella_plus"}
     proc = cli("train", "recipes/synthetic.yaml", "--quiet", *[a for o in tiny for a in ("--set", o)],
                "--set", f"output.dir={runs['stella']}")
@@ -334,3 +324,54 @@ def test_report_and_bench_bars_from_tables(tmp_path, runs):
                                   "preset": "tiny", "batch": 2, "attention": "sdpa", "device": "cpu"}
                                  for m, s in (("finetune", 1.0), ("stella", 0.6), ("er", 1.1))]))
     assert_png(bench_bars(report.build_table("efficiency", [bench]), tmp_path / "bench.png"))
+
+
+def final_row(a: float) -> list[list[float]]:
+    """Two tasks whose final row averages to `a` (R@K avg = A), with forgetting 10 of task 1."""
+    return [[a + 5, 0.0], [a - 5, a + 5]]
+
+
+def test_paired_differences_against_every_baseline_and_the_best(tmp_path):
+    """STELLA - ER over the seeds both ran: 1, 2, 3 -> 2.00 [-0.48, 4.48]; ER is the best baseline (DER++ lower);
+    STELLA's seed 4 has no ER partner and is left out; Multitask is never a baseline."""
+    root = tmp_path / "runs"
+    for seed, (er, st, der) in enumerate([(40, 41, 30), (42, 44, 31), (44, 47, 35)], start=1):
+        make_run(root, f"er_s{seed}", "er", seed, final_row(er), final_row(er))
+        make_run(root, f"stella_s{seed}", "stella", seed, final_row(st), final_row(st - 2 * seed))
+        make_run(root, f"derpp_s{seed}", "derpp", seed, final_row(der), final_row(der))
+    make_run(root, "stella_s4", "stella", 4, final_row(90), final_row(90))
+    make_run(root, "multitask_s1", "multitask", 1, [[70, 80]], [[70, 80]])
+    table = report.build_table("retrieval", report.expand_runs([str(root / "*")]))
+    by = {(p.row, p.against, p.column): p for p in table.paired}
+    er = by[("STELLA", "ER", "A->V avg A")]
+    assert (er.mean, er.n, er.seeds, er.best) == (2.0, 3, ["1", "2", "3"], True)
+    assert (er.low, er.high) == pytest.approx((2 - 2.484138, 2 + 2.484138), abs=1e-6) and not er.resolved
+    der = by[("STELLA", "DER++", "A->V avg A")]  # 11, 13, 12: mean 12, sd 1 -> resolved
+    assert (der.mean, der.best, der.resolved) == (12.0, False, True)
+    v2a = by[("STELLA", "ER", "V->A avg A")]  # STELLA's V->A is seed-dependent: -1, -2, -3
+    assert v2a.mean == -2.0 and v2a.high == pytest.approx(-2 + 2.484138, abs=1e-6)
+    f = by[("STELLA", "ER", "A->V avg F")]  # both forget 10 at every seed: sd 0, the interval is the point
+    assert (f.mean, f.low, f.high) == (0.0, 0.0, 0.0)
+    assert {p.against for p in table.paired} == {"ER", "DER++"} and {p.row for p in table.paired} == {"STELLA"}
+    md = report.to_markdown(table)
+    assert "| STELLA | A->V avg A | ER | +2.00 [-0.48, +4.48] | 3 | no |" in md
+    assert "| STELLA - DER++ | +12.00 [+9.52, +14.48] |" in md
+    saved = report.to_json(table)["paired"]
+    assert {"row": "STELLA", "against": "ER", "column": "A->V avg A", "n": 3, "best": True,
+            "resolved": False}.items() <= saved[0].items()
+    lines = list(csv.DictReader(io.StringIO(report.paired_csv(table))))
+    assert lines[0]["mean"] == "2" and lines[0]["seeds"] == "1 2 3" and lines[0]["best_baseline"] == "1"
+    assert_png(report.write_figures(table, tmp_path / "out")[1])  # retrieval_paired.png
+
+
+def test_rows_that_differ_in_their_start_say_so(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root, "pre", "stella", 1, FT1, FT1)
+    make_run(root, "rand", "stella", 1, ST1, ST1)
+    for name, avm in (("pre", "data/synthetic/init/avm/checkpoints/latest.pt"), ("rand", "")):
+        config = yaml.safe_load((root / name / "config.yaml").read_text())
+        config["model"]["avm"] = {"checkpoint": avm}
+        (root / name / "config.yaml").write_text(yaml.safe_dump(config))
+    table = report.build_table("retrieval", [root / "pre", root / "rand"])
+    assert [g.label for g in table.groups] == ["STELLA (pre-trained AVM)", "STELLA (random AVM)"]
+    assert table.paired == []  # two STELLA rows and no baseline: nothing to compare

@@ -89,7 +89,7 @@ def test_split_sizes_summary_and_meta(tiny):
 
 def test_default_benchmark_settings():
     cfg = SynthConfig()
-    assert (cfg.num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.retrieval_per_class) == (20, 5, 4, 5)
+    assert (cfg.num_classes, cfg.num_tasks, cfg.classes_per_task, cfg.retrieval_per_class) == (20, 5, 4, 20)
     assert (cfg.num_frames, cfg.frame_size, cfg.target_length) == (32, 64, 384)
     ids = class_identities(cfg)
     assert len({(i.shape, i.colour, i.texture) for i in ids}) == 20  # every visual identity is unique

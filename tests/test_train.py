@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from helpers import ROOT, TASKS, assert_same_weights, final_weights, retrieval_rows, tiny_overrides, tiny_recipe
+from helpers import (ROOT, RANDOM_START, TASKS, assert_same_weights, bytes_per_clip, final_weights, retrieval_rows,
+                     stella_fields, tiny_overrides, tiny_recipe)
 
 from stella_cli.config import load_recipe
 from stella_cli.errors import DivergenceError, StellaError
@@ -49,6 +50,20 @@ def test_stella_run_writes_results_checkpoints_and_metrics(stella_run):
     assert all(m["clips_per_s"] > 0 for m in train_steps)
     saved = load_recipe(stella_run / "config.yaml")  # the resolved recipe is kept beside the results
     assert saved.method.name == "stella" and saved.model.embed_dim == 64
+
+
+def test_each_row_records_the_modality_gap_and_the_bytes_of_a_memory_slot(stella_run):
+    """Every accuracy-matrix row holds the modality gap of its gallery (its value: test_eval_run, recomputed from
+    the checkpoint) and the memory: 12 slots of STELLA's full clip, targets, p and I + 3 int64 clip ids."""
+    r = load_recipe(stella_run / "config.yaml")
+    slot = bytes_per_clip(stella_fields(num_frames=r.data.num_frames, image_size=r.data.image_size,
+                                        target_length=r.data.target_length, num_mel_bins=r.data.num_mel_bins,
+                                        patch_size=r.model.patch_size, embed_dim=r.model.embed_dim,
+                                        num_heads=r.model.num_heads)) + 3 * 8
+    for row in retrieval_rows(stella_run):
+        assert row["memory"] == {"slots": 12, "bytes_per_clip": slot, "filled_rank0": 12, "world_size": 1}
+        gap = row["modality_gap"]
+        assert 0 < gap["gap"] < 2 and 0 < gap["spread_a"] <= 1 and 0 < gap["spread_v"] <= 1
 
 
 def test_buffer_is_task_free_and_in_the_checkpoint(stella_run):
@@ -90,7 +105,7 @@ def test_a_signal_in_task_1_then_resume_finishes_identically(tmp_path, data_root
     the time-based checkpoint (train.checkpoint_minutes, here ~every step) is what resume continues from."""
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
                  "train.epochs=1", "train.batch_size=4", "train.log_every=1", f"output.dir={tmp_path / 'run'}",
-                 "train.checkpoint_minutes=0.0001"]
+                 "train.checkpoint_minutes=0.0001", *RANDOM_START]
     cmd = [sys.executable, "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"), "--quiet"]
     cmd += [x for o in overrides for x in ("--set", o)]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}  # the same thread count as the in-process reference run
@@ -193,7 +208,7 @@ def free_port() -> int:
 
 def torchrun(tmp_path: Path, data_root: Path, name: str, *extra: str) -> subprocess.CompletedProcess:
     overrides = [f"data.root={data_root}", "data.num_workers=0", "model.preset=tiny", "method.memory_size=12",
-                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / name}"]
+                 "train.epochs=1", "train.batch_size=4", f"output.dir={tmp_path / name}", *RANDOM_START]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
            "--master-port", str(free_port()), "-m", "stella_cli", "train", str(ROOT / "recipes" / "synthetic.yaml"),
            "--quiet", *extra] + [x for o in overrides for x in ("--set", o)]
