@@ -138,7 +138,7 @@ def run_localisation(ctx: Context) -> tuple[dict[str, Any], list[list[str]]]:
         avm.load_state_dict(avm_state)
         if start is None and starts_pretrained(ctx):  # before the stream: the start point
             start_backbone = load_backbone(Path(r.model.checkpoint), r, ctx.device).backbone
-            start_avm = AVM(start_backbone.embed_dim, start_backbone.num_heads, r.model.avm.fix_head_reshape)
+            start_avm = AVM(start_backbone.embed_dim, r.model.avm.num_heads, r.model.avm.fix_head_reshape)
             load_avm_checkpoint(start_avm, r.model.avm.checkpoint)
             start = score_row(ctx, "start", r.model.avm.checkpoint, start_backbone, start_avm, dataset)
             rows.append(start)

@@ -19,6 +19,7 @@ import dataclasses
 import glob
 import io
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,8 +203,9 @@ def command_of(g: Group) -> str:
     if len(g.runs) == 1:
         return f"stella train {config} --set output.dir={g.runs[0].path}_rerun"
     seeds = " ".join(seeds_of(g))
+    stem = re.sub(r"_s\d+$", "", g.runs[0].path.name)  # the first run's name without its seed: one folder per row
     return f"for seed in {seeds}; do stella train {config} --set train.seed=$seed " \
-           f"--set output.dir={g.runs[0].path.parent}/{g.method}_$seed; done"
+           f"--set output.dir={g.runs[0].path.parent}/{stem}_rerun_s$seed; done"
 
 
 # ----------------------------------------------------------------------------------------------------------

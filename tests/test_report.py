@@ -189,7 +189,8 @@ def test_cli_writes_tables_and_figures(tmp_path, runs):
     saved = json.loads((out / "retrieval.json").read_text())
     assert [r["row"] for r in saved["rows"]] == ["Multitask", "Finetune", "STELLA"]
     assert saved["rows"][1]["values"]["A->V avg F"]["values"] == [20.0, 10.0]
-    assert saved["rows"][2]["command"].startswith("for seed in 1 2; do stella train ")
+    assert saved["rows"][2]["command"] == (f"for seed in 1 2; do stella train {runs / 'stella_s1' / 'config.yaml'} "
+                                           f"--set train.seed=$seed --set output.dir={runs}/stella_rerun_s$seed; done")
     assert (out / "retrieval.md").read_text().count("\n| ") >= 8 and (out / "retrieval.csv").is_file()
     for png in ["retrieval_bars.png", "runs/finetune_s1_accuracy_matrix.png", "runs/stella_s2_stream.png",
                 "runs/multitask_s1_accuracy_matrix.png", "runs/multitask_s1_stream.png"]:
