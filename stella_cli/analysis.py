@@ -128,7 +128,8 @@ def mean_sd(values: list[float | None]) -> tuple[float, float] | None:
 
 
 def color(i: int) -> Any:
-    return plt.get_cmap("tab10")(i % 10)
+    """Row i's colour: tab10, then colours tab10 lacks (the paper's 11 methods need 11)."""
+    return plt.get_cmap("tab10")(i) if i < 10 else ("black", "darkgoldenrod", "dimgray")[(i - 10) % 3]
 
 
 def legend_right(ax) -> None:
