@@ -219,6 +219,8 @@ def run_table(table: str, spec: TableSpec, names: tuple[str, ...], runs: Path, *
     init_paths = [find_recipe(recipes / f"{stem}.yaml") for stem in spec.init]
     resolved = {r: load_recipe(r, sets) for r in recipe_paths}  # a bad value stops before any run
     models = {r: resolved[r].model for r in recipe_paths}
+    if recipe_paths:  # only the steps some run starts from (none for --set model.checkpoint=random ...)
+        init_paths = chain_needed(init_paths, list(models.values()))
     swept, n_orders = check_variants(spec, values, orders, sets, recipe_paths)
     if spec.synthetic:
         ensure_synthetic(recipe_paths, sets, init_paths)
@@ -558,6 +560,15 @@ def chain_jobs(steps: list[Path]) -> list[Job]:
             console.print(f"init chain: reusing {run_dir} ({recipe}, key {key[:12]})")
         jobs.append(Job(recipe, resolved.train.seed, run_dir, (), needs=(jobs[-1].run_dir,) if jobs else ()))
     return jobs
+
+
+def chain_needed(steps: list[Path], models: list[ModelConfig]) -> list[Path]:
+    """The chain's steps up to the last one whose checkpoint a run of the table loads: a table whose runs all start
+    elsewhere makes none (a step needs the steps before it)."""
+    loads = {Path(p) for m in models for p in (m.checkpoint, m.avm.checkpoint) if p}
+    outputs = [Path(load_recipe(step).output.dir) / "checkpoints" / "latest.pt" for step in steps]
+    last = max((i for i, out in enumerate(outputs) if out in loads), default=-1)
+    return steps[:last + 1]
 
 
 def starts_from(model: ModelConfig, chain: list[Job]) -> tuple[Path, ...]:

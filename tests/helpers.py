@@ -202,7 +202,7 @@ TASKS = ["task1", "task2"]
 
 # the synthetic recipes start from the initialisation chain's checkpoints (data/synthetic/init); the tests' tiny runs
 # start from random weights instead
-RANDOM_START = ["model.checkpoint=random", "model.avm.checkpoint="]
+RANDOM_START = ["model.checkpoint=", "model.checkpoint_made_by=", "model.avm.checkpoint="]  # a recipe without a start
 
 
 def tiny_overrides(tmp_path: Path, data_root: Path, name: str) -> list[str]:

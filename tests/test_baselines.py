@@ -501,12 +501,13 @@ def test_method_defaults_are_the_authors_vggsound_values():
 def test_every_recipe_loads_and_per_dataset_recipes_carry_the_authors_values():
     for path in sorted(RECIPES.glob("*.yaml")):
         recipe = load_recipe(path)  # raises on any unknown key or bad value
-        assert recipe.output.dir.startswith("runs/"), path.name
+        chain = path.stem in ("init_synthetic_heldout", "init_avm_synthetic")  # cached beside the data it came from
+        assert recipe.output.dir.startswith("data/synthetic/init/" if chain else "runs/"), path.name
     for method, name in METHOD_NAMES.items():
         synthetic = load_recipe(RECIPES / f"synthetic_{method}.yaml")
         assert synthetic.method.name == name and synthetic.output.dir == f"runs/synthetic_{method}"
-        # Multitask: as many clips as a replay method trains on (B new + B replayed per step), 2 x 20 over the union
-        epochs = 40 if method == "multitask" else 20
+        # Multitask: as many clips as a replay method trains on (B new + B replayed per step), 2 x 10 over the union
+        epochs = 20 if method == "multitask" else 10
         assert (synthetic.train.epochs, synthetic.train.batch_size, synthetic.method.memory_size) == (epochs, 16, 200)
         for dataset, v in PER_DATASET.items():
             r = load_recipe(RECIPES / f"{dataset}_{method}.yaml")

@@ -279,7 +279,7 @@ def test_avm_checkpoint_errors(tmp_path, data_root):
         build_method(recipe, 0, 1, torch.device("cpu"))
     result = cli("train", str(RECIPES / "synthetic.yaml"), "--set", f"data.root={data_root}", "--set",
                  f"output.dir={tmp_path / 'run'}", "--set", f"model.avm.checkpoint={tmp_path / 'finetune.pt'}",
-                 "--set", "model.checkpoint=")
+                 "--set", "model.checkpoint=random")
     out = result.stdout + result.stderr
     assert result.returncode == 2 and "Traceback" not in out, out
     assert "finetune.pt: holds a backbone but no avmatching_module.* keys, so no AVM weights" in out

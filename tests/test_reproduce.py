@@ -16,8 +16,8 @@ import pytest
 from helpers import assert_same_weights, cli_many, final_weights, retrieval_rows, tiny_synthetic
 
 from stella_cli.config import load_recipe, recipe_to_yaml
-from stella_cli.reproduce import (MARKER, PAPER_RECIPES, SYNTHETIC_MEMORY, TABLES, VGGSOUND_MEMORY, chance_line,
-                                  select_names, task_orders, variants)
+from stella_cli.reproduce import (MARKER, PAPER_RECIPES, SYNTHETIC_MEMORY, TABLES, VGGSOUND_MEMORY, chain_needed,
+                                  chance_line, select_names, task_orders, variants)
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "COLUMNS": "400"}  # rich wraps at 80 columns off a terminal
@@ -274,3 +274,13 @@ def test_an_analysis_end_to_end_task_order(workspace, tmp_path):
     saved = json.loads((runs / "report" / "task-order.json").read_text())
     assert saved["rows"][0]["row"] == "Finetune" and saved["rows"][0]["values"]["rank order 2"]["mean"] == 1.0
     assert "order 2: task2 -> task1" in saved["notes"] and (runs / "report" / "task-order.png").is_file()
+
+
+def test_the_chain_is_made_only_as_far_as_a_run_starts_from_it():
+    """A run loading the AVM needs both steps, one loading the backbone alone the first, a random start none."""
+    steps = [ROOT / "recipes" / f"{stem}.yaml" for stem in TABLES["synthetic"].init]
+    model = {sets: load_recipe(ROOT / "recipes" / "synthetic_er.yaml", list(sets)).model for sets in (
+        (), ("model.avm.checkpoint=",), ("model.checkpoint=random", "model.avm.checkpoint="))}
+    assert chain_needed(steps, list(model.values())) == steps
+    assert chain_needed(steps, [model[("model.avm.checkpoint=",)]]) == steps[:1]
+    assert chain_needed(steps, [model[("model.checkpoint=random", "model.avm.checkpoint=")]]) == []
