@@ -250,6 +250,8 @@ def run_table(table: str, spec: TableSpec, names: tuple[str, ...], runs: Path, *
     if spec.report not in ("downstream", "modality-gap"):
         console.print(chance_line(outcomes[0].run_dir))
     return outcomes
+
+
 # ----------------------------------------------------------------------------------------------------------
 # the analyses' variants: a key at several values, the tasks in several orders
 
