@@ -323,6 +323,7 @@ def virtual_weight_worker(rank: int, world: int, port: int, out_dir: str) -> Non
             with method.virtually_updated(clips([2.0 - 4 * rank] * 2), fix):
                 inside[fix] = method.backbone.w.item()
         torch.save(inside, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving first can abort the other)
     finally:
         dist.destroy_process_group()
 

@@ -60,6 +60,7 @@ def worker(rank: int, world: int, port: int, out_dir: str) -> None:
         torch.save({"loss": loss, "grads": grads, "authors": authors, "authors_loss": faithful_loss,
                     "per_sample": per_sample},
                    os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # both ranks done before either tears gloo down (a rank leaving first can abort the other)
     finally:
         dist.destroy_process_group()
 
