@@ -376,3 +376,21 @@ def test_rows_that_differ_in_their_start_say_so(tmp_path):
     table = report.build_table("retrieval", [root / "pre", root / "rand"])
     assert [g.label for g in table.groups] == ["STELLA (pre-trained AVM)", "STELLA (random AVM)"]
     assert table.paired == []  # two STELLA rows and no baseline: nothing to compare
+
+
+def test_two_rows_of_one_method_rerun_into_folders_of_their_own(tmp_path):
+    """STELLA with a pre-trained and with a random AVM, two seeds each: each row's rerun command writes to a folder
+    named after its own runs, not after the method the two rows share."""
+    root = tmp_path / "runs"
+    for name, avm in (("synthetic_stella", "data/synthetic/init/avm/checkpoints/latest.pt"),
+                      ("synthetic_stella_random_avm", "")):
+        for seed in (1, 2):
+            run = make_run(root, f"{name}_s{seed}", "stella", seed, ST1, ST1)
+            config = yaml.safe_load((run / "config.yaml").read_text())
+            config["model"]["avm"] = {"checkpoint": avm}
+            (run / "config.yaml").write_text(yaml.safe_dump(config))
+    table = report.build_table("retrieval", sorted(root.iterdir()))
+    commands = sorted(report.command_of(g) for g in table.groups)
+    assert commands == [f"for seed in 1 2; do stella train {root / f'{name}_s1' / 'config.yaml'} "
+                        f"--set train.seed=$seed --set output.dir={root}/{name}_rerun_s$seed; done"
+                        for name in ("synthetic_stella_random_avm", "synthetic_stella")]  # sorted
